@@ -1,0 +1,123 @@
+"""`sftlab <command>`: the user's entry point. User errors print one clear message and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from sftlab.errors import SftlabError
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Library progress bars for sub-second steps drown our own report; keep theirs off.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = build_parser()
+    # parse_known_args lets overrides come after options (`--num 2 data.max_length=512`).
+    args, extra = parser.parse_known_args(argv)
+    bad = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except SftlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sftlab", description="Supervised fine-tuning of language models.")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    data = sub.add_parser("data", help="inspect and tokenize datasets").add_subparsers(metavar="ACTION")
+    p = data.add_parser("inspect", help="print the length/truncation report and examples with the loss mask")
+    _config_args(p)
+    p.add_argument("--split", choices=["train", "eval"], default="train")
+    p.add_argument("--num", type=int, default=3, help="examples to show")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    p.set_defaults(run=cmd_data_inspect)
+
+    p = data.add_parser("tokenize", help="write input_ids/labels as JSONL")
+    _config_args(p)
+    p.add_argument("--split", choices=["train", "eval"], default="train")
+    p.add_argument("--output", required=True, help="FILE.jsonl")
+    p.set_defaults(run=cmd_data_tokenize)
+
+    p = sub.add_parser("config", help="print the resolved config, or every key with its help")
+    p.add_argument("config", nargs="?", help="run YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.add_argument("--keys", action="store_true", help="list every config key, its default and meaning")
+    p.set_defaults(run=cmd_config)
+    return parser
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
+def _load(args):
+    from sftlab.config import load_config
+    from sftlab.data.dataset import load_split
+    from sftlab.models import load_tokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    tok = load_tokenizer(cfg.model)
+    return cfg, tok, load_split(cfg.data, tok, args.split)
+
+
+def cmd_data_inspect(args) -> int:
+    from rich.console import Console
+
+    from sftlab.data.inspect import marked_example, print_report
+
+    force = {"always": True, "never": False}.get(args.color)
+    console = Console(force_terminal=force, no_color=args.color == "never", highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console.width = 160  # a pipe or file: keep the report table readable instead of 80 columns
+    cfg, tok, split = _load(args)
+    color = console.is_terminal and args.color != "never"
+    cached = f", {split.cache_hits} from cache" if split.cache_hits else ""
+    print_report(console, split.reports, f"data.{args.split}: {len(split.dataset)} examples{cached}")
+    legend = "supervised text in green" if color else "supervised text inside [[ ]]"
+    for i in range(min(args.num, len(split.dataset))):
+        row = split.dataset[i]
+        console.rule(f"example {i} ({len(row['input_ids'])} tokens; {legend})")
+        console.print(marked_example(tok, row["input_ids"], row["labels"], color))
+    return 0
+
+
+def cmd_data_tokenize(args) -> int:
+    cfg, tok, split = _load(args)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for row in split.dataset:
+            f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
+    report = out.with_suffix(".report.json")
+    report.write_text(json.dumps([r.to_dict() for r in split.reports], ensure_ascii=False, indent=1))
+    kept = sum(r.kept for r in split.reports)
+    print(f"wrote {kept} examples to {out} (report: {report})")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from sftlab.config import describe, load_config
+
+    if args.keys:
+        for key, default, help_text in describe():
+            print(f"{key:28} {default:24} {help_text}")
+        return 0
+    print(load_config(args.config, args.overrides).to_yaml(), end="")
+    return 0

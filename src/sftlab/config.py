@@ -1,0 +1,295 @@
+"""Typed run configuration: one YAML file per run plus `key.sub=value` overrides.
+
+Every section is a dataclass; field metadata `help` documents the key. Loading is strict: an
+unknown key or a bad value is an error that names the key, the allowed values and a close match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sftlab.errors import ConfigError
+
+Format = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"]
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DatasetSpec:
+    path: str = _f(help="file (.json/.jsonl/.parquet/.csv), directory or glob")
+    format: Format = _f("auto", help="record layout; auto-detected from the first records")
+    columns: dict[str, str] = _f(factory=dict, help="rename map {canonical_field: column_in_file}")
+    name: str | None = _f(None, help="label in reports (default: the file name)")
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).name
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f(
+        "smollm2-135m-instruct",
+        help="alias smollm2-135m-instruct, a local HF directory, a .gguf file or a hub id",
+    )
+    revision: str | None = _f(None, help="hub revision (hub ids only)")
+    trust_remote_code: bool = _f(False, help="allow model code from the hub")
+
+
+@dataclass
+class DataConfig:
+    train: list[DatasetSpec] = _f(factory=list, help="training datasets")
+    eval: list[DatasetSpec] = _f(factory=list, help="evaluation datasets")
+    template: str = _f(
+        "auto",
+        help="auto (tokenizer's chat template) | chatml | llama2 | alpaca | Jinja string | .jinja file",
+    )
+    system_prompt: str | None = _f(None, help="system message for conversations that have none")
+    max_length: int = _f(2048, help="maximum tokens per example")
+    overflow: Literal["truncate", "drop", "error"] = _f(
+        "truncate", help="what to do with examples longer than max_length"
+    )
+    train_on: Literal["assistant", "last", "all"] = _f(
+        "assistant", help="which tokens carry loss: every assistant turn, the last one, or all"
+    )
+    on_bad_record: Literal["error", "skip"] = _f(
+        "error", help="stop at a malformed record, or skip it and count it in the report"
+    )
+    cache: bool = _f(True, help="cache tokenized datasets (keyed by data, tokenizer and settings)")
+
+
+@dataclass
+class TrainConfig:
+    method: Literal["full", "lora"] = _f("lora", help="full fine-tune or LoRA adapter")
+    output_dir: str = _f("runs/default", help="where checkpoints, metrics and the model go")
+    epochs: float = _f(1.0, help="passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = _f(-1, help="optimizer steps; -1 means use epochs")
+    batch_size: int = _f(8, help="examples per micro-batch")
+    grad_accum: int = _f(1, help="micro-batches per optimizer step")
+    lr: float = _f(2e-4, help="peak learning rate")
+    scheduler: Literal["cosine", "linear", "constant", "cosine_with_min_lr"] = _f(
+        "cosine", help="learning-rate schedule after warm-up"
+    )
+    warmup_ratio: float = _f(0.0, help="fraction of steps spent warming up")
+    weight_decay: float = _f(0.0, help="AdamW weight decay (never on biases and norms)")
+    max_grad_norm: float = _f(1.0, help="gradient clipping norm; 0 disables")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", help="numeric precision")
+    seed: int = _f(42, help="seed for data order, init and dropout")
+
+
+@dataclass
+class LoraConfig:
+    r: int = _f(16, help="adapter rank")
+    alpha: float = _f(32.0, help="scaling numerator (scale = alpha / r)")
+    dropout: float = _f(0.05, help="dropout on the adapter input")
+    target_modules: list[str] | str = _f("all-linear", help="modules to adapt, or all-linear")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = _f(factory=ModelConfig)
+    data: DataConfig = _f(factory=DataConfig)
+    train: TrainConfig = _f(factory=TrainConfig)
+    lora: LoraConfig = _f(factory=LoraConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML run file (dataset paths relative to it), apply overrides, build and validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        _resolve_data_paths(raw, path.parent)
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set `key.sub=value` in the raw mapping; the value is parsed as YAML (so 3, true, [a, b] work)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.lr=1e-4)")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _resolve_data_paths(raw: dict, base: Path) -> None:
+    # Paths written in a YAML file are relative to that file, so configs run from any directory.
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    for split in ("train", "eval"):
+        specs = data.get(split)
+        if isinstance(specs, (str, dict)):
+            specs = data[split] = [specs]
+        for i, spec in enumerate(specs or []):
+            if isinstance(spec, str):
+                specs[i] = spec = {"path": spec}
+            if isinstance(spec, dict) and isinstance(spec.get("path"), str):
+                spec["path"] = _rebase(spec["path"], base)
+    tpl = data.get("template")
+    if isinstance(tpl, str) and tpl.endswith((".jinja", ".j2")):
+        data["template"] = _rebase(tpl, base)
+
+
+def _rebase(p: str, base: Path) -> str:
+    return p if Path(p).is_absolute() else str(base / p)
+
+
+def build(cls: type, raw: Any, where: str) -> Any:
+    """Turn a raw mapping into dataclass `cls`, checking every key and value type."""
+    if cls is DatasetSpec and isinstance(raw, str):
+        raw = {"path": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{full}'{hint} (valid: {', '.join(names)})")
+        kwargs[key] = _coerce(hints[key], value, full)
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if cls is DatasetSpec and "path" not in kwargs:
+        missing = ["path"]
+    if missing:
+        raise ConfigError(f"{where}: missing required key '{missing[0]}'")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1])
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"{where}: {value!r} is not allowed{hint} (allowed: {', '.join(map(str, args))})"
+            )
+        return value
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(items)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    return _scalar(tp, value, where)
+
+
+def _scalar(tp: type, value: Any, where: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads "2e-4" as a string; accept it as the number it means
+            return tp(value)
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    checks = [
+        (cfg.data.max_length >= 8, "data.max_length must be at least 8"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum must be at least 1"),
+        (cfg.train.lr > 0, "train.lr must be positive"),
+        (0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
+        (cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (cfg.train.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 disables clipping)"),
+        (cfg.train.epochs > 0 or cfg.train.max_steps > 0, "set train.epochs > 0 or train.max_steps > 0"),
+        (cfg.lora.r >= 1, "lora.r must be at least 1"),
+        (0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for split in ("train", "eval"):
+        for i, spec in enumerate(getattr(cfg.data, split)):
+            if not spec.path:
+                raise ConfigError(f"data.{split}[{i}].path is empty")
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every config key, for `sftlab config --keys`."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        ftype = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(ftype):
+            rows += describe(ftype, key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((key, repr(default), f.metadata.get("help", "")))
+    return rows

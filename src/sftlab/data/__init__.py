@@ -1,0 +1,1 @@
+"""The data half of SFT: files -> Conversation -> template -> tokens + labels -> batches."""

@@ -1,0 +1,125 @@
+"""Dataset specs -> one tokenized Arrow dataset per split, cached, with a report per dataset.
+
+The cache key covers everything that changes the tokens: the data files' content, the tokenizer,
+the template source and the length/mask settings. Same inputs: a second run loads the Arrow
+files and skips tokenization; any change re-tokenizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sftlab.config import DataConfig, DatasetSpec
+from sftlab.data.formats import expand_paths, load_conversations
+from sftlab.data.templates import ChatTemplate
+from sftlab.data.tokenize import DatasetReport, Encoder, encode_dataset
+from sftlab.errors import DataError
+from sftlab.models import cache_root, end_of_turn_ids
+
+CACHE_VERSION = 1  # bump when tokenization logic changes so old caches are not reused
+
+
+@dataclass
+class TokenizedSplit:
+    dataset: "datasets.Dataset"  # noqa: F821  columns input_ids, labels
+    reports: list[DatasetReport]
+    cache_hits: int = 0
+
+
+def load_split(cfg: DataConfig, tokenizer, split: str = "train") -> TokenizedSplit:
+    """Tokenize every dataset of `data.<split>`; raises if nothing usable remains."""
+    import datasets
+
+    specs: list[DatasetSpec] = getattr(cfg, split)
+    if not specs:
+        raise DataError(f"data.{split} lists no datasets; add one: data.{split}: [{{path: file.jsonl}}]")
+    template = ChatTemplate(tokenizer, cfg.template)
+    parts, reports, hits = [], [], 0
+    for spec in specs:
+        key = cache_key(spec, cfg, tokenizer, template.source)
+        cached = _cache_dir() / key
+        if cfg.cache and (cached / "report.json").is_file():
+            parts.append(datasets.load_from_disk(str(cached / "data")))
+            reports.append(DatasetReport.from_dict(json.loads((cached / "report.json").read_text())))
+            hits += 1
+            continue
+        ds, report = _tokenize_spec(spec, cfg, tokenizer, template)
+        if cfg.cache:
+            _store(cached, ds, report)
+        parts.append(ds)
+        reports.append(report)
+    data = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if len(data) == 0:
+        raise DataError(f"data.{split}: no examples left after the length policy and skips; see the report")
+    return TokenizedSplit(data, reports, hits)
+
+
+def _tokenize_spec(spec: DatasetSpec, cfg: DataConfig, tokenizer, template: ChatTemplate):
+    import datasets
+
+    loaded = load_conversations(spec.path, spec.format, spec.columns, cfg.on_bad_record, cfg.system_prompt)
+    report = DatasetReport(name=spec.label, format=loaded.format, read=loaded.read)
+    report.dropped.update({f"bad record: {k}": n for k, n in loaded.skipped.items()})
+    encoder = Encoder(tokenizer, template, cfg.train_on, end_of_turn_ids(tokenizer))
+    kept = encode_dataset(encoder, loaded.conversations, cfg, report)
+    features = datasets.Features(
+        {"input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32"))}
+    )
+    ds = datasets.Dataset.from_dict(
+        {"input_ids": [e.input_ids for e in kept], "labels": [e.labels for e in kept]}, features=features
+    )
+    return ds, report
+
+
+def cache_key(spec: DatasetSpec, cfg: DataConfig, tokenizer, template_source: str) -> str:
+    files = [(p.name, _digest_file(p)) for p in expand_paths(spec.path)]
+    payload = {
+        "version": CACHE_VERSION,
+        "files": files,
+        "format": spec.format,
+        "columns": spec.columns,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "template": template_source,
+        "settings": [cfg.max_length, cfg.overflow, cfg.train_on, cfg.on_bad_record, cfg.system_prompt],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(repr((tokenizer.special_tokens_map, tokenizer.pad_token_id, tokenizer.eos_token_id)).encode())
+    return h.hexdigest()
+
+
+def _digest_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cache_dir() -> Path:
+    return cache_root() / "tokenized"
+
+
+def _store(target: Path, ds, report: DatasetReport) -> None:
+    """Write to a temp dir, then rename: a crash never leaves a cache entry that looks complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        ds.save_to_disk(str(tmp / "data"))
+        (tmp / "report.json").write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=1))
+        tmp.rename(target)
+    except OSError:
+        if not (target / "report.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,333 @@
+"""Instruction files of any common layout -> one internal `Conversation` type.
+
+Readers keep the origin of every record (file and line, or record/row number) so that any
+problem found later is reported where the user can fix it.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from sftlab.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+ROLE_ALIASES = {
+    "system": "system", "developer": "system",
+    "user": "user", "human": "user",
+    "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "model": "assistant",
+    "bard": "assistant", "bot": "assistant",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # system | user | assistant
+    content: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    messages: tuple[Message, ...] = ()
+    text: str | None = None  # format `text`: raw text trained whole, no chat template
+    origin: str = ""  # "file:line" of the record it came from
+
+
+class RecordProblem(Exception):
+    """A record that cannot be used; `kind` is the short reason counted in reports."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+
+
+@dataclass
+class LoadResult:
+    conversations: list[Conversation] = field(default_factory=list)
+    read: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    format: str = ""
+
+
+# --------------------------------------------------------------------------- files
+
+
+def expand_paths(path: str) -> list[Path]:
+    """A file, a directory (its data files, sorted) or a glob."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: directory has no {', '.join(SUFFIXES)} files")
+        return files
+    if p.is_file():
+        if p.suffix not in SUFFIXES:
+            raise DataError(f"{path}: unsupported file type '{p.suffix}' (use {', '.join(SUFFIXES)})")
+        return [p]
+    if any(c in path for c in "*?["):
+        files = sorted(Path(f) for f in glob.glob(path, recursive=True) if f.endswith(SUFFIXES))
+        if files:
+            return files
+        raise DataError(f"{path}: the pattern matches no data files")
+    raise DataError(f"{path}: no such file or directory")
+
+
+def read_records(path: Path) -> Iterator[tuple[str, dict | RecordProblem]]:
+    """Yield (origin, record) pairs; a record that cannot be parsed comes as a RecordProblem."""
+    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
+    yield from reader[path.suffix](path)
+
+
+def _read_jsonl(path: Path):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            origin = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield origin, RecordProblem(
+                    "not UTF-8", f"byte {e.start} of the line is not UTF-8; re-save the file as UTF-8"
+                )
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield origin, RecordProblem(
+                    "malformed JSON", f"malformed JSON at column {e.colno}: {e.msg}; fix or remove the line"
+                )
+                continue
+            yield origin, record
+
+
+def _read_json(path: Path):
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: bytes that are not UTF-8; re-save the file as UTF-8") from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON at column {e.colno}: {e.msg}") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: a .json file must hold an array of records (use .jsonl for one per line)")
+    for i, record in enumerate(records, 1):
+        yield f"{path}: record {i}", record
+
+
+def _read_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises many types for a damaged file
+        raise DataError(f"{path}: cannot read parquet file: {e}") from None
+    for i, record in enumerate(rows, 1):
+        yield f"{path}: row {i}", record
+
+
+def _read_csv(path: Path):
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: bytes that are not UTF-8; re-save the file as UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    for record in reader:
+        yield f"{path}:{reader.line_num}", record
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def detect_format(records: list[dict], path: str) -> str:
+    """Name the layout from the keys of the first records."""
+    keys: set[str] = set()
+    for r in records:
+        keys |= set(r)
+    for fmt, needed in (
+        ("messages", {"messages"}),
+        ("sharegpt", {"conversations"}),
+        ("alpaca", {"instruction", "output"}),
+        ("prompt_completion", {"prompt", "completion"}),
+        ("text", {"text"}),
+    ):
+        if needed <= keys:
+            return fmt
+    raise DataError(
+        f"{path}: cannot tell the data format from the fields {sorted(keys)}. Expected one of: "
+        "messages (messages), sharegpt (conversations), alpaca (instruction, output), "
+        "prompt_completion (prompt, completion), text (text). Set `format:` on the dataset, "
+        "or map your columns with `columns: {instruction: your_column}`."
+    )
+
+
+def _text(record: dict, key: str, required: bool = True) -> str:
+    value = record.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            kind = "missing field" if value is None else "empty field"
+            raise RecordProblem(kind, f"field '{key}' is {kind.split()[0]}; fill it or remove the record")
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise RecordProblem("bad field type", f"field '{key}' must be text, got {type(value).__name__}")
+    return str(value)
+
+
+def _alpaca(r: dict) -> list[Message]:
+    msgs = []
+    if _text(r, "system", required=False):
+        msgs.append(Message("system", _text(r, "system")))
+    history = r.get("history") or []  # LLaMA-Factory's alpaca: earlier [instruction, response] pairs
+    if not isinstance(history, list):
+        raise RecordProblem("bad field type", "field 'history' must be a list of [instruction, response]")
+    for j, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) and x for x in pair)):
+            raise RecordProblem("bad field type", f"history[{j}] must be [instruction, response] text")
+        msgs += [Message("user", pair[0]), Message("assistant", pair[1])]
+    prompt = _text(r, "instruction")
+    extra = _text(r, "input", required=False)
+    msgs.append(Message("user", f"{prompt}\n\n{extra}" if extra else prompt))
+    msgs.append(Message("assistant", _text(r, "output")))
+    return msgs
+
+
+def _turns(items: Any, field_name: str, role_key: str, content_key: str) -> list[Message]:
+    if not isinstance(items, list) or not items:
+        raise RecordProblem(
+            "missing field" if items is None else "bad field type",
+            f"field '{field_name}' must be a non-empty list of turns",
+        )
+    msgs = []
+    for j, turn in enumerate(items):
+        where = f"{field_name}[{j}]"
+        if not isinstance(turn, dict):
+            raise RecordProblem("bad field type", f"{where} must be an object with '{role_key}' and '{content_key}'")
+        role_key_here = role_key if role_key in turn else ("role" if "role" in turn else role_key)
+        content_key_here = content_key if content_key in turn else ("content" if "content" in turn else content_key)
+        raw_role = turn.get(role_key_here)
+        role = ROLE_ALIASES.get(str(raw_role).lower()) if raw_role is not None else None
+        if role is None:
+            raise RecordProblem(
+                "unknown role",
+                f"{where}.{role_key_here} is {raw_role!r}; use one of system, user, assistant "
+                "(or human/gpt in ShareGPT files)",
+            )
+        content = turn.get(content_key_here)
+        if isinstance(content, list):  # OpenAI content parts: keep the text parts, refuse others
+            kinds = {p.get("type") for p in content if isinstance(p, dict)}
+            if kinds - {"text"}:
+                raise RecordProblem("unsupported content", f"{where} has non-text parts {sorted(kinds - {'text'})}")
+            content = "".join(p.get("text", "") for p in content)
+        try:
+            msgs.append(Message(role, _text({"c": content}, "c")))
+        except RecordProblem as e:
+            raise RecordProblem(e.kind, f"{where}.{content_key_here}: {e}") from None
+    return msgs
+
+
+def _sharegpt(r: dict) -> list[Message]:
+    msgs = _turns(r.get("conversations"), "conversations", "from", "value")
+    if _text(r, "system", required=False) and msgs[0].role != "system":
+        msgs.insert(0, Message("system", _text(r, "system")))
+    return msgs
+
+
+def _messages(r: dict) -> list[Message]:
+    return _turns(r.get("messages"), "messages", "role", "content")
+
+
+def _prompt_completion(r: dict) -> list[Message]:
+    # TRL allows both plain strings and message lists for prompt and completion.
+    prompt, completion = r.get("prompt"), r.get("completion")
+    if isinstance(prompt, list):
+        msgs = _turns(prompt, "prompt", "role", "content")
+    else:
+        msgs = [Message("user", _text(r, "prompt"))]
+    if isinstance(completion, list):
+        msgs += _turns(completion, "completion", "role", "content")
+    else:
+        msgs.append(Message("assistant", _text(r, "completion")))
+    return msgs
+
+
+CONVERTERS: dict[str, Callable[[dict], list[Message]]] = {
+    "alpaca": _alpaca,
+    "sharegpt": _sharegpt,
+    "messages": _messages,
+    "prompt_completion": _prompt_completion,
+}
+
+
+def check_turns(msgs: list[Message]) -> None:
+    """Structure every chat template can render and every response mask can trust."""
+    for j, m in enumerate(msgs):
+        if m.role == "system" and j > 0:
+            raise RecordProblem("misplaced system", f"message {j} is a system message; only the first may be")
+    body = msgs[1:] if msgs and msgs[0].role == "system" else msgs
+    if not body or body[0].role != "user":
+        raise RecordProblem("bad turn order", "the conversation must start with a user message (after an optional system)")
+    for j in range(1, len(body)):
+        if body[j].role == "assistant" and body[j - 1].role == "assistant":
+            raise RecordProblem("bad turn order", "two assistant turns in a row; merge them or add the user turn between")
+    if not any(m.role == "assistant" for m in body):
+        raise RecordProblem("no assistant turn", "the conversation has no assistant turn, so nothing to learn")
+
+
+def to_conversation(record: Any, fmt: str, origin: str, system_prompt: str | None) -> Conversation:
+    if not isinstance(record, dict):
+        raise RecordProblem("not an object", f"expected a JSON object, got {type(record).__name__}")
+    if fmt == "text":
+        return Conversation(text=_text(record, "text"), origin=origin)
+    msgs = CONVERTERS[fmt](record)
+    if system_prompt and msgs[0].role != "system":
+        msgs.insert(0, Message("system", system_prompt))
+    check_turns(msgs)
+    return Conversation(messages=tuple(msgs), origin=origin)
+
+
+def load_conversations(
+    path: str, fmt: str = "auto", columns: dict[str, str] | None = None,
+    on_bad_record: str = "error", system_prompt: str | None = None,
+) -> LoadResult:  # fmt: skip
+    """Read every file of one dataset spec; bad records raise or are counted, never silently lost."""
+    result = LoadResult()
+    rename = {src: dst for dst, src in (columns or {}).items()}
+    for file in expand_paths(path):
+        pairs = list(read_records(file))
+        file_fmt = fmt
+        if fmt == "auto":
+            sample = [_renamed(r, rename) for _, r in pairs[:20] if isinstance(r, dict)]
+            file_fmt = detect_format(sample, str(file))
+        result.format = file_fmt if result.format in ("", file_fmt) else "mixed"
+        for origin, record in pairs:
+            result.read += 1
+            try:
+                if isinstance(record, RecordProblem):
+                    raise record
+                record = _renamed(record, rename) if isinstance(record, dict) else record
+                result.conversations.append(to_conversation(record, file_fmt, origin, system_prompt))
+            except RecordProblem as e:
+                if on_bad_record == "error":
+                    raise DataError(
+                        f"{origin}: {e} (format {file_fmt}). "
+                        "Fix the record, or set data.on_bad_record=skip to skip and count such records."
+                    ) from None
+                result.skipped[e.kind] += 1
+    if result.read == 0:
+        raise DataError(f"{path}: the dataset is empty (no records)")
+    return result
+
+
+def _renamed(record: dict, rename: dict[str, str]) -> dict:
+    return {rename.get(k, k): v for k, v in record.items()} if rename else record

@@ -1,0 +1,143 @@
+"""Conversation -> input_ids + labels, the length policy, and the per-dataset report.
+
+Labels are built here and nowhere else: -100 marks a token that carries no loss.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from sftlab.config import DataConfig
+from sftlab.data.formats import Conversation, RecordProblem
+from sftlab.data.templates import ChatTemplate
+from sftlab.errors import DataError
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def supervised(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+@dataclass
+class DatasetReport:
+    """What happened to one dataset on its way to tokens: nothing is lost without a count here."""
+
+    name: str
+    format: str = ""
+    read: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)  # reason -> examples
+    tokens: int = 0  # tokens kept
+    supervised_kept: int = 0
+    supervised_lost: int = 0  # supervised tokens cut by truncation or lost with dropped examples
+    length: dict = field(default_factory=dict)  # mean / p50 / p95 / max of kept examples' lengths
+    warnings: list[str] = field(default_factory=list)
+
+    def set_lengths(self, lengths: list[int]) -> None:
+        s = sorted(lengths) or [0]
+        pct = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
+        self.length = {"mean": round(sum(s) / len(s), 1), "p50": pct(0.5), "p95": pct(0.95), "max": s[-1]}
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "dropped": dict(self.dropped)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DatasetReport":
+        return cls(**{**d, "dropped": Counter(d["dropped"])})
+
+
+class Encoder:
+    """Tokenizes conversations piece by piece so each reply has the tokens inference would give it."""
+
+    def __init__(self, tokenizer, template: ChatTemplate, train_on: str, eot_ids: set[int]):
+        self.tok = tokenizer
+        self.template = template
+        self.train_on = train_on
+        self.eot_ids = eot_ids
+        self.missing_eot = 0  # replies whose template emits no end-of-turn token (model cannot learn to stop)
+
+    def encode(self, conv: Conversation) -> Encoded:
+        if conv.text is not None:
+            ids = self.tok(conv.text, add_special_tokens=True)["input_ids"]
+            if self.tok.eos_token_id is not None and ids[-1:] != [self.tok.eos_token_id]:
+                ids = ids + [self.tok.eos_token_id]
+            return Encoded(ids, list(ids))
+        input_ids, labels = [], []
+        for seg in self.template.segments(conv):
+            # Pieces are tokenized separately: BPE must not merge the role header into the reply.
+            ids = self.tok(seg.text, add_special_tokens=False)["input_ids"]
+            input_ids += ids
+            if self.train_on == "all":
+                labels += ids
+            elif seg.response and (self.train_on == "assistant" or seg.last):
+                labels += self._reply_labels(ids)
+            else:
+                labels += [IGNORE] * len(ids)
+        return Encoded(input_ids, labels)
+
+    def _reply_labels(self, ids: list[int]) -> list[int]:
+        """Supervise the reply through its end-of-turn token; the separator after it is template text."""
+        last_eot = max((j for j, t in enumerate(ids) if t in self.eot_ids), default=None)
+        if last_eot is None:
+            self.missing_eot += 1
+            return list(ids)
+        return ids[: last_eot + 1] + [IGNORE] * (len(ids) - last_eot - 1)
+
+
+def apply_length_policy(enc: Encoded, max_length: int, overflow: str, origin: str) -> tuple[Encoded | None, str]:
+    """Returns (example or None, outcome) with outcome 'kept' | 'truncated' | a drop reason."""
+    if len(enc.input_ids) <= max_length:
+        return enc, "kept"
+    if overflow == "error":
+        raise DataError(
+            f"{origin}: example has {len(enc.input_ids)} tokens, more than data.max_length={max_length}. "
+            "Raise data.max_length, or set data.overflow to truncate or drop."
+        )
+    if overflow == "drop":
+        return None, "longer than max_length (overflow: drop)"
+    cut = Encoded(enc.input_ids[:max_length], enc.labels[:max_length])
+    if cut.supervised == 0:  # only prompt would remain: nothing to learn, so drop and count it
+        return None, "prompt fills max_length (no supervised token left)"
+    return cut, "truncated"
+
+
+def encode_dataset(encoder: Encoder, conversations, cfg: DataConfig, report: DatasetReport) -> list[Encoded]:
+    """Encode, apply the length policy, and fill the report. Returns the kept examples."""
+    kept: list[Encoded] = []
+    lengths = []
+    for conv in conversations:
+        try:
+            enc = encoder.encode(conv)
+        except RecordProblem as e:  # the template cannot render this record consistently
+            if cfg.on_bad_record == "error":
+                raise DataError(f"{conv.origin}: {e}") from None
+            report.dropped[f"bad record: {e.kind}"] += 1
+            continue
+        out, outcome = apply_length_policy(enc, cfg.max_length, cfg.overflow, conv.origin)
+        if out is None:
+            report.dropped[outcome] += 1
+            report.supervised_lost += enc.supervised
+            continue
+        kept.append(out)
+        report.kept += 1
+        report.truncated += outcome == "truncated"
+        report.tokens += len(out.input_ids)
+        report.supervised_kept += out.supervised
+        report.supervised_lost += enc.supervised - out.supervised
+        lengths.append(len(out.input_ids))
+    report.set_lengths(lengths)
+    if encoder.missing_eot:
+        report.warnings.append(
+            f"{encoder.missing_eot} replies have no end-of-turn token after them in template "
+            f"'{encoder.template.name}': the model will not learn to stop"
+        )
+    return kept

@@ -1,0 +1,17 @@
+"""User-facing errors: the CLI prints these as one clear message, never a traceback."""
+
+
+class SftlabError(Exception):
+    """An error the user can fix; the message says where and what to do."""
+
+
+class ConfigError(SftlabError):
+    pass
+
+
+class DataError(SftlabError):
+    pass
+
+
+class ModelError(SftlabError):
+    pass

