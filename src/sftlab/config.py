@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -132,6 +133,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     for item in overrides:
         apply_override(raw, item)
     cfg = build(Config, raw, "")
+    # Absolute paths make the saved config.yaml of a run valid from any directory.
+    for spec in cfg.data.train + cfg.data.eval:
+        spec.path = os.path.abspath(os.path.expanduser(spec.path))
     validate(cfg)
     return cfg
 
@@ -213,7 +217,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        # Try the member whose shape the value already has first: "all-linear" stays a str, not [str].
+        options.sort(key=lambda a: (typing.get_origin(a) is list) != isinstance(value, list))
+        for arg in options:
             try:
                 return _coerce(arg, value, where)
             except ConfigError as e:

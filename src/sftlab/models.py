@@ -50,15 +50,40 @@ def load_tokenizer(cfg: ModelConfig):
     """The tokenizer with a pad token that is not EOS (so padding can never be confused with a learned EOS)."""
     from transformers import AutoTokenizer
 
-    source = resolve_model_dir(cfg.name)
-    try:
-        tok = AutoTokenizer.from_pretrained(
-            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-        )
-    except OSError as e:
-        raise _load_error(cfg.name, e) from None
+    tok = from_pretrained(AutoTokenizer, cfg)
     _ensure_distinct_pad(tok)
     return tok
+
+
+def from_pretrained(auto_cls, cfg: ModelConfig, **kwargs):
+    """`auto_cls.from_pretrained` for any model.name; a hub id fails fast when the hub is unreachable."""
+    source = resolve_model_dir(cfg.name)
+    common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if Path(source).is_dir():
+        return auto_cls.from_pretrained(source, **common)
+    try:  # a hub id already in the local HF cache needs no network
+        return auto_cls.from_pretrained(source, local_files_only=True, **common)
+    except OSError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        raise _load_error(cfg.name, OSError("the Hugging Face hub is not reachable from this machine"))
+    try:
+        return auto_cls.from_pretrained(source, **common)
+    except OSError as e:
+        raise _load_error(cfg.name, e) from None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    # transformers retries an unreachable hub for ~50 s; one short connect tells us the same.
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def end_of_turn_ids(tok) -> set[int]:
@@ -142,7 +167,7 @@ def _file_digest(path: Path) -> str:
 
 def _load_error(name: str, e: Exception) -> ModelError:
     return ModelError(
-        f"could not load model '{name}': {str(e).splitlines()[0] if str(e) else type(e).__name__}\n"
-        "If this is a hub id, the hub may be unreachable from this machine: use a local HF directory, "
-        "a .gguf file, or the embedded alias smollm2-135m-instruct."
+        f"could not load model '{name}': {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
+        "model.name takes a local HF directory, a .gguf file, the embedded alias smollm2-135m-instruct, "
+        "or a hub id (which needs the hub to be reachable)."
     )

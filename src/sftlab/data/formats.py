@@ -305,6 +305,8 @@ def load_conversations(
     rename = {src: dst for dst, src in (columns or {}).items()}
     for file in expand_paths(path):
         pairs = list(read_records(file))
+        if not pairs:
+            continue
         file_fmt = fmt
         if fmt == "auto":
             sample = [_renamed(r, rename) for _, r in pairs[:20] if isinstance(r, dict)]

@@ -1,0 +1,86 @@
+"""`sftlab data ...` as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import FIXTURES, ROOT, write_jsonl
+
+from sftlab.cli import main
+
+
+@pytest.fixture
+def run_yaml(tmp_path, tmp_cache):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "data:\n"
+        f"  train: [{{path: {FIXTURES / 'alpaca.jsonl'}}}, {{path: {FIXTURES / 'sharegpt.json'}}},"
+        f" {{path: {FIXTURES / 'messages.jsonl'}}}]\n"
+        "  max_length: 256\n"
+    )
+    return path
+
+
+def test_tokenize_writes_guide_format(run_yaml, tmp_path, capsys, smol_tok):
+    out = tmp_path / "tok.jsonl"
+    assert main(["data", "tokenize", str(run_yaml), "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 7
+    for row in rows:
+        assert set(row) == {"input_ids", "labels"} and len(row["input_ids"]) == len(row["labels"])
+        assert -100 in row["labels"] and any(x != -100 for x in row["labels"])
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert [r["name"] for r in report] == ["alpaca.jsonl", "sharegpt.json", "messages.jsonl"]
+    assert "wrote 7 examples" in capsys.readouterr().out
+
+
+def test_inspect_marks_supervised_text_and_takes_overrides_anywhere(run_yaml, capsys, smol_tok):
+    assert main(["data", "inspect", str(run_yaml), "--num", "2", "data.max_length=40", "--color", "never", "data.template=chatml"]) == 0
+    out = capsys.readouterr().out
+    assert "alpaca.jsonl" in out and "sharegpt.json" in out
+    assert "[[2 + 3 = 5.<|im_end|>]]" in out
+    assert "<|im_start|>user\nAdd the numbers." in out  # the prompt is shown, unmarked
+
+
+def test_inspect_colour_on_a_terminal(run_yaml, capsys, smol_tok):
+    assert main(["data", "inspect", str(run_yaml), "--num", "1", "--color", "always"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b[" in out and "[[" not in out
+
+
+def test_bad_file_message_names_the_line_and_exits_2(tmp_path, tmp_cache, capsys, smol_tok):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "q", "output": "a"}, "{broken"])
+    assert main(["data", "inspect", "--num", "0", str(FIXTURES / "run_template.yaml"), f"data.train=[{bad}]"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {bad}:2: malformed JSON" in err and "Traceback" not in err
+
+
+def test_bad_config_key_exits_2(run_yaml, capsys):
+    assert main(["data", "inspect", str(run_yaml), "data.max_lenght=3"]) == 2
+    assert "did you mean 'max_length'" in capsys.readouterr().err
+
+
+def test_unrecognized_argument_is_a_usage_error(run_yaml):
+    with pytest.raises(SystemExit):
+        main(["data", "inspect", str(run_yaml), "--nope"])
+
+
+def test_config_keys_lists_every_section(capsys):
+    assert main(["config", "--keys"]) == 0
+    out = capsys.readouterr().out
+    for key in ("model.name", "data.overflow", "train.grad_accum", "lora.target_modules"):
+        assert key in out
+
+
+def test_console_script_end_to_end(tmp_path, smol_tok):
+    """The installed entry point, in a fresh process, on the bundled quickstart config."""
+    env = {**os.environ, "SFTLAB_CACHE": os.environ["SFTLAB_CACHE"]}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sftlab", "data", "inspect", str(ROOT / "examples" / "quickstart.yaml"), "--num", "1",
+         "data.cache=false"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "alpaca_tasks.jsonl" in proc.stdout and "messages_zh_identity.jsonl" in proc.stdout

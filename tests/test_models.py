@@ -1,0 +1,32 @@
+import pytest
+
+from sftlab.config import ModelConfig
+from sftlab.errors import ModelError
+from sftlab.models import end_of_turn_ids, load_tokenizer, resolve_model_dir
+
+
+def test_embedded_alias_is_converted_once_with_its_chat_template(smol_tok):
+    path = resolve_model_dir("smollm2-135m-instruct")
+    assert path.endswith("smollm2-135m-instruct")
+    assert "<|im_start|>" in smol_tok.chat_template
+    assert smol_tok.convert_tokens_to_ids("<|im_end|>") in end_of_turn_ids(smol_tok)
+
+
+def test_local_directory_loads(smol_tok):
+    tok = load_tokenizer(ModelConfig(name=resolve_model_dir("smollm2-135m-instruct")))
+    assert tok.eos_token == "<|im_end|>"
+
+
+def test_hub_id_fails_fast_with_a_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match=r"could not load model 'someone/some-model'.*hub"):
+        load_tokenizer(ModelConfig(name="someone/some-model"))
+
+
+def test_missing_paths(tmp_path):
+    with pytest.raises(ModelError, match="no such directory"):
+        resolve_model_dir("./nowhere/model")
+    with pytest.raises(ModelError, match="GGUF file not found"):
+        resolve_model_dir(str(tmp_path / "x.gguf"))
+    with pytest.raises(ModelError, match="has no config.json"):
+        resolve_model_dir(str(tmp_path))

@@ -1,0 +1,128 @@
+"""GUIDE rules 1 and 2 for every template: response-only masks, and training text == inference text."""
+
+import types
+
+import pytest
+from helpers import conv, decode, encoder, supervised_runs
+
+from sftlab.data.formats import RecordProblem
+from sftlab.data.templates import ChatTemplate, resolve_template
+from sftlab.data.tokenize import IGNORE
+from sftlab.errors import ConfigError
+
+CUSTOM = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+TEMPLATES = ["auto", "chatml", "llama2", "alpaca", CUSTOM]
+IDS = ["auto", "chatml", "llama2", "alpaca", "custom"]
+
+MULTI = conv(("user", "What is 2+2?"), ("assistant", "2+2 = 4."), ("user", "And 你好?"),
+             ("assistant", " 你好 means hello.\n"), system="Be brief.")
+
+
+def wrap(template, tok, content):
+    """The text a template's reply piece must supervise: content plus its end-of-turn token."""
+    if template == "llama2":  # the space after [/INST] is generated with the reply
+        return f" {content} {tok.eos_token}"
+    return content + tok.eos_token
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=IDS)
+def test_training_text_is_byte_identical_to_the_rendered_conversation(smol_tok, template):
+    enc = encoder(smol_tok, template).encode(MULTI)
+    assert decode(smol_tok, enc.input_ids) == ChatTemplate(smol_tok, template).render(MULTI.messages)
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=IDS)
+def test_prompt_tokens_equal_inference_and_reply_tokens_equal_generation(smol_tok, template):
+    tpl = ChatTemplate(smol_tok, template)
+    enc = encoder(smol_tok, template).encode(MULTI)
+    runs = supervised_runs(enc.input_ids, enc.labels)
+    replies = [i for i, m in enumerate(MULTI.messages) if m.role == "assistant"]
+    assert len(runs) == len(replies)
+    for (start, _), i in zip(runs, replies):
+        prompt = tpl.render(MULTI.messages[:i], add_generation_prompt=True)
+        # What inference feeds the model: the prompt tokenized whole, as apply_chat_template does.
+        assert enc.input_ids[:start] == smol_tok(prompt, add_special_tokens=False)["input_ids"]
+        # What the model generates after it: the reply piece on its own.
+        piece = tpl.render(MULTI.messages[: i + 1])[len(prompt):]
+        piece_ids = smol_tok(piece, add_special_tokens=False)["input_ids"]
+        assert enc.input_ids[start : start + len(piece_ids)] == piece_ids
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=IDS)
+def test_only_replies_and_their_end_of_turn_carry_loss(smol_tok, template):
+    enc = encoder(smol_tok, template).encode(MULTI)
+    runs = supervised_runs(enc.input_ids, enc.labels)
+    replies = [m.content for m in MULTI.messages if m.role == "assistant"]
+    assert [decode(smol_tok, ids) for _, ids in runs] == [wrap(template, smol_tok, c) for c in replies]
+    for start, ids in runs:  # the token after end-of-turn (separator or next header) carries no loss
+        assert ids[-1] == smol_tok.eos_token_id
+        end = start + len(ids)
+        assert end == len(enc.labels) or enc.labels[end] == IGNORE
+
+
+def test_chatml_newline_after_im_end_is_not_trained(smol_tok):
+    enc = encoder(smol_tok, "chatml").encode(conv(("user", "hi"), ("assistant", "yo")))
+    tokens = [decode(smol_tok, [t]) for t in enc.input_ids]
+    supervised = [t for t, label in zip(tokens, enc.labels) if label != IGNORE]
+    assert supervised == ["yo", "<|im_end|>"]
+    assert tokens[-1] == "\n" and enc.labels[-1] == IGNORE
+    assert "<|im_start|>" not in supervised and "assistant" not in supervised
+
+
+def test_reply_pieces_are_tokenized_apart_from_the_header(smol_tok):
+    # A reply that starts with spaces: tokenizing the whole string merges the header's "\n" with the
+    # first space into one "\n " token that the model never sees after the generation prompt.
+    c = conv(("user", "hi"), ("assistant", "  indented"))
+    enc = encoder(smol_tok, "chatml").encode(c)
+    whole = smol_tok(ChatTemplate(smol_tok, "chatml").render(c.messages), add_special_tokens=False)["input_ids"]
+    prompt = smol_tok("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    assert enc.input_ids[: len(prompt)] == prompt
+    assert enc.input_ids != whole  # the naive whole-string tokenization differs at the boundary
+
+
+def test_train_on_last_and_all(smol_tok):
+    last = encoder(smol_tok, "chatml", "last").encode(MULTI)
+    runs = supervised_runs(last.input_ids, last.labels)
+    assert [decode(smol_tok, ids) for _, ids in runs] == [" 你好 means hello.\n<|im_end|>"]
+    everything = encoder(smol_tok, "chatml", "all").encode(MULTI)
+    assert everything.labels == everything.input_ids
+    # Token boundaries never depend on what is trained.
+    assert last.input_ids == everything.input_ids == encoder(smol_tok, "chatml").encode(MULTI).input_ids
+
+
+def test_auto_template_default_system_prompt_is_not_trained(smol_tok):
+    enc = encoder(smol_tok, "auto").encode(conv(("user", "hi"), ("assistant", "yo")))
+    text = decode(smol_tok, enc.input_ids)
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert [decode(smol_tok, ids) for _, ids in supervised_runs(enc.input_ids, enc.labels)] == ["yo<|im_end|>"]
+
+
+def test_template_that_rewrites_history_is_refused(smol_tok):
+    # Like templates that strip earlier replies: turn 1 renders differently inside the whole chat.
+    hides = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ 'A: ...\n' }}"
+        "{% else %}{{ m['role'] + ': ' + m['content'] + eos_token + '\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    with pytest.raises(RecordProblem, match="renders assistant turn 1 differently"):
+        encoder(smol_tok, hides).encode(MULTI)
+
+
+def test_template_errors_become_record_problems(smol_tok):
+    strict = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(RecordProblem, match="roles must alternate"):
+        encoder(smol_tok, strict).encode(MULTI)
+
+
+def test_template_names_and_files(smol_tok, tmp_path):
+    assert resolve_template(smol_tok, "chatml")[0] == "chatml"
+    (tmp_path / "t.jinja").write_text(CUSTOM)
+    assert resolve_template(smol_tok, str(tmp_path / "t.jinja")) == ("t.jinja", CUSTOM)
+    with pytest.raises(ConfigError, match=r"'chatlm' is not a template name"):
+        resolve_template(smol_tok, "chatlm")
+    with pytest.raises(ConfigError, match="the tokenizer has no chat template"):
+        resolve_template(types.SimpleNamespace(chat_template=None), "auto")
