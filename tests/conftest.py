@@ -38,3 +38,31 @@ def write_jsonl(path: Path, lines: list) -> Path:
         for line in lines:
             f.write((line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tok):
+    """A random-init 2-layer Llama (hidden 64) with the SmolLM2 tokenizer, as a local HF directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smol_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=smol_tok.bos_token_id, eos_token_id=smol_tok.eos_token_id, pad_token_id=smol_tok.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    smol_tok.save_pretrained(out)
+    return out
+
+
+def tiny_config(model_dir, out_dir, *overrides, data=FIXTURES / "train_small.jsonl"):
+    """A fast fp32 run config on the tiny model; overrides as on the command line."""
+    from sftlab.config import load_config
+
+    base = [f"model.name={model_dir}", f"data.train=[{data}]", f"train.output_dir={out_dir}",
+            "data.max_length=128", "data.template=chatml", "train.precision=fp32", "train.report_to=[]",
+            "train.batch_size=4", "train.max_steps=6", "train.lr=1e-3", "lora.dropout=0.0"]
+    return load_config(None, base + list(overrides))

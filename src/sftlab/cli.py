@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from sftlab.errors import SftlabError
@@ -15,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     # Library progress bars for sub-second steps drown our own report; keep theirs off.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation chatter between HF libraries
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     parser = build_parser()
     # parse_known_args lets overrides come after options (`--num 2 data.max_length=512`).
     args, extra = parser.parse_known_args(argv)
@@ -53,6 +58,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "eval"], default="train")
     p.add_argument("--output", required=True, help="FILE.jsonl")
     p.set_defaults(run=cmd_data_tokenize)
+
+    p = sub.add_parser("train", help="fine-tune a model (full or LoRA)")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in train.output_dir")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("generate", help="answer prompts with a trained run (or any model)")
+    p.add_argument("source", help="run directory, exported model directory, or a model.name")
+    p.add_argument("--prompt", action="append", default=[], help="a user message (repeatable)")
+    p.add_argument("--prompts", help="JSONL of {prompt} or {messages} per line")
+    p.add_argument("--system", help="system message for every prompt")
+    p.add_argument("--base", action="store_true", help="also answer with the base model, side by side")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--output", help="also write {messages, response[, base_response]} JSONL here")
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("merge", help="fold a LoRA run into a full Hugging Face model")
+    p.add_argument("run_dir")
+    p.add_argument("--output", required=True, help="directory for the merged model")
+    p.set_defaults(run=cmd_merge)
 
     p = sub.add_parser("config", help="print the resolved config, or every key with its help")
     p.add_argument("config", nargs="?", help="run YAML file")
@@ -109,6 +138,51 @@ def cmd_data_tokenize(args) -> int:
     report.write_text(json.dumps([r.to_dict() for r in split.reports], ensure_ascii=False, indent=1))
     kept = sum(r.kept for r in split.reports)
     print(f"wrote {kept} examples to {out} (report: {report})")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from sftlab.config import load_config
+    from sftlab.train import train
+
+    summary = train(load_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite)
+    return 130 if summary.get("outcome") == "interrupted" else 0
+
+
+def cmd_generate(args) -> int:
+    from sftlab.errors import ConfigError
+    from sftlab.generate import answer, load_for_inference, read_prompts
+
+    conversations = [[{"role": "user", "content": p}] for p in args.prompt]
+    conversations += read_prompts(args.prompts) if args.prompts else []
+    if not conversations:
+        raise ConfigError("give at least one --prompt TEXT or --prompts FILE.jsonl")
+    if args.system:
+        conversations = [[{"role": "system", "content": args.system}] + c for c in conversations]
+    models = {"response": load_for_inference(args.source)}
+    if args.base:
+        models["base_response"] = load_for_inference(models["response"].base_name)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    results = []
+    for messages in conversations:
+        result = {"messages": messages}
+        print(f"### {messages[-1]['content']}")
+        for key, loaded in models.items():
+            result[key] = answer(loaded, messages, **sampling)
+            label = {"response": "tuned" if args.base else "answer", "base_response": "base"}[key]
+            print(f"[{label}] {result[key]}")
+        print()
+        results.append(result)
+    if args.output:
+        Path(args.output).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from sftlab.export import merge
+
+    diff = merge(args.run_dir, args.output)
+    print(f"merged {args.run_dir} into {args.output}; reloaded export matches the adapter (max logit diff {diff:.2e})")
     return 0
 
 

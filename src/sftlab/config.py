@@ -70,6 +70,7 @@ class DataConfig:
         "error", help="stop at a malformed record, or skip it and count it in the report"
     )
     cache: bool = _f(True, help="cache tokenized datasets (keyed by data, tokenizer and settings)")
+    eval_split: float = _f(0.0, help="fraction of train held out for eval when data.eval is empty")
 
 
 @dataclass
@@ -80,15 +81,33 @@ class TrainConfig:
     max_steps: int = _f(-1, help="optimizer steps; -1 means use epochs")
     batch_size: int = _f(8, help="examples per micro-batch")
     grad_accum: int = _f(1, help="micro-batches per optimizer step")
+    group_by_length: bool = _f(True, help="put examples of similar length in a step (less padding)")
     lr: float = _f(2e-4, help="peak learning rate")
     scheduler: Literal["cosine", "linear", "constant", "cosine_with_min_lr"] = _f(
         "cosine", help="learning-rate schedule after warm-up"
     )
+    min_lr_ratio: float = _f(0.1, help="cosine_with_min_lr: final lr as a fraction of lr")
     warmup_ratio: float = _f(0.0, help="fraction of steps spent warming up")
+    warmup_steps: int = _f(0, help="warm-up steps (overrides warmup_ratio when > 0)")
     weight_decay: float = _f(0.0, help="AdamW weight decay (never on biases and norms)")
+    adam_beta1: float = _f(0.9, help="AdamW beta1")
+    adam_beta2: float = _f(0.999, help="AdamW beta2")
+    adam_eps: float = _f(1e-8, help="AdamW epsilon")
     max_grad_norm: float = _f(1.0, help="gradient clipping norm; 0 disables")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", help="numeric precision")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
+        "auto", help="auto picks bf16 where the hardware runs it fast (CPU avx512_bf16/AMX, recent GPUs)"
+    )
     seed: int = _f(42, help="seed for data order, init and dropout")
+    logging_steps: int = _f(1, help="log train metrics every N optimizer steps")
+    eval_steps: int = _f(0, help="evaluate every N steps (0: only at the end); needs eval data")
+    early_stopping_patience: int = _f(0, help="stop after N evaluations without a better eval loss (0: off)")
+    save_best: bool = _f(False, help="the final model is the one with the best eval loss")
+    save_steps: int = _f(0, help="checkpoint every N steps (0: only on interrupt)")
+    save_total_limit: int = _f(2, help="keep the newest N checkpoints (0: keep all)")
+    on_nonfinite: Literal["error", "skip"] = _f(
+        "error", help="a NaN/inf loss stops the run, or skips that step's update"
+    )
+    report_to: list[str] = _f(factory=lambda: ["tensorboard"], help="extra loggers: tensorboard, or []")
 
 
 @dataclass
@@ -97,6 +116,7 @@ class LoraConfig:
     alpha: float = _f(32.0, help="scaling numerator (scale = alpha / r)")
     dropout: float = _f(0.05, help="dropout on the adapter input")
     target_modules: list[str] | str = _f("all-linear", help="modules to adapt, or all-linear")
+    modules_to_save: list[str] = _f(factory=list, help="modules trained fully and saved with the adapter")
 
 
 @dataclass
@@ -277,6 +297,13 @@ def validate(cfg: Config) -> None:
         (cfg.train.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 disables clipping)"),
         (cfg.train.epochs > 0 or cfg.train.max_steps > 0, "set train.epochs > 0 or train.max_steps > 0"),
         (cfg.lora.r >= 1, "lora.r must be at least 1"),
+        (0 <= cfg.data.eval_split < 1, "data.eval_split must be in [0, 1)"),
+        (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (0 <= cfg.train.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]"),
+        (cfg.train.logging_steps >= 1, "train.logging_steps must be at least 1"),
+        (not (cfg.train.save_best or cfg.train.early_stopping_patience) or _has_eval(cfg),
+         "train.save_best and train.early_stopping_patience need eval data (data.eval or data.eval_split)"),
+        (set(cfg.train.report_to) <= {"tensorboard"}, "train.report_to takes only: tensorboard"),
         (0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
     ]
     for ok, message in checks:
@@ -286,6 +313,10 @@ def validate(cfg: Config) -> None:
         for i, spec in enumerate(getattr(cfg.data, split)):
             if not spec.path:
                 raise ConfigError(f"data.{split}[{i}].path is empty")
+
+
+def _has_eval(cfg: Config) -> bool:
+    return bool(cfg.data.eval) or cfg.data.eval_split > 0
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:

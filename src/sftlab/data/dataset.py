@@ -59,6 +59,22 @@ def load_split(cfg: DataConfig, tokenizer, split: str = "train") -> TokenizedSpl
     return TokenizedSplit(data, reports, hits)
 
 
+def load_train_eval(cfg: DataConfig, tokenizer, seed: int):
+    """(train, eval or None, {split: reports}); eval comes from data.eval, else a held-out data.eval_split."""
+    train = load_split(cfg, tokenizer, "train")
+    reports = {"train": train.reports}
+    if cfg.eval:
+        ev = load_split(cfg, tokenizer, "eval")
+        reports["eval"] = ev.reports
+        return train.dataset, ev.dataset, reports
+    if cfg.eval_split > 0:
+        if len(train.dataset) < 2:
+            raise DataError("data.eval_split needs at least 2 training examples")
+        parts = train.dataset.train_test_split(test_size=cfg.eval_split, seed=seed)
+        return parts["train"], parts["test"], reports
+    return train.dataset, None, reports
+
+
 def _tokenize_spec(spec: DatasetSpec, cfg: DataConfig, tokenizer, template: ChatTemplate):
     import datasets
 

@@ -1,0 +1,77 @@
+"""Data order and batches: which examples form each optimizer step, and how a micro-batch is padded.
+
+The order is a pure function of (seed, epoch), so a resumed run replays it exactly from any
+step. Length grouping works on whole optimizer steps, never inside them: the examples that
+make up a step do not depend on how it is split into micro-batches or ranks, which is what makes
+batch 8 x accumulation 1 and batch 1 x accumulation 8 the same run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sftlab.data.tokenize import IGNORE
+
+MEGABATCH_STEPS = 50  # steps sorted together when grouping by length (as HF's LengthGroupedSampler)
+
+
+def epoch_order(lengths: list[int], step_size: int, seed: int, epoch: int, group_by_length: bool) -> list[int]:
+    """A permutation of example indices for one epoch."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    if not group_by_length:
+        return order
+    mega = step_size * MEGABATCH_STEPS
+    grouped = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+        steps = [chunk[j : j + step_size] for j in range(0, len(chunk), step_size)]
+        # Shuffle the steps of the megabatch so lengths do not fall monotonically through the epoch.
+        perm = torch.randperm(len(steps), generator=g).tolist()
+        grouped += [i for p in perm for i in steps[p]]
+    return grouped
+
+
+def plan_epoch(
+    lengths: list[int], batch_size: int, grad_accum: int, seed: int, epoch: int,
+    group_by_length: bool = True, world_size: int = 1, rank: int = 0,
+) -> list[list[list[int]]]:  # fmt: skip
+    """This rank's optimizer steps for one epoch: steps -> micro-batches -> example indices.
+
+    A step holds batch_size * grad_accum * world_size examples (the last one may hold fewer);
+    each rank takes a contiguous share, cut into micro-batches of batch_size.
+    """
+    step_size = batch_size * grad_accum * world_size
+    order = epoch_order(lengths, step_size, seed, epoch, group_by_length)
+    steps = []
+    for start in range(0, len(order), step_size):
+        step = order[start : start + step_size]
+        share = -(-len(step) // world_size)
+        mine = step[rank * share : (rank + 1) * share]
+        steps.append([mine[j : j + batch_size] for j in range(0, len(mine), batch_size)])
+    return steps
+
+
+def rows(data, idx: list[int]) -> list[dict]:
+    """Examples `idx` of a tokenized dataset, read in one call."""
+    cols = data[idx]
+    return [{"input_ids": a, "labels": b} for a, b in zip(cols["input_ids"], cols["labels"])]
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row; padding carries no loss and is masked from attention."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.as_tensor(r["input_ids"])
+        labels[i, :n] = torch.as_tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def supervised_count(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry loss after the causal shift (a row's first label predicts nothing)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())

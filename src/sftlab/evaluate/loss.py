@@ -1,0 +1,32 @@
+"""Eval loss and perplexity: token-weighted over the whole eval set, response tokens only, with the
+same per-token normalizer as training (a mean of per-batch means would weight short batches up)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sftlab.data.batching import collate, rows, supervised_count
+
+
+@torch.no_grad()
+def eval_loss(loss_module, data, batch_size: int, pad_id: int, accelerator) -> dict:
+    was_training = loss_module.training
+    loss_module.eval()
+    lengths = [len(x) for x in data["input_ids"]]
+    # Longest first, in fixed batches: deterministic, little padding; ranks take every world-th batch.
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for idx in batches[accelerator.process_index :: accelerator.num_processes]:
+        batch = collate(rows(data, idx), pad_id)
+        with accelerator.autocast():
+            total += loss_module(**{k: v.to(accelerator.device) for k, v in batch.items()}).double().cpu()
+        count += supervised_count(batch)
+    stats = torch.tensor([total.item(), float(count)], dtype=torch.float64, device=accelerator.device)
+    total, count = accelerator.reduce(stats, "sum").tolist()
+    loss_module.train(was_training)
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(count)}
+

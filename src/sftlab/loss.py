@@ -1,0 +1,60 @@
+"""The SFT loss: a sum of token cross-entropies over supervised tokens, normalized by the caller.
+
+Returning a *sum* (not a mean) is the point: the training loop divides once by the supervised
+tokens of the whole optimizer step (GUIDE rule 3), so the loss does not depend on how the step
+is cut into micro-batches, ranks or padded rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sftlab.data.tokenize import IGNORE
+
+# Config attributes that make the LM head more than a plain linear layer; such models take the
+# full-logits path so their logits are computed exactly as their own forward does.
+_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of cross-entropy over supervised tokens of one micro-batch (fp32 accumulation)."""
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    targets = labels[keep]
+    if _plain_head(model):
+        # Run the LM head only where a token is supervised: the (tokens x vocab) logits of the
+        # prompt are never computed, which saves most of the head's time and memory in SFT.
+        hidden = model.get_decoder()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    else:
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits[:, :-1][keep]
+    if logits.dtype in (torch.float16, torch.bfloat16):  # softmax over a large vocab needs fp32
+        logits = logits.float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def _plain_head(model) -> bool:
+    config = getattr(model, "config", None)
+    if config is None or any(getattr(config, a, None) not in (None, 1, 1.0) for a in _HEAD_EXTRAS):
+        return False
+    try:
+        return model.get_decoder() is not None and model.get_output_embeddings() is not None
+    except (AttributeError, NotImplementedError):
+        return False
+
+
+class SupervisedLoss(torch.nn.Module):
+    """The LM and its loss as one module: accelerate's DDP/FSDP wrappers then see the very forward
+    that computes the loss (the fast path calls the decoder and head directly, not model.forward)."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        return loss_sum(self.lm, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})

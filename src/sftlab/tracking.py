@@ -1,0 +1,75 @@
+"""Run records: metrics.jsonl (the contract), TensorBoard events, and the loss.png curve."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step; mirrors scalars to TensorBoard when asked."""
+
+    def __init__(self, output_dir: Path, report_to: list[str], resume_step: int = 0):
+        self.path = output_dir / "metrics.jsonl"
+        if resume_step and self.path.is_file():
+            self._truncate_after(resume_step)  # steps logged after the checkpoint will be logged again
+        elif not resume_step:
+            self.path.unlink(missing_ok=True)
+        self.tb = None
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=resume_step or None)
+
+    def log(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(f"train/{key}" if not key.startswith("eval") else key.replace("_", "/", 1),
+                                       value, record["step"])  # fmt: skip
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+    def _truncate_after(self, step: int) -> None:
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: Path, out: Path) -> None:
+    """Train and eval loss against step, with the learning rate on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    lrs = [(r["step"], r["learning_rate"]) for r in rows if "learning_rate" in r]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (per supervised token)")
+    ax.grid(alpha=0.3)
+    if lrs:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*lrs), label="learning rate", color="tab:gray", linestyle="--", linewidth=1)
+        ax2.set_ylabel("learning rate")
+        ax2.legend(loc="upper center")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)

@@ -1,0 +1,396 @@
+"""The training loop, readable top to bottom.
+
+    data -> batches (a step = batch_size x grad_accum x ranks examples)
+         -> loss summed over supervised tokens, divided once by the step's supervised tokens
+         -> clip, AdamW, schedule -> log, eval, checkpoint -> final model in Hugging Face format
+
+accelerate owns devices, mixed precision and (later) DDP/FSDP/DeepSpeed; the loop owns the maths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from sftlab import checkpoint
+from sftlab.config import Config
+from sftlab.data.batching import collate, plan_epoch, rows, supervised_count
+from sftlab.errors import SftlabError
+from sftlab.loss import SupervisedLoss
+from sftlab.tracking import MetricsLog, plot_curves
+
+# Keys that may change between a run and its resume without changing what was computed so far.
+RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.save_steps", "train.save_total_limit",
+                     "train.eval_steps", "train.logging_steps", "train.report_to",
+                     "train.early_stopping_patience"}  # fmt: skip
+RUN_FILES = ("checkpoints", "tensorboard", "best", "metrics.jsonl", "summary.json", "loss.png")
+
+
+class TrainError(SftlabError):
+    pass
+
+
+@dataclass
+class RunState:
+    """Everything besides weights, optimizer and RNG that a resumed run needs."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    tokens: int = 0  # non-pad tokens trained on
+    supervised_tokens: int = 0
+    train_time: float = 0.0
+    best_eval: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    skipped_steps: int = 0
+
+
+@dataclass
+class Run:
+    """The objects one run works with, built once by `setup`."""
+
+    cfg: Config
+    out: Path
+    accelerator: object
+    tokenizer: object
+    template_source: str
+    train_data: object
+    eval_data: object
+    model: torch.nn.Module  # the accelerate-prepared SupervisedLoss(lm)
+    lm: torch.nn.Module  # the bare (PEFT) causal LM, for saving
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    steps_per_epoch: int
+    total_steps: int
+    precision: str
+    params: tuple[int, int]
+
+
+def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print) -> dict:
+    """Run (or resume) training; returns the summary that is also written to summary.json."""
+    out = Path(cfg.train.output_dir)
+    resume_from = _prepare_output_dir(out, resume, overwrite, cfg)
+    run = setup(cfg, out, say)
+    state = RunState()
+    if resume_from is not None:
+        state = RunState(**checkpoint.load(resume_from, run.lm, run.optimizer, run.scheduler))
+        say(f"resumed from {resume_from} at step {state.step}")
+    log = MetricsLog(out, cfg.train.report_to, resume_step=state.step)
+    try:
+        outcome = loop(run, state, log, say)
+    finally:
+        log.close()
+    return finish(run, state, outcome, say)
+
+
+def setup(cfg: Config, out: Path, say) -> Run:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from sftlab.data.dataset import load_train_eval
+    from sftlab.data.inspect import print_report
+    from sftlab.data.templates import ChatTemplate
+    from sftlab.models import attach_lora, count_parameters, load_model, load_tokenizer, resolve_precision
+    from sftlab.optim import build_optimizer, build_scheduler
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use, not the host's
+    precision = resolve_precision(cfg.train.precision)
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not torch.cuda.is_available())
+    set_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    train_data, eval_data, reports = load_train_eval(cfg.data, tokenizer, cfg.train.seed)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        (out / "data_report.json").write_text(json.dumps(
+            {k: [r.to_dict() for r in v] for k, v in reports.items()}, ensure_ascii=False, indent=1))
+        _print_reports(print_report, reports)
+    lm = load_model(cfg.model)
+    if cfg.train.method == "lora":
+        lm = attach_lora(lm, cfg.lora)
+    lm.config.use_cache = False
+    params = count_parameters(lm)
+    optimizer = build_optimizer(lm, cfg.train)
+    steps_per_epoch = len(plan_epoch([len(x) for x in train_data["input_ids"]], cfg.train.batch_size,
+                                     cfg.train.grad_accum, cfg.train.seed, 0, False, accelerator.num_processes))
+    total = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.epochs * steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg.train, total)
+    model, optimizer = accelerator.prepare(SupervisedLoss(lm), optimizer)  # scheduler stepped by hand, once a step
+    say(f"{cfg.train.method}: {params[0]:,} trainable of {params[1]:,} parameters "
+        f"({100 * params[0] / params[1]:.2f}%); precision {precision}; {len(train_data)} train examples, "
+        f"{total} steps of {cfg.train.batch_size}x{cfg.train.grad_accum}x{accelerator.num_processes}")  # fmt: skip
+    template = ChatTemplate(tokenizer, cfg.data.template).source
+    return Run(cfg, out, accelerator, tokenizer, template, train_data, eval_data, model, lm,
+               optimizer, scheduler, steps_per_epoch, total, precision, params)  # fmt: skip
+
+
+def loop(run: Run, state: RunState, log: MetricsLog, say) -> str:
+    """Train until the last step, early stopping or a stop signal; returns which one it was."""
+    cfg, acc = run.cfg.train, run.accelerator
+    lengths = [len(x) for x in run.train_data["input_ids"]]
+    if state.step == 0 and run.eval_data is not None:
+        log.log({"step": 0, **evaluate(run)})
+    bar = _progress(run, state)
+    with _StopOnSignal() as stop:
+        while state.step < run.total_steps:
+            plan = plan_epoch(lengths, cfg.batch_size, cfg.grad_accum, cfg.seed, state.epoch,
+                              cfg.group_by_length, acc.num_processes, acc.process_index)  # fmt: skip
+            for micro_batches in plan[state.step_in_epoch :]:
+                started = time.perf_counter()
+                record = train_step(run, micro_batches, state)
+                state.train_time += time.perf_counter() - started
+                state.step += 1
+                state.step_in_epoch += 1
+                record["epoch"] = round(state.epoch + state.step_in_epoch / len(plan), 4)
+                outcome = after_step(run, state, record, log, stop.requested)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
+                                tok_s=f"{state.tokens / max(state.train_time, 1e-9):.0f}")  # fmt: skip
+                if outcome:
+                    bar.close()
+                    return outcome
+            state.epoch += 1
+            state.step_in_epoch = 0
+    bar.close()
+    return "completed"  # reached only when resuming a run that had already finished
+
+
+def train_step(run: Run, micro_batches: list[list[int]], state: RunState) -> dict:
+    """One optimizer step: sum the token losses of all micro-batches, divide once by their tokens."""
+    cfg, acc, model = run.cfg.train, run.accelerator, run.model
+    batches = [collate(rows(run.train_data, idx), run.tokenizer.pad_token_id) for idx in micro_batches]
+    local = torch.tensor([sum(supervised_count(b) for b in batches)], device=acc.device)
+    n_step = int(acc.reduce(local, "sum").item())  # supervised tokens in the step, all ranks
+    scale = acc.num_processes / max(n_step, 1)  # DDP averages gradients over ranks; undo that
+    loss_total = torch.zeros((), dtype=torch.float64, device=acc.device)
+    for i, batch in enumerate(batches):
+        sync = i == len(batches) - 1
+        with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
+            loss = model(**{k: v.to(acc.device) for k, v in batch.items()})
+        acc.backward(loss * scale)
+        loss_total += loss.detach().double()
+    step_loss = acc.reduce(loss_total, "sum").item() / max(n_step, 1)
+    lr = run.scheduler.get_last_lr()[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = float(acc.clip_grad_norm_(params, max_norm))
+    skipped = not (math.isfinite(step_loss) and math.isfinite(grad_norm))
+    if skipped and cfg.on_nonfinite == "error":
+        raise TrainError(
+            f"step {state.step + 1}: the loss is {step_loss} (grad norm {grad_norm}). Lower train.lr, keep "
+            "train.max_grad_norm > 0, try train.precision=fp32, or set train.on_nonfinite=skip to skip such steps."
+        )
+    if not skipped:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    state.skipped_steps += skipped
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    state.tokens += int(acc.reduce(torch.tensor([tokens], device=acc.device), "sum").item())
+    state.supervised_tokens += n_step
+    record = {"step": state.step + 1, "loss": step_loss, "learning_rate": lr, "grad_norm": grad_norm,
+              "tokens": state.tokens, "supervised_tokens": n_step}  # fmt: skip
+    return record | ({"skipped": True} if skipped else {})
+
+
+def after_step(run: Run, state: RunState, record: dict, log: MetricsLog, stop_requested: bool) -> str | None:
+    """Log, evaluate, checkpoint; returns an outcome when the run should end now."""
+    cfg, step = run.cfg.train, state.step
+    last = step >= run.total_steps
+    if step % cfg.logging_steps and not last:
+        record = {"step": step}
+    record["tokens_per_s"] = round(state.tokens / max(state.train_time, 1e-9), 1)
+    outcome = None
+    if run.eval_data is not None and (last or (cfg.eval_steps and step % cfg.eval_steps == 0)):
+        record |= evaluate(run)
+        outcome = _track_best(run, state, record["eval_loss"])
+    if len(record) > 2 and run.accelerator.is_main_process:
+        log.log(record)
+    if stop_requested:
+        outcome = "interrupted"
+    if outcome == "interrupted" or (cfg.save_steps and step % cfg.save_steps == 0):
+        save_checkpoint(run, state)
+    return outcome or ("completed" if last else None)
+
+
+def evaluate(run: Run) -> dict:
+    from sftlab.evaluate.loss import eval_loss
+
+    return eval_loss(run.model, run.eval_data, run.cfg.train.batch_size, run.tokenizer.pad_token_id, run.accelerator)
+
+
+def _track_best(run: Run, state: RunState, loss: float) -> str | None:
+    cfg = run.cfg.train
+    if state.best_eval is None or loss < state.best_eval:
+        state.best_eval, state.best_step, state.evals_since_best = loss, state.step, 0
+        if cfg.save_best and run.accelerator.is_main_process:
+            _save_best(run, state)
+        return None
+    state.evals_since_best += 1
+    if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
+        return "early_stopping"
+    return None
+
+
+def _save_best(run: Run, state: RunState) -> None:
+    from safetensors.torch import save_file
+
+    tmp, best = run.out / ".tmp-best", run.out / "best"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(checkpoint.trainable_state(run.lm), tmp / "trainable.safetensors")
+    (tmp / "state.json").write_text(json.dumps({"step": state.step, "eval_loss": state.best_eval}))
+    shutil.rmtree(best, ignore_errors=True)
+    tmp.rename(best)
+
+
+def save_checkpoint(run: Run, state: RunState) -> None:
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        checkpoint.save(run.out / "checkpoints", state.step, run.lm, run.optimizer, run.scheduler,
+                        asdict(state), run.cfg.to_yaml(), run.cfg.train.save_total_limit)  # fmt: skip
+
+
+def finish(run: Run, state: RunState, outcome: str, say) -> dict:
+    """Write the final model (HF format), summary.json and loss.png; print the summary."""
+    acc = run.accelerator
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        return {}
+    if run.cfg.train.save_best and (run.out / "best").is_dir() and outcome != "interrupted":
+        from safetensors.torch import load_file
+
+        checkpoint.load_trainable(run.lm, load_file(run.out / "best" / "trainable.safetensors"))
+    if outcome != "interrupted":
+        save_model(run)
+    summary = _summary(run, state, outcome)
+    (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if (run.out / "metrics.jsonl").is_file():
+        plot_curves(run.out / "metrics.jsonl", run.out / "loss.png")
+    say(_summary_text(summary, run.out))
+    return summary
+
+
+def save_model(run: Run) -> None:
+    """The final model: a PEFT adapter or a full model, with the tokenizer and the training template."""
+    lm = run.accelerator.unwrap_model(run.model).lm
+    lm.save_pretrained(run.out, safe_serialization=True)
+    run.tokenizer.chat_template = run.template_source  # inference renders exactly as training did
+    run.tokenizer.save_pretrained(run.out)
+
+
+def _summary(run: Run, state: RunState, outcome: str) -> dict:
+    metrics = [json.loads(x) for x in (run.out / "metrics.jsonl").read_text().splitlines() if x.strip()] \
+        if (run.out / "metrics.jsonl").is_file() else []  # fmt: skip
+    evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    t = max(state.train_time, 1e-9)
+    return {
+        "outcome": outcome, "steps": state.step, "total_steps": run.total_steps, "method": run.cfg.train.method,
+        "precision": run.precision, "trainable_params": run.params[0], "total_params": run.params[1],
+        "train_time_s": round(state.train_time, 1), "tokens": state.tokens,
+        "supervised_tokens": state.supervised_tokens, "tokens_per_s": round(state.tokens / t, 1),
+        "supervised_tokens_per_s": round(state.supervised_tokens / t, 1),
+        "final_train_loss": losses[-1] if losses else None,
+        "first_eval_loss": evals[0] if evals else None, "final_eval_loss": evals[-1] if evals else None,
+        "best_eval_loss": state.best_eval, "best_step": state.best_step, "skipped_steps": state.skipped_steps,
+    }  # fmt: skip
+
+
+def _summary_text(s: dict, out: Path) -> str:
+    lines = [f"{s['outcome']}: {s['steps']}/{s['total_steps']} steps in {s['train_time_s']} s, "
+             f"{s['tokens_per_s']} tokens/s ({s['supervised_tokens_per_s']} supervised), "
+             f"{s['supervised_tokens']:,} supervised tokens"]  # fmt: skip
+    if s["first_eval_loss"] is not None:
+        best = f" (best {s['best_eval_loss']:.4f} at step {s['best_step']})" if s["best_step"] else ""
+        lines.append(f"eval loss {s['first_eval_loss']:.4f} -> {s['final_eval_loss']:.4f}{best}")
+    what = "checkpoint for --resume" if s["outcome"] == "interrupted" else "model"
+    lines.append(f"{what}, metrics.jsonl, loss.png and summary.json in {out}")
+    return "\n".join(lines)
+
+
+def _prepare_output_dir(out: Path, resume: bool, overwrite: bool, cfg: Config) -> Path | None:
+    """The checkpoint to resume from, or None; refuses to mix two runs in one directory."""
+    if resume:
+        found = checkpoint.complete(out / "checkpoints")
+        if not found:
+            raise TrainError(f"--resume: no complete checkpoint in {out / 'checkpoints'}; run without --resume")
+        _check_resumable(found[-1], cfg)
+        return found[-1]
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not overwrite:
+        raise TrainError(f"{out} already holds a run ({', '.join(existing)}). Pass --resume to continue it, "
+                         "--overwrite to replace it, or set train.output_dir elsewhere.")  # fmt: skip
+    for name in existing:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return None
+
+
+def _check_resumable(ckpt: Path, cfg: Config) -> None:
+    import yaml
+
+    saved, now = _flatten(yaml.safe_load((ckpt / "config.yaml").read_text())), _flatten(cfg.to_dict())
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise TrainError(f"--resume: the config differs from the checkpoint's in {', '.join(changed)}; "
+                         "resuming would not continue the same run. Restore those keys or start a new run.")  # fmt: skip
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        flat |= _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return flat
+
+
+def _print_reports(print_report, reports: dict) -> None:
+    from rich.console import Console
+
+    console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console.width = 160
+    for split, rs in reports.items():
+        print_report(console, rs, f"data.{split}")
+
+
+def _progress(run: Run, state: RunState):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=run.total_steps, initial=state.step, desc="train", unit="step",
+                disable=not run.accelerator.is_main_process or None, dynamic_ncols=True)  # fmt: skip
+
+
+class _StopOnSignal:
+    """First Ctrl-C / SIGTERM: finish the step, save a checkpoint, exit. Second: abort at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self._old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step and saving a checkpoint (again to abort)", flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
