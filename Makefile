@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.setup-stamp
 
-.PHONY: setup quickstart test inspect
+.PHONY: setup quickstart test inspect full
 
 setup: $(STAMP)
 
@@ -19,7 +19,13 @@ $(STAMP): pyproject.toml
 inspect: setup
 	.venv/bin/sftlab data inspect examples/quickstart.yaml --num 3
 
-quickstart: inspect
+# The main job: LoRA on the embedded model and bundled data, then base vs tuned answers.
+quickstart: setup
+	.venv/bin/sftlab train examples/quickstart.yaml --overwrite
+	.venv/bin/sftlab generate runs/quickstart --base --prompts examples/prompts.jsonl
+
+full: setup
+	.venv/bin/sftlab train examples/full.yaml --overwrite
 
 test: setup
 	.venv/bin/python -m pytest -q

@@ -95,6 +95,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print)
 
 def setup(cfg: Config, out: Path, say) -> Run:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     from sftlab.data.dataset import load_train_eval
@@ -105,6 +106,9 @@ def setup(cfg: Config, out: Path, say) -> Run:
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use, not the host's
     precision = resolve_precision(cfg.train.precision)
+    # accelerate keeps one precision per process; let a second run in the same process (API use,
+    # tests) choose its own. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not torch.cuda.is_available())
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)

@@ -15,21 +15,20 @@ from sftlab.data.tokenize import IGNORE
 MEGABATCH_STEPS = 50  # steps sorted together when grouping by length (as HF's LengthGroupedSampler)
 
 
-def epoch_order(lengths: list[int], step_size: int, seed: int, epoch: int, group_by_length: bool) -> list[int]:
-    """A permutation of example indices for one epoch."""
+def epoch_steps(lengths: list[int], step_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """One epoch as a list of steps (example indices); only the epoch's last step may be short."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(lengths), generator=g).tolist()
     if not group_by_length:
-        return order
+        return [order[j : j + step_size] for j in range(0, len(order), step_size)]
     mega = step_size * MEGABATCH_STEPS
-    grouped = []
+    steps = []
     for start in range(0, len(order), mega):
         chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
-        steps = [chunk[j : j + step_size] for j in range(0, len(chunk), step_size)]
-        # Shuffle the steps of the megabatch so lengths do not fall monotonically through the epoch.
-        perm = torch.randperm(len(steps), generator=g).tolist()
-        grouped += [i for p in perm for i in steps[p]]
-    return grouped
+        sorted_steps = [chunk[j : j + step_size] for j in range(0, len(chunk), step_size)]
+        # Shuffle a megabatch's steps so lengths do not fall monotonically through the epoch.
+        steps += [sorted_steps[p] for p in torch.randperm(len(sorted_steps), generator=g).tolist()]
+    return steps
 
 
 def plan_epoch(
@@ -38,18 +37,15 @@ def plan_epoch(
 ) -> list[list[list[int]]]:  # fmt: skip
     """This rank's optimizer steps for one epoch: steps -> micro-batches -> example indices.
 
-    A step holds batch_size * grad_accum * world_size examples (the last one may hold fewer);
+    A step holds batch_size * grad_accum * world_size examples (one step may hold fewer);
     each rank takes a contiguous share, cut into micro-batches of batch_size.
     """
-    step_size = batch_size * grad_accum * world_size
-    order = epoch_order(lengths, step_size, seed, epoch, group_by_length)
-    steps = []
-    for start in range(0, len(order), step_size):
-        step = order[start : start + step_size]
+    plan = []
+    for step in epoch_steps(lengths, batch_size * grad_accum * world_size, seed, epoch, group_by_length):
         share = -(-len(step) // world_size)
         mine = step[rank * share : (rank + 1) * share]
-        steps.append([mine[j : j + batch_size] for j in range(0, len(mine), batch_size)])
-    return steps
+        plan.append([mine[j : j + batch_size] for j in range(0, len(mine), batch_size)])
+    return plan
 
 
 def rows(data, idx: list[int]) -> list[dict]:
