@@ -44,6 +44,13 @@ def test_inspect_marks_supervised_text_and_takes_overrides_anywhere(run_yaml, ca
     assert "<|im_start|>user\nAdd the numbers." in out  # the prompt is shown, unmarked
 
 
+@pytest.mark.parametrize("name", ["alpaca.jsonl", "sharegpt.json", "messages.jsonl"])
+def test_inspect_a_data_file_directly(name, tmp_cache, capsys, smol_tok):
+    assert main(["data", "inspect", str(FIXTURES / name), "--num", "1", "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert name in out and "[[" in out and "<|im_end|>]]" in out
+
+
 def test_inspect_colour_on_a_terminal(run_yaml, capsys, smol_tok):
     assert main(["data", "inspect", str(run_yaml), "--num", "1", "--color", "always"]) == 0
     out = capsys.readouterr().out

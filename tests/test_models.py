@@ -30,3 +30,18 @@ def test_missing_paths(tmp_path):
         resolve_model_dir(str(tmp_path / "x.gguf"))
     with pytest.raises(ModelError, match="has no config.json"):
         resolve_model_dir(str(tmp_path))
+
+
+def test_a_gguf_file_is_converted_into_a_cache_dir_named_by_its_content(tmp_path, monkeypatch):
+    import sftlab.models as models
+
+    gguf = tmp_path / "My-Model.Q8_0.gguf"
+    gguf.write_bytes(b"GGUF fake")
+    calls = []
+    monkeypatch.setattr(models, "_ensure_converted", lambda src, out: calls.append((src, out)) or out)
+    first = models.resolve_model_dir(str(gguf))
+    gguf.write_bytes(b"GGUF other")
+    second = models.resolve_model_dir(str(gguf))
+    assert [c[0] for c in calls] == [gguf, gguf]
+    assert calls[0][1].parent == models.cache_root() / "models" and calls[0][1].name.startswith("My-Model.Q8_0-")
+    assert first == str(calls[0][1]) and second != first  # new content, new conversion

@@ -47,14 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="inspect and tokenize datasets").add_subparsers(metavar="ACTION")
     p = data.add_parser("inspect", help="print the length/truncation report and examples with the loss mask")
-    _config_args(p)
+    _config_args(p, data_ok=True)
     p.add_argument("--split", choices=["train", "eval"], default="train")
     p.add_argument("--num", type=int, default=3, help="examples to show")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     p.set_defaults(run=cmd_data_inspect)
 
     p = data.add_parser("tokenize", help="write input_ids/labels as JSONL")
-    _config_args(p)
+    _config_args(p, data_ok=True)
     p.add_argument("--split", choices=["train", "eval"], default="train")
     p.add_argument("--output", required=True, help="FILE.jsonl")
     p.set_defaults(run=cmd_data_tokenize)
@@ -91,17 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="run YAML file")
+def _config_args(p: argparse.ArgumentParser, data_ok: bool = False) -> None:
+    p.add_argument("config", help="run YAML file" + (", or a data file/directory/glob" if data_ok else ""))
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
 
 def _load(args):
-    from sftlab.config import load_config
+    from sftlab.config import DatasetSpec, load_config
     from sftlab.data.dataset import load_split
+    from sftlab.data.formats import SUFFIXES
     from sftlab.models import load_tokenizer
 
-    cfg = load_config(args.config, args.overrides)
+    source = Path(args.config)
+    if source.is_dir() or source.suffix in SUFFIXES or any(c in args.config for c in "*?["):
+        # A data file, directory or glob instead of a run YAML: the default config on that data.
+        cfg = load_config(None, args.overrides)
+        setattr(cfg.data, args.split, [DatasetSpec(path=os.path.abspath(args.config))])
+    else:
+        cfg = load_config(args.config, args.overrides)
     tok = load_tokenizer(cfg.model)
     return cfg, tok, load_split(cfg.data, tok, args.split)
 
