@@ -203,9 +203,9 @@ def test_nonfinite_loss_stops_with_the_step_or_skips(tiny_model_dir, tmp_path, m
     real = loss_mod.loss_sum
     calls = {"n": 0}
 
-    def nan_on_third(model, batch):
+    def nan_on_third(model, batch, *rest):
         calls["n"] += 1
-        value = real(model, batch)
+        value = real(model, batch, *rest)
         return value * float("nan") if calls["n"] == 3 else value
 
     monkeypatch.setattr(loss_mod, "loss_sum", nan_on_third)

@@ -71,6 +71,7 @@ class DataConfig:
     )
     cache: bool = _f(True, help="cache tokenized datasets (keyed by data, tokenizer and settings)")
     eval_split: float = _f(0.0, help="fraction of train held out for eval when data.eval is empty")
+    packing: bool = _f(False, help="pack each micro-batch into rows of max_length, examples isolated")
 
 
 @dataclass
@@ -98,6 +99,9 @@ class TrainConfig:
         "auto", help="auto picks bf16 where the hardware runs it fast (CPU avx512_bf16/AMX, recent GPUs)"
     )
     seed: int = _f(42, help="seed for data order, init and dropout")
+    attention: Literal["auto", "model"] = _f(
+        "auto", help="auto: fused causal kernels, per example when packed; model: the model's own attention"
+    )
     logging_steps: int = _f(1, help="log train metrics every N optimizer steps")
     eval_steps: int = _f(0, help="evaluate every N steps (0: only at the end); needs eval data")
     early_stopping_patience: int = _f(0, help="stop after N evaluations without a better eval loss (0: off)")
@@ -108,13 +112,16 @@ class TrainConfig:
         "error", help="a NaN/inf loss stops the run, or skips that step's update"
     )
     report_to: list[str] = _f(factory=lambda: ["tensorboard"], help="extra loggers: tensorboard, or []")
+    gradient_checkpointing: bool = _f(False, help="recompute activations in backward: less memory, ~30% slower")
+    compile: bool = _f(False, help="torch.compile the model and loss (slow first steps)")
+    loss_chunk_tokens: int = _f(2048, help="supervised tokens per cross-entropy chunk (bounds logits memory)")
 
 
 @dataclass
 class LoraConfig:
     r: int = _f(16, help="adapter rank")
     alpha: float = _f(32.0, help="scaling numerator (scale = alpha / r)")
-    dropout: float = _f(0.05, help="dropout on the adapter input")
+    dropout: float = _f(0.0, help="dropout on the adapter input (0 skips drawing masks: faster)")
     target_modules: list[str] | str = _f("all-linear", help="modules to adapt, or all-linear")
     modules_to_save: list[str] = _f(factory=list, help="modules trained fully and saved with the adapter")
 
@@ -301,6 +308,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (0 <= cfg.train.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]"),
         (cfg.train.logging_steps >= 1, "train.logging_steps must be at least 1"),
+        (cfg.train.loss_chunk_tokens >= 1, "train.loss_chunk_tokens must be at least 1"),
         (not (cfg.train.save_best or cfg.train.early_stopping_patience) or _has_eval(cfg),
          "train.save_best and train.early_stopping_patience need eval data (data.eval or data.eval_split)"),
         (set(cfg.train.report_to) <= {"tensorboard"}, "train.report_to takes only: tensorboard"),

@@ -17,22 +17,36 @@ from sftlab.data.tokenize import IGNORE
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def loss_sum(model, batch: dict[str, torch.Tensor], chunk_tokens: int = 2048) -> torch.Tensor:
     """Sum of cross-entropy over supervised tokens of one micro-batch (fp32 accumulation)."""
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
     targets = labels[keep]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}  # padded: attention_mask; packed: positions
     if _plain_head(model):
         # Run the LM head only where a token is supervised: the (tokens x vocab) logits of the
         # prompt are never computed, which saves most of the head's time and memory in SFT.
-        hidden = model.get_decoder()(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).last_hidden_state
-        logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-    else:
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).logits[:, :-1][keep]
+        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        return chunked_cross_entropy(hidden[:, :-1][keep], model.get_output_embeddings(), targets, chunk_tokens)
+    logits = model(**inputs, use_cache=False).logits[:, :-1][keep]
+    return _cross_entropy_sum(logits, targets)
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Sum of CE(head(hidden), targets), at most `chunk` rows of logits alive at a time.
+
+    Each chunk's logits are freed after its forward and recomputed in backward (activation
+    checkpointing of the head), so peak memory holds one (chunk x vocab) block instead of all of them.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    chunks = list(zip(hidden.split(chunk), targets.split(chunk)))
+    if len(chunks) == 1 or not torch.is_grad_enabled():
+        return sum(_cross_entropy_sum(head(h), t) for h, t in chunks)
+    return sum(checkpoint(lambda h, t: _cross_entropy_sum(head(h), t), h, t, use_reentrant=False) for h, t in chunks)
+
+
+def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if logits.dtype in (torch.float16, torch.bfloat16):  # softmax over a large vocab needs fp32
         logits = logits.float()
     return F.cross_entropy(logits, targets, reduction="sum")
@@ -52,9 +66,10 @@ class SupervisedLoss(torch.nn.Module):
     """The LM and its loss as one module: accelerate's DDP/FSDP wrappers then see the very forward
     that computes the loss (the fast path calls the decoder and head directly, not model.forward)."""
 
-    def __init__(self, lm: torch.nn.Module):
+    def __init__(self, lm: torch.nn.Module, chunk_tokens: int = 2048):
         super().__init__()
         self.lm = lm
+        self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids, attention_mask, labels) -> torch.Tensor:
-        return loss_sum(self.lm, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+    def forward(self, **batch) -> torch.Tensor:
+        return loss_sum(self.lm, batch, self.chunk_tokens)

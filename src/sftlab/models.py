@@ -209,6 +209,24 @@ def load_model(cfg: ModelConfig):
     return from_pretrained(AutoModelForCausalLM, cfg, dtype=torch.float32)
 
 
+def prepare_for_training(lm, train_cfg, lora_cfg, precision: str):
+    """Frozen base weights are stored in the compute dtype (no cast in every op, half the memory);
+    whatever trains keeps fp32 master weights. Full fine-tunes keep fp32 weights under autocast."""
+    import torch
+
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if train_cfg.method == "lora":
+        if half is not None:
+            lm.to(half)
+        lm = attach_lora(lm, lora_cfg)
+        for p in lm.parameters():
+            if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):  # e.g. peft's modules_to_save
+                p.data = p.data.float()
+    if train_cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return lm
+
+
 def attach_lora(model, lora_cfg):
     """Wrap the model with a LoRA adapter through peft; only adapter (and modules_to_save) train."""
     from peft import LoraConfig, get_peft_model

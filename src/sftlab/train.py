@@ -17,13 +17,14 @@ import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from sftlab import checkpoint
+from sftlab import attention, checkpoint
 from sftlab.config import Config
-from sftlab.data.batching import collate, plan_epoch, rows, supervised_count
+from sftlab.data.batching import collate, collate_packed, plan_epoch, rows, supervised_count
 from sftlab.errors import SftlabError
 from sftlab.loss import SupervisedLoss
 from sftlab.tracking import MetricsLog, plot_curves
@@ -74,6 +75,7 @@ class Run:
     total_steps: int
     precision: str
     params: tuple[int, int]
+    collate: object  # rows -> model inputs (padded, or packed when data.packing)
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print) -> dict:
@@ -101,7 +103,7 @@ def setup(cfg: Config, out: Path, say) -> Run:
     from sftlab.data.dataset import load_train_eval
     from sftlab.data.inspect import print_report
     from sftlab.data.templates import ChatTemplate
-    from sftlab.models import attach_lora, count_parameters, load_model, load_tokenizer, resolve_precision
+    from sftlab.models import count_parameters, load_model, load_tokenizer, prepare_for_training, resolve_precision
     from sftlab.optim import build_optimizer, build_scheduler
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use, not the host's
@@ -120,8 +122,8 @@ def setup(cfg: Config, out: Path, say) -> Run:
             {k: [r.to_dict() for r in v] for k, v in reports.items()}, ensure_ascii=False, indent=1))
         _print_reports(print_report, reports)
     lm = load_model(cfg.model)
-    if cfg.train.method == "lora":
-        lm = attach_lora(lm, cfg.lora)
+    fused = cfg.train.attention == "auto" and attention.use_for_training(lm)
+    lm = prepare_for_training(lm, cfg.train, cfg.lora, precision)
     lm.config.use_cache = False
     params = count_parameters(lm)
     optimizer = build_optimizer(lm, cfg.train)
@@ -129,13 +131,20 @@ def setup(cfg: Config, out: Path, say) -> Run:
                                      cfg.train.grad_accum, cfg.train.seed, 0, False, accelerator.num_processes))
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.epochs * steps_per_epoch)
     scheduler = build_scheduler(optimizer, cfg.train, total)
-    model, optimizer = accelerator.prepare(SupervisedLoss(lm), optimizer)  # scheduler stepped by hand, once a step
+    model = SupervisedLoss(lm, cfg.train.loss_chunk_tokens)
+    if cfg.train.compile:
+        model = torch.compile(model, dynamic=True)  # shapes change every batch: one dynamic graph
+    model, optimizer = accelerator.prepare(model, optimizer)  # scheduler stepped by hand, once a step
     say(f"{cfg.train.method}: {params[0]:,} trainable of {params[1]:,} parameters "
-        f"({100 * params[0] / params[1]:.2f}%); precision {precision}; {len(train_data)} train examples, "
+        f"({100 * params[0] / params[1]:.2f}%); precision {precision}; attention "
+        f"{attention.NAME if fused else lm.config._attn_implementation}; {len(train_data)} train examples, "
         f"{total} steps of {cfg.train.batch_size}x{cfg.train.grad_accum}x{accelerator.num_processes}")  # fmt: skip
     template = ChatTemplate(tokenizer, cfg.data.template).source
+    pad = tokenizer.pad_token_id
+    batcher = partial(collate_packed, max_length=cfg.data.max_length, pad_id=pad) if cfg.data.packing \
+        else partial(collate, pad_id=pad)  # fmt: skip
     return Run(cfg, out, accelerator, tokenizer, template, train_data, eval_data, model, lm,
-               optimizer, scheduler, steps_per_epoch, total, precision, params)  # fmt: skip
+               optimizer, scheduler, steps_per_epoch, total, precision, params, batcher)  # fmt: skip
 
 
 def loop(run: Run, state: RunState, log: MetricsLog, say) -> str:
@@ -172,7 +181,8 @@ def loop(run: Run, state: RunState, log: MetricsLog, say) -> str:
 def train_step(run: Run, micro_batches: list[list[int]], state: RunState) -> dict:
     """One optimizer step: sum the token losses of all micro-batches, divide once by their tokens."""
     cfg, acc, model = run.cfg.train, run.accelerator, run.model
-    batches = [collate(rows(run.train_data, idx), run.tokenizer.pad_token_id) for idx in micro_batches]
+    micro = [rows(run.train_data, idx) for idx in micro_batches]
+    batches = [run.collate(r) for r in micro]
     local = torch.tensor([sum(supervised_count(b) for b in batches)], device=acc.device)
     n_step = int(acc.reduce(local, "sum").item())  # supervised tokens in the step, all ranks
     scale = acc.num_processes / max(n_step, 1)  # DDP averages gradients over ranks; undo that
@@ -180,7 +190,7 @@ def train_step(run: Run, micro_batches: list[list[int]], state: RunState) -> dic
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1
         with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
-            loss = model(**{k: v.to(acc.device) for k, v in batch.items()})
+            loss = model(**_to(batch, acc.device))
         acc.backward(loss * scale)
         loss_total += loss.detach().double()
     step_loss = acc.reduce(loss_total, "sum").item() / max(n_step, 1)
@@ -199,12 +209,16 @@ def train_step(run: Run, micro_batches: list[list[int]], state: RunState) -> dic
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     state.skipped_steps += skipped
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    tokens = sum(len(x["input_ids"]) for r in micro for x in r)
     state.tokens += int(acc.reduce(torch.tensor([tokens], device=acc.device), "sum").item())
     state.supervised_tokens += n_step
     record = {"step": state.step + 1, "loss": step_loss, "learning_rate": lr, "grad_norm": grad_norm,
               "tokens": state.tokens, "supervised_tokens": n_step}  # fmt: skip
     return record | ({"skipped": True} if skipped else {})
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def after_step(run: Run, state: RunState, record: dict, log: MetricsLog, stop_requested: bool) -> str | None:
@@ -287,8 +301,7 @@ def finish(run: Run, state: RunState, outcome: str, say) -> dict:
 
 def save_model(run: Run) -> None:
     """The final model: a PEFT adapter or a full model, with the tokenizer and the training template."""
-    lm = run.accelerator.unwrap_model(run.model).lm
-    lm.save_pretrained(run.out, safe_serialization=True)
+    run.lm.save_pretrained(run.out, safe_serialization=True)
     run.tokenizer.chat_template = run.template_source  # inference renders exactly as training did
     run.tokenizer.save_pretrained(run.out)
 

@@ -68,6 +68,48 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def collate_packed(rows: list[dict], max_length: int, pad_id: int) -> dict:
+    """Best-fit-decreasing pack of the rows into bins of at most max_length tokens, without padding
+    inside a bin. Each example restarts its position ids and is its own attention segment; the
+    label of its first token is dropped, so no example learns to predict the next one."""
+    bins: list[list[dict]] = []
+    room: list[int] = []
+    for r in sorted(rows, key=lambda r: -len(r["input_ids"])):
+        n = len(r["input_ids"])
+        fits = [i for i, free in enumerate(room) if free >= n]
+        if fits:
+            best = min(fits, key=lambda i: room[i])
+            bins[best].append(r)
+            room[best] -= n
+        else:
+            bins.append([r])
+            room.append(max(max_length, n) - n)
+    width = max(sum(len(r["input_ids"]) for r in b) for b in bins)
+    ids, labels, positions, bounds = [], [], [], [0]
+    for b in bins:
+        row_ids, row_labels, row_pos = [], [], []
+        for r in b:
+            row_ids += r["input_ids"]
+            row_labels += [IGNORE] + list(r["labels"][1:])
+            row_pos += range(len(r["input_ids"]))
+            bounds.append(bounds[-1] + len(r["input_ids"]))
+        pad = width - len(row_ids)
+        if pad:  # the tail of a bin is one more segment that attends only to itself and carries no loss
+            row_ids += [pad_id] * pad
+            row_labels += [IGNORE] * pad
+            row_pos += range(pad)
+            bounds.append(bounds[-1] + pad)
+        ids.append(row_ids)
+        labels.append(row_labels)
+        positions.append(row_pos)
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    return {
+        "input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions),
+        "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths),
+    }  # fmt: skip
+
+
 def supervised_count(batch: dict[str, torch.Tensor]) -> int:
     """Tokens that carry loss after the causal shift (a row's first label predicts nothing)."""
     return int((batch["labels"][:, 1:] != IGNORE).sum())

@@ -1,0 +1,114 @@
+"""Packing (GUIDE rule 4), attention kernels, chunked loss, precision preparation."""
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+
+from sftlab import attention
+from sftlab.data.batching import collate, collate_packed
+from sftlab.loss import chunked_cross_entropy, loss_sum
+from sftlab.tracking import read_metrics
+from sftlab.train import train
+
+ROWS = [{"input_ids": [1, 5, 9, 13, 2, 7, 8], "labels": [-100, -100, 9, 13, 2, -100, 8]},
+        {"input_ids": [1, 4, 2], "labels": [-100, 4, 2]},
+        {"input_ids": [3, 3, 3, 3], "labels": [3, 3, 3, 3]},
+        {"input_ids": [6, 1, 5], "labels": [-100, 1, 5]}]
+
+
+def tiny(tiny_model_dir, fused):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    if fused:
+        assert attention.use_for_training(model)
+    return model
+
+
+def test_packed_layout():
+    b = collate_packed(ROWS, max_length=8, pad_id=0)
+    assert b["input_ids"].shape[1] <= 8  # best-fit-decreasing bins never exceed max_length
+    segments = b["cu_seq_lens_q"].diff().tolist()
+    assert sum(segments) == b["input_ids"].numel()
+    real = sorted(segments)
+    for n in (7, 4, 3, 3):
+        real.remove(n)  # every example is one segment; what remains are the bins' padded tails
+    assert sum(real) == b["input_ids"].numel() - 17
+    for row_pos, row_labels in zip(b["position_ids"].tolist(), b["labels"].tolist()):
+        for i, p in enumerate(row_pos):
+            if p == 0:
+                assert row_labels[i] == -100  # no example learns to predict the next one's first token
+    assert (b["labels"][:, 1:] != -100).sum() == (collate(ROWS, 0)["labels"][:, 1:] != -100).sum()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["per-example-sdpa", "block-diagonal-mask"])
+def test_packed_loss_equals_padded_loss_and_examples_are_isolated(tiny_model_dir, fused):
+    model = tiny(tiny_model_dir, fused)
+    with torch.no_grad():
+        padded = loss_sum(model, collate(ROWS, 0)).item()
+        packed_batch = collate_packed(ROWS, max_length=8, pad_id=0)
+        packed = loss_sum(model, packed_batch).item()
+        # Control: the same packed row without segment boundaries lets examples see each other.
+        leaky = {k: packed_batch[k] for k in ("input_ids", "labels")}
+        leaky["position_ids"] = torch.arange(leaky["input_ids"].shape[1]).expand_as(leaky["input_ids"])
+        leak = loss_sum(model, leaky).item()
+    assert packed == pytest.approx(padded, rel=1e-12)
+    assert abs(leak - padded) / padded > 1e-5  # 10^7 times the tolerance above
+
+
+def test_fused_causal_attention_equals_the_models_masked_attention_on_padded_batches(tiny_model_dir):
+    with torch.no_grad():
+        ours = loss_sum(tiny(tiny_model_dir, True), collate(ROWS, 0)).item()
+        theirs = loss_sum(tiny(tiny_model_dir, False), collate(ROWS, 0)).item()
+    assert ours == pytest.approx(theirs, rel=1e-12)
+
+
+def test_packed_training_equals_unpacked_training(tiny_model_dir, tmp_path):
+    runs = {}
+    for name, extra in {"padded": [], "packed": ["data.packing=true"],
+                        "packed-model-attention": ["data.packing=true", "train.attention=model"]}.items():
+        out = tmp_path / name
+        train(tiny_config(tiny_model_dir, out, "train.method=full", *extra), say=lambda *a: None)
+        runs[name] = ([m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m],
+                      load_file(out / "model.safetensors"))
+    for name in ("packed", "packed-model-attention"):
+        assert runs[name][0] == pytest.approx(runs["padded"][0], rel=1e-5)
+        a, b = runs[name][1], runs["padded"][1]
+        diff = sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5
+        assert diff / sum(float(w.norm() ** 2) for w in a.values()) ** 0.5 < 1e-5
+
+
+def test_chunked_cross_entropy_equals_the_plain_one():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=False)
+    hidden = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (50,))
+    results = []
+    for chunk in (1000, 7):
+        hidden.grad, head.weight.grad = None, None
+        loss = chunked_cross_entropy(hidden, head, targets, chunk)
+        loss.backward()
+        results.append((loss.item(), hidden.grad.clone(), head.weight.grad.clone()))
+    (l1, h1, w1), (l2, h2, w2) = results
+    assert l1 == pytest.approx(l2, rel=1e-6)
+    assert torch.allclose(h1, h2, atol=1e-6) and torch.allclose(w1, w2, atol=1e-6)
+
+
+def test_lora_in_bf16_keeps_frozen_weights_in_bf16_and_trainable_in_fp32(tiny_model_dir):
+    from sftlab.config import LoraConfig, TrainConfig
+    from sftlab.models import prepare_for_training
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lm = prepare_for_training(lm, TrainConfig(method="lora"), LoraConfig(modules_to_save=["lm_head"]), "bf16")
+    dtypes = {(p.requires_grad, p.dtype) for p in lm.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+
+
+def test_gradient_checkpointing_gives_the_same_run(tiny_model_dir, tmp_path):
+    losses = []
+    for name, extra in (("plain", []), ("ckpt", ["train.gradient_checkpointing=true"])):
+        train(tiny_config(tiny_model_dir, tmp_path / name, *extra), say=lambda *a: None)
+        losses.append([m["loss"] for m in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in m])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
