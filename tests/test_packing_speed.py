@@ -112,3 +112,27 @@ def test_gradient_checkpointing_gives_the_same_run(tiny_model_dir, tmp_path):
         train(tiny_config(tiny_model_dir, tmp_path / name, *extra), say=lambda *a: None)
         losses.append([m["loss"] for m in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in m])
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_gradient_checkpointing_keeps_fewer_activations(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from sftlab.config import LoraConfig, TrainConfig
+    from sftlab.models import prepare_for_training
+
+    rows = [{"input_ids": [1, 5, 9, 13, 2] * 100, "labels": [-100] * 499 + [2]}] * 8
+    saved = {}
+    for on in (False, True):
+        lm = prepare_for_training(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                  TrainConfig(method="lora", gradient_checkpointing=on), LoraConfig(), "fp32")
+        lm.train()
+        total = [0]
+
+        def pack(t, total=total):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss_sum(lm, collate(rows, 0))
+        saved[on] = total[0]
+    assert saved[True] < 0.5 * saved[False]

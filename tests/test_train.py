@@ -56,7 +56,7 @@ def test_invariance_is_exact_up_to_rounding(tiny_model_dir, tmp_path, method, mo
     import sftlab.models as models
 
     real = models.load_model
-    monkeypatch.setattr(models, "load_model", lambda cfg: real(cfg).double())
+    monkeypatch.setattr(models, "load_model", lambda cfg, dtype=None: real(cfg).double())
     la, lb, wa, wb = invariance_runs(tiny_model_dir, tmp_path, method)
     assert la == pytest.approx(lb, rel=1e-12)
     init = load_file(tiny_model_dir / "model.safetensors")
@@ -84,6 +84,20 @@ def test_invariance_is_not_trivial(tiny_model_dir, tmp_path):
     exact = sum(sums) / sum(counts)
     mean_of_means = sum(s / c for s, c in zip(sums, counts)) / len(counts)
     assert abs(exact - mean_of_means) / exact > 1e-4  # 10x the invariance tolerance: the test would catch it
+
+
+def test_training_runs_in_train_mode_so_dropout_is_live(tiny_model_dir, tmp_path, monkeypatch):
+    modes = []
+    real_step = train_mod.train_step
+    monkeypatch.setattr(train_mod, "train_step", lambda run, mb, st: (modes.append(run.lm.training), real_step(run, mb, st))[1])
+    runs = []
+    for dropout in (0.0, 0.3):  # same seed and init: only live dropout can make the losses differ
+        out = tmp_path / f"d{dropout}"
+        train(tiny_config(tiny_model_dir, out, f"lora.dropout={dropout}", "train.max_steps=3"), **QUIET)
+        runs.append(losses(out))
+    assert all(modes)
+    assert runs[0][0] == runs[1][0]  # step 1: LoRA B is still zero, so dropout cannot matter yet
+    assert runs[0][2] != runs[1][2]
 
 
 def test_resume_after_interrupt_reproduces_the_run(tiny_model_dir, tmp_path, monkeypatch):

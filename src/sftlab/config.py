@@ -113,8 +113,7 @@ class TrainConfig:
     )
     report_to: list[str] = _f(factory=lambda: ["tensorboard"], help="extra loggers: tensorboard, or []")
     gradient_checkpointing: bool = _f(False, help="recompute activations in backward: less memory, ~30% slower")
-    compile: bool = _f(False, help="torch.compile the model and loss (slow first steps)")
-    loss_chunk_tokens: int = _f(2048, help="supervised tokens per cross-entropy chunk (bounds logits memory)")
+    loss_chunk_tokens: int = _f(512, help="supervised tokens per cross-entropy chunk (bounds logits memory)")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from sftlab.data.tokenize import IGNORE
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor], chunk_tokens: int = 2048) -> torch.Tensor:
+def loss_sum(model, batch: dict[str, torch.Tensor], chunk_tokens: int = 512) -> torch.Tensor:
     """Sum of cross-entropy over supervised tokens of one micro-batch (fp32 accumulation)."""
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
@@ -66,7 +66,7 @@ class SupervisedLoss(torch.nn.Module):
     """The LM and its loss as one module: accelerate's DDP/FSDP wrappers then see the very forward
     that computes the loss (the fast path calls the decoder and head directly, not model.forward)."""
 
-    def __init__(self, lm: torch.nn.Module, chunk_tokens: int = 2048):
+    def __init__(self, lm: torch.nn.Module, chunk_tokens: int = 512):
         super().__init__()
         self.lm = lm
         self.chunk_tokens = chunk_tokens

@@ -201,12 +201,21 @@ def _cpu_has_fast_bf16() -> bool:
     return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
-def load_model(cfg: ModelConfig):
-    """The base causal LM in fp32 (master weights; autocast provides the fast precision)."""
+def load_model(cfg: ModelConfig, dtype=None):
+    """The base causal LM, in fp32 unless told otherwise (trained weights need fp32 masters)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    return from_pretrained(AutoModelForCausalLM, cfg, dtype=torch.float32)
+    return from_pretrained(AutoModelForCausalLM, cfg, dtype=dtype or torch.float32)
+
+
+def frozen_dtype(method: str, precision: str):
+    """The dtype to load the base in: LoRA's frozen base can live in the compute dtype from the start."""
+    import torch
+
+    if method == "lora":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return torch.float32
 
 
 def prepare_for_training(lm, train_cfg, lora_cfg, precision: str):
@@ -222,9 +231,21 @@ def prepare_for_training(lm, train_cfg, lora_cfg, precision: str):
         for p in lm.parameters():
             if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):  # e.g. peft's modules_to_save
                 p.data = p.data.float()
+        if half is not None:
+            _keep_adapter_inputs_in_compute_dtype(lm)
     if train_cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return lm
+
+
+def _keep_adapter_inputs_in_compute_dtype(lm) -> None:
+    # peft copies every adapter input to the adapter's fp32 dtype; under autocast that copy is pure
+    # overhead (the matmul runs in bf16 anyway), and it is one activation-sized copy per adapted layer.
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in lm.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
 
 
 def attach_lora(model, lora_cfg):

@@ -103,7 +103,8 @@ def setup(cfg: Config, out: Path, say) -> Run:
     from sftlab.data.dataset import load_train_eval
     from sftlab.data.inspect import print_report
     from sftlab.data.templates import ChatTemplate
-    from sftlab.models import count_parameters, load_model, load_tokenizer, prepare_for_training, resolve_precision
+    from sftlab.models import (count_parameters, frozen_dtype, load_model, load_tokenizer, prepare_for_training,
+                               resolve_precision)
     from sftlab.optim import build_optimizer, build_scheduler
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use, not the host's
@@ -121,10 +122,11 @@ def setup(cfg: Config, out: Path, say) -> Run:
         (out / "data_report.json").write_text(json.dumps(
             {k: [r.to_dict() for r in v] for k, v in reports.items()}, ensure_ascii=False, indent=1))
         _print_reports(print_report, reports)
-    lm = load_model(cfg.model)
+    lm = load_model(cfg.model, frozen_dtype(cfg.train.method, precision))
     fused = cfg.train.attention == "auto" and attention.use_for_training(lm)
     lm = prepare_for_training(lm, cfg.train, cfg.lora, precision)
     lm.config.use_cache = False
+    lm.train()  # from_pretrained returns eval mode; do not rely on a wrapper to switch dropout back on
     params = count_parameters(lm)
     optimizer = build_optimizer(lm, cfg.train)
     steps_per_epoch = len(plan_epoch([len(x) for x in train_data["input_ids"]], cfg.train.batch_size,
@@ -132,8 +134,6 @@ def setup(cfg: Config, out: Path, say) -> Run:
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.epochs * steps_per_epoch)
     scheduler = build_scheduler(optimizer, cfg.train, total)
     model = SupervisedLoss(lm, cfg.train.loss_chunk_tokens)
-    if cfg.train.compile:
-        model = torch.compile(model, dynamic=True)  # shapes change every batch: one dynamic graph
     model, optimizer = accelerator.prepare(model, optimizer)  # scheduler stepped by hand, once a step
     say(f"{cfg.train.method}: {params[0]:,} trainable of {params[1]:,} parameters "
         f"({100 * params[0] / params[1]:.2f}%); precision {precision}; attention "

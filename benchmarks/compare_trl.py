@@ -1,0 +1,287 @@
+"""sftlab against TRL's SFTTrainer, side by side, on this machine, in one run.
+
+    pip install -e '.[bench]'          # adds trl
+    python benchmarks/compare_trl.py   # all cases, ~40 min on 2 CPU cores
+    python benchmarks/compare_trl.py --cases lora-short --steps 4   # one case, quick
+
+Every run is a fresh subprocess (so its peak RSS is its own) on the same model (the embedded
+SmolLM2-135M-Instruct), data, max length, effective batch, learning rate, LoRA settings and number
+of optimizer steps; runners alternate order from case to case. Both sides train on the last
+assistant turn (TRL's prompt-completion loss; sftlab `train_on: last`), and both final models are
+scored by the same evaluator (fp32, one example at a time, loss per supervised token).
+
+Throughput counts prompt and response tokens (not padding) per second of optimizer steps (model
+loading and data preparation excluded on both sides). MFU = achieved model FLOP/s over the bf16
+matmul peak measured at the start of the run: per token 6N (full) or 4N (LoRA: no weight grads)
+for the transformer blocks, the same factor times the LM head for supervised tokens only (that is
+all sftlab computes; TRL computes more), plus causal attention 6*L*d*T (full) or 4*L*d*T (LoRA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "data"
+CASES = {  # name: (method, long examples?, batch size, steps, lr)
+    "lora-short": ("lora", False, 8, 8, 2e-4),
+    "full-short": ("full", False, 8, 5, 3e-5),
+    "lora-long": ("lora", True, 4, 3, 2e-4),
+    "full-long": ("full", True, 4, 2, 3e-5),
+}
+RUNNERS = {  # name: (engine, options)
+    "sftlab": ("sftlab", {}),
+    "sftlab-fp32": ("sftlab", {"precision": "fp32"}),
+    "trl-default": ("trl", {"bf16": False, "packing": False}),
+    "trl-bf16": ("trl", {"bf16": True, "packing": False}),
+    "trl-bf16-packing": ("trl", {"bf16": True, "packing": True}),
+}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def build_data(workdir: Path) -> dict[str, Path]:
+    """Messages JSONL files: short (the bundled data) and long (~1,000-token multi-turn chats)."""
+    from sftlab.data.formats import load_conversations
+
+    def convs(path):
+        return [[{"role": m.role, "content": m.content} for m in c.messages if m.role != "system"]
+                for c in load_conversations(str(path)).conversations]  # fmt: skip
+
+    train = convs(DATA / "alpaca_tasks.jsonl") + convs(DATA / "sharegpt_chats.json") + convs(DATA / "messages_zh_identity.jsonl")
+    evals = convs(DATA / "eval.jsonl")
+    long_train = [sum(train[i : i + 14], []) for i in range(0, len(train) - 14, 14)]
+    long_eval = [sum(evals[i : i + 14], []) for i in range(0, len(evals) - 14, 14)]
+    files = {}
+    for name, rows in {"short-train": train, "short-eval": evals, "long-train": long_train, "long-eval": long_eval}.items():
+        files[name] = workdir / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"messages": r}, ensure_ascii=False) + "\n" for r in rows))
+    return files
+
+
+# --------------------------------------------------------------------------- workers (run in subprocesses)
+
+
+def worker(args) -> dict:
+    method, long, batch, steps, lr = CASES[args.case]
+    engine, opts = RUNNERS[args.runner]
+    prefix = "long" if long else "short"
+    train_file, eval_file = Path(args.workdir) / f"{prefix}-train.jsonl", Path(args.workdir) / f"{prefix}-eval.jsonl"
+    max_length = 1024 if long else 512
+    out = Path(args.workdir) / f"{args.case}-{args.runner}"
+    run = (run_sftlab if engine == "sftlab" else run_trl)(method, train_file, max_length, batch, steps, lr, out, opts)
+    run["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # training's peak, before eval
+    run["eval_loss"] = common_eval_loss(run.pop("model"), eval_file, max_length)
+    return run
+
+
+def run_sftlab(method, train_file, max_length, batch, steps, lr, out, opts) -> dict:
+    from sftlab.config import load_config
+    from sftlab.generate import load_for_inference
+    from sftlab.train import train
+
+    cfg = load_config(None, [
+        f"data.train=[{train_file}]", f"data.max_length={max_length}", "data.train_on=last", "data.cache=false",
+        f"train.method={method}", f"train.batch_size={batch}", f"train.max_steps={steps}", f"train.lr={lr}",
+        f"train.output_dir={out}", "train.report_to=[]", "lora.dropout=0.0",
+    ] + [f"train.{k}={v}" for k, v in opts.items()])  # fmt: skip
+    summary = train(cfg, overwrite=True, say=lambda *a: None)
+    return {
+        "tokens": summary["tokens"], "supervised_tokens": summary["supervised_tokens"], "steps": summary["steps"],
+        "train_time_s": summary["train_time_s"], "train_loss": summary["final_train_loss"],
+        "model": _Lazy(lambda: load_for_inference(str(out)).model), "precision": summary["precision"],
+    }  # fmt: skip
+
+
+class _Lazy:
+    """Loads the trained model only when the evaluator asks, after the peak RSS was read."""
+
+    def __init__(self, load):
+        self.load = load
+
+
+def run_trl(method, train_file, max_length, batch, steps, lr, out, opts) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from sftlab.models import resolve_model_dir
+
+    model_dir = resolve_model_dir("smollm2-135m-instruct")
+    rows = [json.loads(line)["messages"] for line in train_file.read_text().splitlines()]
+    dataset = Dataset.from_list([{"prompt": m[:-1], "completion": m[-1:]} for m in rows])
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.total, self.started = 0.0, None
+
+        def on_step_begin(self, *a, **k):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.total += time.perf_counter() - self.started
+
+    clock = StepClock()
+    if opts["packing"]:  # TRL's batch counts packed rows of max_length: keep the tokens per step equal
+        avg = sum(len(json.dumps(r)) for r in rows) / len(rows) / 4.2  # ~chars per token of this data
+        batch = max(1, round(batch * avg / max_length))
+    config = SFTConfig(
+        output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=1, max_steps=steps,
+        learning_rate=lr, lr_scheduler_type="cosine", weight_decay=0.0, max_grad_norm=1.0,
+        logging_steps=1, save_strategy="no", report_to="none", max_length=max_length, bf16=opts["bf16"],
+        packing=opts["packing"], use_cpu=not torch.cuda.is_available(), seed=42, dataloader_num_workers=0,
+        disable_tqdm=True,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                             task_type="CAUSAL_LM") if method == "lora" else None  # fmt: skip
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(model_dir),
+                         peft_config=peft_config, callbacks=[clock])  # fmt: skip
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return {
+        "tokens": int(logs[-1].get("num_tokens", 0)), "supervised_tokens": None, "steps": trainer.state.global_step,
+        "train_time_s": round(clock.total, 1), "train_loss": logs[-1]["loss"], "model": trainer.model,
+        "precision": "bf16" if opts["bf16"] else "fp32",
+    }  # fmt: skip
+
+
+def common_eval_loss(model, eval_file: Path, max_length: int) -> float:
+    """The same evaluator for every runner: fp32, one example at a time, loss per supervised token."""
+    import torch
+
+    from sftlab.config import DataConfig, DatasetSpec
+    from sftlab.data.dataset import load_split
+    from sftlab.models import ModelConfig, load_tokenizer
+
+    tok = load_tokenizer(ModelConfig())
+    data = load_split(DataConfig(eval=[DatasetSpec(path=str(eval_file))], max_length=max_length, train_on="last",
+                                 cache=False), tok, "eval").dataset  # fmt: skip
+    model = (model.load() if isinstance(model, _Lazy) else model).float().eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in data:
+            ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
+            logits = model(input_ids=ids).logits[0, :-1]
+            total += torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").item()
+            count += int((labels[0, 1:] != -100).sum())
+    return total / count
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def matmul_peak() -> dict:
+    """Measured GEMM throughput (GFLOP/s) for fp32 and bf16 on this machine, now."""
+    import torch
+
+    peaks = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        t, n = time.perf_counter(), 10
+        for _ in range(n):
+            a @ b
+        peaks[name] = 2 * 2048**3 * n / (time.perf_counter() - t) / 1e9
+    return peaks
+
+
+def flops_per_token(method: str, avg_len: float, supervised_fraction: float) -> float:
+    from transformers import AutoConfig
+
+    from sftlab.models import resolve_model_dir
+
+    c = AutoConfig.from_pretrained(resolve_model_dir("smollm2-135m-instruct"))
+    d, layers, heads, kv = c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads
+    head_dim = d // heads
+    block = layers * (d * d * 2 + 2 * d * kv * head_dim + 3 * d * c.intermediate_size)  # attn + MLP matrices
+    factor = 6 if method == "full" else 4
+    return factor * block + factor * d * c.vocab_size * supervised_fraction + factor * layers * d * avg_len
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--runners", default="sftlab,trl-default,trl-bf16,trl-bf16-packing")
+    parser.add_argument("--steps", type=int, help="override every case's step count")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--runner", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        if args.steps:
+            CASES[args.case] = CASES[args.case][:3] + (args.steps,) + CASES[args.case][4:]
+        print("RESULT " + json.dumps(worker(args)))
+        return
+    peaks = matmul_peak()
+    print(f"matmul peak on this machine now: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    results = []
+    with tempfile.TemporaryDirectory() as workdir:
+        build_data(Path(workdir))
+        for i, case in enumerate(args.cases.split(",")):
+            runners = args.runners.split(",")
+            for runner in runners if i % 2 == 0 else runners[::-1]:  # alternate who runs first
+                results.append(run_one(case, runner, workdir, args.steps, peaks))
+                print(row_text(results[-1]), flush=True)
+    print()
+    print(markdown(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"peaks": peaks, "results": results}, indent=1))
+
+
+def run_one(case: str, runner: str, workdir: str, steps: int | None, peaks: dict) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--case", case, "--runner", runner, "--workdir", workdir]
+    cmd += ["--steps", str(steps)] if steps else []
+    env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not line:
+        return {"case": case, "runner": runner, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+    r = json.loads(line[-1][7:]) | {"case": case, "runner": runner}
+    r["tokens_per_s"] = r["tokens"] / r["train_time_s"]
+    r["step_s"] = r["train_time_s"] / r["steps"]
+    method, long = CASES[case][0], CASES[case][1]
+    avg_len = 950 if long else 65
+    sup_frac = (r["supervised_tokens"] or 0) / r["tokens"] if r["supervised_tokens"] else 0.15
+    r["mfu_bf16"] = r["tokens_per_s"] * flops_per_token(method, avg_len, sup_frac) / (peaks["bf16"] * 1e9)
+    return r
+
+
+def row_text(r: dict) -> str:
+    if "error" in r:
+        return f"{r['case']:11s} {r['runner']:17s} FAILED: {r['error']}"
+    return (f"{r['case']:11s} {r['runner']:17s} {r['tokens_per_s']:7.1f} tok/s  {r['step_s']:6.2f} s/step  "
+            f"peak {r['peak_rss_mb']:6.0f} MB  train loss {r['train_loss']:.4f}  eval loss {r['eval_loss']:.4f}  "
+            f"MFU {100 * r['mfu_bf16']:.1f}%")  # fmt: skip
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| case | runner | tokens/s | s/step | peak RSS MB | train loss | eval loss | MFU (bf16 peak) | sftlab ÷ this |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    ours = {r["case"]: r for r in results if r["runner"] == "sftlab" and "error" not in r}
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['runner']} | failed: {r['error']} | | | | | | |")
+            continue
+        ratio = ours[r["case"]]["tokens_per_s"] / r["tokens_per_s"] if r["case"] in ours else float("nan")
+        lines.append(f"| {r['case']} | {r['runner']} | {r['tokens_per_s']:.1f} | {r['step_s']:.2f} | {r['peak_rss_mb']:.0f} "
+                     f"| {r['train_loss']:.4f} | {r['eval_loss']:.4f} | {100 * r['mfu_bf16']:.1f}% | {ratio:.2f}x |")  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
