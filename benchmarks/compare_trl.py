@@ -40,6 +40,7 @@ CASES = {  # name: (method, long examples?, batch size, steps, lr)
 RUNNERS = {  # name: (engine, options)
     "sftlab": ("sftlab", {}),
     "sftlab-fp32": ("sftlab", {"precision": "fp32"}),
+    "sftlab-shuffled": ("sftlab", {"group_by_length": "false"}),  # TRL's data order: plain shuffling
     "trl-default": ("trl", {"bf16": False, "packing": False}),
     "trl-bf16": ("trl", {"bf16": True, "packing": False}),
     "trl-bf16-packing": ("trl", {"bf16": True, "packing": True}),

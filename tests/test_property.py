@@ -1,6 +1,7 @@
 """Property (GUIDE rule 1): for random conversations, the supervised tokens decode to exactly the
 assistant contents, each followed by its end-of-turn token, for every template."""
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from helpers import decode, encoder
@@ -27,35 +28,11 @@ def expected(template, tok, conv):
     return "".join(c + tok.eos_token for c in replies)
 
 
-def check(tok, template, conv):
-    enc = encoder(tok, template).encode(conv)
+@pytest.mark.parametrize("template", ["chatml", "auto", "llama2", "alpaca"])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(conv=conversations())
+def test_supervised_tokens_are_exactly_the_replies(smol_tok, template, conv):
+    enc = encoder(smol_tok, template).encode(conv)
     supervised = [t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE]
-    assert decode(tok, supervised) == expected(template, tok, conv)
+    assert decode(smol_tok, supervised) == expected(template, smol_tok, conv)
     assert len(enc.input_ids) == len(enc.labels)
-
-
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-@SETTINGS
-@given(conv=conversations())
-def test_chatml(smol_tok, conv):
-    check(smol_tok, "chatml", conv)
-
-
-@SETTINGS
-@given(conv=conversations())
-def test_auto_tokenizer_template(smol_tok, conv):
-    check(smol_tok, "auto", conv)
-
-
-@SETTINGS
-@given(conv=conversations())
-def test_llama2(smol_tok, conv):
-    check(smol_tok, "llama2", conv)
-
-
-@SETTINGS
-@given(conv=conversations())
-def test_alpaca(smol_tok, conv):
-    check(smol_tok, "alpaca", conv)

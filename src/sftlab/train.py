@@ -71,7 +71,6 @@ class Run:
     lm: torch.nn.Module  # the bare (PEFT) causal LM, for saving
     optimizer: torch.optim.Optimizer
     scheduler: object
-    steps_per_epoch: int
     total_steps: int
     precision: str
     params: tuple[int, int]
@@ -129,8 +128,7 @@ def setup(cfg: Config, out: Path, say) -> Run:
     lm.train()  # from_pretrained returns eval mode; do not rely on a wrapper to switch dropout back on
     params = count_parameters(lm)
     optimizer = build_optimizer(lm, cfg.train)
-    steps_per_epoch = len(plan_epoch([len(x) for x in train_data["input_ids"]], cfg.train.batch_size,
-                                     cfg.train.grad_accum, cfg.train.seed, 0, False, accelerator.num_processes))
+    steps_per_epoch = math.ceil(len(train_data) / (cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes))
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.epochs * steps_per_epoch)
     scheduler = build_scheduler(optimizer, cfg.train, total)
     model = SupervisedLoss(lm, cfg.train.loss_chunk_tokens)
@@ -144,7 +142,7 @@ def setup(cfg: Config, out: Path, say) -> Run:
     batcher = partial(collate_packed, max_length=cfg.data.max_length, pad_id=pad) if cfg.data.packing \
         else partial(collate, pad_id=pad)  # fmt: skip
     return Run(cfg, out, accelerator, tokenizer, template, train_data, eval_data, model, lm,
-               optimizer, scheduler, steps_per_epoch, total, precision, params, batcher)  # fmt: skip
+               optimizer, scheduler, total, precision, params, batcher)  # fmt: skip
 
 
 def loop(run: Run, state: RunState, log: MetricsLog, say) -> str:
