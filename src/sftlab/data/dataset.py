@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from sftlab.data.formats import expand_paths, load_conversations
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.tokenize import DatasetReport, Encoder, encode_dataset
 from sftlab.errors import DataError
+from sftlab.files import atomic_dir, file_digest
 from sftlab.models import cache_root, end_of_turn_ids
 
 CACHE_VERSION = 1  # bump when tokenization logic changes so old caches are not reused
@@ -93,7 +92,7 @@ def _tokenize_spec(spec: DatasetSpec, cfg: DataConfig, tokenizer, template: Chat
 
 
 def cache_key(spec: DatasetSpec, cfg: DataConfig, tokenizer, template_source: str) -> str:
-    files = [(p.name, _digest_file(p)) for p in expand_paths(spec.path)]
+    files = [(p.name, file_digest(p)) for p in expand_paths(spec.path)]
     payload = {
         "version": CACHE_VERSION,
         "files": files,
@@ -114,28 +113,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def _digest_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _cache_dir() -> Path:
     return cache_root() / "tokenized"
 
 
 def _store(target: Path, ds, report: DatasetReport) -> None:
-    """Write to a temp dir, then rename: a crash never leaves a cache entry that looks complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         ds.save_to_disk(str(tmp / "data"))
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=1))
-        tmp.rename(target)
-    except OSError:
-        if not (target / "report.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -11,6 +11,15 @@ from sftlab.data.tokenize import IGNORE, DatasetReport
 OPEN, CLOSE = "[[", "]]"  # marks supervised text when colour is off
 
 
+def report_console(color: str = "auto") -> Console:
+    """A console for reports: `color` auto|always|never; 160 columns when not a terminal (pipes, logs)."""
+    force = {"always": True, "never": False}.get(color)
+    console = Console(force_terminal=force, no_color=color == "never", highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console.width = 160
+    return console
+
+
 def report_table(reports: list[DatasetReport], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for col in ("dataset", "format", "read", "kept", "truncated", "dropped", "tokens",
