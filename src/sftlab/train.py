@@ -28,7 +28,7 @@ from sftlab.data.batching import collate, collate_packed, plan_epoch, rows, supe
 from sftlab.errors import SftlabError
 from sftlab.files import atomic_dir
 from sftlab.loss import SupervisedLoss
-from sftlab.tracking import MetricsLog, plot_curves
+from sftlab.tracking import MetricsLog, plot_curves, read_metrics
 
 # Keys that may change between a run and its resume without changing what was computed so far.
 RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.save_steps", "train.save_total_limit",
@@ -301,8 +301,7 @@ def save_model(run: Run) -> None:
 
 
 def _summary(run: Run, state: RunState, outcome: str) -> dict:
-    metrics = [json.loads(x) for x in (run.out / "metrics.jsonl").read_text().splitlines() if x.strip()] \
-        if (run.out / "metrics.jsonl").is_file() else []  # fmt: skip
+    metrics = read_metrics(run.out / "metrics.jsonl") if (run.out / "metrics.jsonl").is_file() else []
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
     losses = [m["loss"] for m in metrics if "loss" in m]
     t = max(state.train_time, 1e-9)
