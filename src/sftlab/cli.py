@@ -78,6 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="also write {messages, response[, base_response]} JSONL here")
     p.set_defaults(run=cmd_generate)
 
+    p = sub.add_parser("eval", help="loss, generation metrics and benchmark tasks; --compare against the base")
+    p.add_argument("config", help="run directory, or a YAML config (model + data.eval and/or eval.tasks)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (eval.*, data.*)")
+    p.add_argument("--output", help="directory for metrics.json and samples.jsonl (default: the run's eval/)")
+    p.add_argument("--compare", nargs="?", const="base", metavar="BASE",
+                   help="also evaluate BASE (default: the run's base model) and print deltas")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("report", help="one self-contained HTML page: curves, data report, metrics, samples")
+    p.add_argument("run_dir")
+    p.add_argument("--output", help="HTML file (default: RUN_DIR/report.html)")
+    p.set_defaults(run=cmd_report)
+
     p = sub.add_parser("merge", help="fold a LoRA run into a full Hugging Face model")
     p.add_argument("run_dir")
     p.add_argument("--output", required=True, help="directory for the merged model")
@@ -177,6 +190,21 @@ def cmd_generate(args) -> int:
         results.append(result)
     if args.output:
         Path(args.output).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from sftlab.evaluate.runner import run_eval
+
+    run_eval(args.config, args.overrides, args.output, args.compare)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from sftlab.evaluate.report import write_report
+
+    path = write_report(args.run_dir, args.output)
+    print(f"wrote {path}")
     return 0
 
 

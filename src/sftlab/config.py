@@ -125,12 +125,46 @@ class LoraConfig:
     modules_to_save: list[str] = _f(factory=list, help="modules trained fully and saved with the adapter")
 
 
+TaskType = Literal["multiple_choice", "exact_match", "code", "generation"]
+
+
+@dataclass
+class TaskSpec:
+    path: str = _f(help="JSONL task file (layouts: MMLU, GSM8K, HumanEval, or prompt/reference)")
+    type: TaskType = _f(help="multiple_choice | exact_match | code | generation")
+    name: str | None = _f(None, help="label in tables (default: the file name without suffix)")
+    limit: int = _f(0, help="use only the first N items (0: all)")
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).stem
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[TaskSpec] = _f(factory=list, help="benchmark-style task files run by `sftlab eval`")
+    max_examples: int = _f(64, help="eval-data conversations answered for generation metrics (0: all)")
+    max_new_tokens: int = _f(128, help="tokens generated per answer")
+    temperature: float = _f(0.0, help="sampling temperature; 0 is greedy")
+    top_p: float = _f(1.0, help="nucleus sampling mass")
+    num_samples: int = _f(1, help="answers per code problem, for pass@k")
+    pass_k: list[int] = _f(factory=lambda: [1], help="k values reported for code tasks (each <= num_samples)")
+    batch_size: int = _f(8, help="prompts generated (or choices scored) together")
+    seed: int = _f(0, help="seed for sampled generation")
+    semantic: bool = _f(True, help="embedding similarity with the bundled all-MiniLM-L6-v2 encoder")
+    code_timeout: float = _f(10.0, help="seconds a code candidate may run")
+    code_memory_mb: int = _f(1024, help="address-space limit for a code candidate")
+    generate_every: int = _f(0, help="during training: answer a few eval prompts every N steps (0: off)")
+    generate_examples: int = _f(4, help="eval prompts answered at each generate_every step")
+
+
 @dataclass
 class Config:
     model: ModelConfig = _f(factory=ModelConfig)
     data: DataConfig = _f(factory=DataConfig)
     train: TrainConfig = _f(factory=TrainConfig)
     lora: LoraConfig = _f(factory=LoraConfig)
+    eval: EvalConfig = _f(factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -160,7 +194,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         apply_override(raw, item)
     cfg = build(Config, raw, "")
     # Absolute paths make the saved config.yaml of a run valid from any directory.
-    for spec in cfg.data.train + cfg.data.eval:
+    for spec in cfg.data.train + cfg.data.eval + cfg.eval.tasks:
         spec.path = os.path.abspath(os.path.expanduser(spec.path))
     validate(cfg)
     return cfg
@@ -186,21 +220,27 @@ def apply_override(raw: dict, item: str) -> None:
 
 def _resolve_data_paths(raw: dict, base: Path) -> None:
     # Paths written in a YAML file are relative to that file, so configs run from any directory.
+    if isinstance(raw.get("eval"), dict):
+        _rebase_list(raw["eval"], ("tasks",), base)
     data = raw.get("data")
     if not isinstance(data, dict):
         return
-    for split in ("train", "eval"):
-        specs = data.get(split)
+    _rebase_list(data, ("train", "eval"), base)
+    tpl = data.get("template")
+    if isinstance(tpl, str) and tpl.endswith((".jinja", ".j2")):
+        data["template"] = _rebase(tpl, base)
+
+
+def _rebase_list(section: dict, keys: tuple[str, ...], base: Path) -> None:
+    for key in keys:
+        specs = section.get(key)
         if isinstance(specs, (str, dict)):
-            specs = data[split] = [specs]
-        for i, spec in enumerate(specs or []):
+            specs = section[key] = [specs]
+        for i, spec in enumerate(specs if isinstance(specs, list) else []):
             if isinstance(spec, str):
                 specs[i] = spec = {"path": spec}
             if isinstance(spec, dict) and isinstance(spec.get("path"), str):
                 spec["path"] = _rebase(spec["path"], base)
-    tpl = data.get("template")
-    if isinstance(tpl, str) and tpl.endswith((".jinja", ".j2")):
-        data["template"] = _rebase(tpl, base)
 
 
 def _rebase(p: str, base: Path) -> str:
@@ -230,8 +270,10 @@ def build(cls: type, raw: Any, where: str) -> Any:
         and f.default is dataclasses.MISSING
         and f.default_factory is dataclasses.MISSING
     ]
-    if cls is DatasetSpec and "path" not in kwargs:
+    if cls in (DatasetSpec, TaskSpec) and "path" not in kwargs:
         missing = ["path"]
+    if cls is TaskSpec and "type" not in kwargs and not missing:
+        missing = ["type"]
     if missing:
         raise ConfigError(f"{where}: missing required key '{missing[0]}'")
     return cls(**kwargs)
@@ -312,6 +354,18 @@ def validate(cfg: Config) -> None:
          "train.save_best and train.early_stopping_patience need eval data (data.eval or data.eval_split)"),
         (set(cfg.train.report_to) <= {"tensorboard"}, "train.report_to takes only: tensorboard"),
         (0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
+        (cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens must be at least 1"),
+        (cfg.eval.temperature >= 0, "eval.temperature must be >= 0 (0 is greedy)"),
+        (0 < cfg.eval.top_p <= 1, "eval.top_p must be in (0, 1]"),
+        (cfg.eval.batch_size >= 1 and cfg.eval.num_samples >= 1, "eval.batch_size and eval.num_samples must be >= 1"),
+        (all(1 <= k <= cfg.eval.num_samples for k in cfg.eval.pass_k),
+         "every eval.pass_k must be between 1 and eval.num_samples (raise eval.num_samples for pass@k > 1)"),
+        (cfg.eval.num_samples == 1 or cfg.eval.temperature > 0,
+         "eval.num_samples > 1 needs eval.temperature > 0 (greedy answers are all the same)"),
+        (cfg.eval.code_timeout > 0 and cfg.eval.code_memory_mb >= 64,
+         "eval.code_timeout must be > 0 and eval.code_memory_mb >= 64"),
+        (cfg.eval.generate_every >= 0 and cfg.eval.generate_examples >= 1,
+         "eval.generate_every must be >= 0 and eval.generate_examples >= 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -320,6 +374,8 @@ def validate(cfg: Config) -> None:
         for i, spec in enumerate(getattr(cfg.data, split)):
             if not spec.path:
                 raise ConfigError(f"data.{split}[{i}].path is empty")
+    if cfg.eval.generate_every and not cfg.data.eval:
+        raise ConfigError("eval.generate_every needs data.eval (conversations whose last assistant turn is the reference)")
 
 
 def _has_eval(cfg: Config) -> bool:

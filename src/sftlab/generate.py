@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,22 +50,82 @@ def _base_of(run_dir: Path) -> str:
     return json.loads((run_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
-@torch.no_grad()
+@dataclass
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature > 0:
+            return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
 def answer(loaded: Loaded, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
            top_p: float = 1.0, seed: int | None = None) -> str:  # fmt: skip
     """One reply to `messages`, rendered with the model's saved chat template (GUIDE rule 2)."""
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+    return generate_answers(loaded.model, loaded.tokenizer, [messages], sampling)[0]
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, conversations: list[list[dict]], sampling: Sampling, batch_size: int = 8,
+                     chat_template: str | None = None, desc: str | None = None) -> list[str]:  # fmt: skip
+    """Replies to many conversations: longest prompts batched together, left-padded, stopped at end-of-turn.
+
+    `chat_template` overrides the tokenizer's (the training loop passes the template it trains with).
+    """
+    from tqdm.auto import tqdm
+
     from sftlab.models import end_of_turn_ids
 
-    tok = loaded.tokenizer
-    inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    if seed is not None:
-        torch.manual_seed(seed)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    out = loaded.model.generate(
-        **inputs, max_new_tokens=max_new_tokens, eos_token_id=sorted(end_of_turn_ids(tok)),
-        pad_token_id=tok.pad_token_id, **sampling,
-    )  # fmt: skip
-    return tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    prompts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                             chat_template=chat_template) for m in conversations]  # fmt: skip
+    prompts = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    device = next(model.parameters()).device
+    answers: list[str] = [""] * len(prompts)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    with inference_mode(model):
+        for idx in tqdm(batches, desc=desc, disable=desc is None, unit="batch", leave=False):
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(prompts[i])) + prompts[i] for i in idx])
+            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=sampling.max_new_tokens, eos_token_id=sorted(end_of_turn_ids(tokenizer)),
+                                 pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs())  # fmt: skip
+            for row, i in enumerate(idx):
+                answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+    return answers
+
+
+@contextlib.contextmanager
+def inference_mode(model):
+    """Eval mode, KV cache on and the model's own (mask-aware) attention while generating; restored after.
+
+    Training may run a causal kernel that assumes right padding and whole sequences (sftlab.attention);
+    generation has left padding and one query token against a cache, which needs the masked path.
+    """
+    config = model.config
+    was_training, use_cache, impl = model.training, config.use_cache, config._attn_implementation
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from sftlab import attention
+
+    try:
+        model.eval()
+        config.use_cache = True
+        if impl == attention.NAME:
+            base.set_attn_implementation("sdpa")
+        yield
+    finally:
+        if impl == attention.NAME:
+            base.set_attn_implementation(impl)
+        config.use_cache = use_cache
+        model.train(was_training)
 
 
 def read_prompts(path: str) -> list[list[dict]]:

@@ -34,6 +34,7 @@ from sftlab.tracking import MetricsLog, plot_curves, read_metrics
 RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.save_steps", "train.save_total_limit",
                      "train.eval_steps", "train.logging_steps", "train.report_to",
                      "train.early_stopping_patience"}  # fmt: skip
+RESUMABLE_PREFIXES = ("eval.",)  # evaluation settings never change the weights (in-run generation is greedy)
 RUN_FILES = ("checkpoints", "tensorboard", "best", "metrics.jsonl", "summary.json", "loss.png")
 
 
@@ -351,7 +352,8 @@ def _check_resumable(ckpt: Path, cfg: Config) -> None:
     import yaml
 
     saved, now = _flatten(yaml.safe_load((ckpt / "config.yaml").read_text())), _flatten(cfg.to_dict())
-    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k)
+                     and k not in RESUMABLE_CHANGES and not k.startswith(RESUMABLE_PREFIXES))
     if changed:
         raise TrainError(f"--resume: the config differs from the checkpoint's in {', '.join(changed)}; "
                          "resuming would not continue the same run. Restore those keys or start a new run.")  # fmt: skip

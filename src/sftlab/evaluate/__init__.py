@@ -1,1 +1,1 @@
-"""Evaluation: loss and perplexity on held-out data (more metrics land with the eval issue)."""
+"""Evaluation: loss and perplexity, generation metrics, benchmark tasks, base-vs-tuned runs and reports."""

