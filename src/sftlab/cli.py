@@ -194,8 +194,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import re
+
     from sftlab.evaluate.runner import run_eval
 
+    if args.compare and re.match(r"^[a-z_]+(\.[a-z_]+)+=", args.compare):  # an override that --compare swallowed
+        args.overrides, args.compare = [args.compare, *args.overrides], "base"
     run_eval(args.config, args.overrides, args.output, args.compare)
     return 0
 

@@ -12,10 +12,11 @@ class MetricsLog:
 
     def __init__(self, output_dir: Path, report_to: list[str], resume_step: int = 0):
         self.path = output_dir / "metrics.jsonl"
-        if resume_step and self.path.is_file():
-            self._truncate_after(resume_step)  # steps logged after the checkpoint will be logged again
-        elif not resume_step:
-            self.path.unlink(missing_ok=True)
+        for path in (self.path, output_dir / "generations.jsonl"):
+            if resume_step and path.is_file():
+                truncate_after(path, resume_step)  # steps logged after the checkpoint will be logged again
+            elif not resume_step:
+                path.unlink(missing_ok=True)
         self.tb = None
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
@@ -35,10 +36,12 @@ class MetricsLog:
         if self.tb is not None:
             self.tb.close()
 
-    def _truncate_after(self, step: int) -> None:
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def truncate_after(path: Path, step: int) -> None:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -35,7 +35,8 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.save_steps", "tra
                      "train.eval_steps", "train.logging_steps", "train.report_to",
                      "train.early_stopping_patience"}  # fmt: skip
 RESUMABLE_PREFIXES = ("eval.",)  # evaluation settings never change the weights (in-run generation is greedy)
-RUN_FILES = ("checkpoints", "tensorboard", "best", "metrics.jsonl", "summary.json", "loss.png")
+RUN_FILES = ("checkpoints", "tensorboard", "best", "metrics.jsonl", "generations.jsonl", "summary.json", "loss.png",
+             "eval", "report.html")
 
 
 class TrainError(SftlabError):
@@ -77,6 +78,7 @@ class Run:
     precision: str
     params: tuple[int, int]
     collate: object  # rows -> model inputs (padded, or packed when data.packing)
+    references: list  # eval prompts answered every eval.generate_every steps (evaluate.tasks.Item)
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print) -> dict:
@@ -142,8 +144,13 @@ def setup(cfg: Config, out: Path, say) -> Run:
     pad = tokenizer.pad_token_id
     batcher = partial(collate_packed, max_length=cfg.data.max_length, pad_id=pad) if cfg.data.packing \
         else partial(collate, pad_id=pad)  # fmt: skip
+    references = []
+    if cfg.eval.generate_every:
+        from sftlab.evaluate.runner import reference_items
+
+        references = reference_items(cfg, cfg.eval.generate_examples)
     return Run(cfg, out, accelerator, tokenizer, template, train_data, eval_data, model, lm,
-               optimizer, scheduler, total, precision, params, batcher)  # fmt: skip
+               optimizer, scheduler, total, precision, params, batcher, references)  # fmt: skip
 
 
 def loop(run: Run, state: RunState, log: MetricsLog, say) -> str:
@@ -231,6 +238,9 @@ def after_step(run: Run, state: RunState, record: dict, log: MetricsLog, stop_re
     if run.eval_data is not None and (last or (cfg.eval_steps and step % cfg.eval_steps == 0)):
         record |= evaluate(run)
         outcome = _track_best(run, state, record["eval_loss"])
+    every = run.cfg.eval.generate_every
+    if run.references and (last or step % every == 0) and run.accelerator.is_main_process:
+        record |= sample_answers(run, step)
     if len(record) > 2 and run.accelerator.is_main_process:
         log.log(record)
     if stop_requested:
@@ -244,6 +254,27 @@ def evaluate(run: Run) -> dict:
     from sftlab.evaluate.loss import eval_loss
 
     return eval_loss(run.model, run.eval_data, run.cfg.train.batch_size, run.tokenizer.pad_token_id, run.accelerator)
+
+
+def sample_answers(run: Run, step: int) -> dict:
+    """Greedy answers to a few eval prompts, scored against their references and kept in generations.jsonl,
+    so format drift and overfitting show up beside the eval loss."""
+    from sftlab.evaluate.metrics import text_metrics
+    from sftlab.generate import Sampling, generate_answers
+
+    rng = torch.get_rng_state()  # greedy decoding draws nothing; keep the run bit-exact regardless
+    with run.accelerator.autocast():
+        answers = generate_answers(run.lm, run.tokenizer, [it.messages for it in run.references],
+                                   Sampling(run.cfg.eval.max_new_tokens), run.cfg.eval.batch_size,
+                                   chat_template=run.template_source)  # fmt: skip
+    torch.set_rng_state(rng)
+    refs = [it.reference for it in run.references]
+    with open(run.out / "generations.jsonl", "a", encoding="utf-8") as f:
+        for item, reply in zip(run.references, answers):
+            row = {"step": step, "prompt": item.messages[-1]["content"], "reference": item.reference, "answer": reply}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    scores = text_metrics(answers, refs)
+    return {f"gen_{k}": round(scores[k], 3) for k in ("bleu", "chrf", "rougeL", "exact_match")}
 
 
 def _track_best(run: Run, state: RunState, loss: float) -> str | None:

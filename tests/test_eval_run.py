@@ -1,0 +1,146 @@
+"""`sftlab eval` and in-training generation on the tiny model."""
+
+import json
+
+import pytest
+import torch
+from conftest import FIXTURES, ROOT, tiny_config, write_jsonl
+
+from sftlab.cli import main
+from sftlab.evaluate import tasks as T
+from sftlab.evaluate.runner import evaluate_model, prepare_inputs
+from sftlab.generate import Sampling, generate_answers, load_for_inference
+from sftlab.tracking import read_metrics
+from sftlab.train import train
+
+EVAL = FIXTURES / "train_small.jsonl"
+QUIET = dict(say=lambda *a, **k: None)
+
+
+def _eval_cfg(tiny_model_dir, tmp_path, *overrides):
+    return tiny_config(tiny_model_dir, tmp_path / "run", f"data.eval=[{EVAL}]", "eval.max_examples=5",
+                       "eval.max_new_tokens=8", "eval.semantic=false", *overrides)  # fmt: skip
+
+
+def test_perplexity_equals_an_independent_computation(tiny_model_dir, tmp_path):
+    cfg = _eval_cfg(tiny_model_dir, tmp_path, "eval.max_examples=1")
+    loaded = load_for_inference(str(tiny_model_dir))
+    inputs = prepare_inputs(cfg, loaded.tokenizer)
+    metrics, _ = evaluate_model(loaded.model, inputs, "model")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in inputs.eval_data:  # plain transformers: mean loss over shifted labels, one example at a time
+            ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
+            n = int((labels[0, 1:] != -100).sum())
+            total += float(loaded.model(input_ids=ids, labels=labels.long()).loss) * n
+            count += n
+    assert metrics["eval/loss"] == pytest.approx(total / count, rel=1e-5)
+    assert metrics["eval/ppl"] == pytest.approx(torch.tensor(total / count).exp().item(), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def lively_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model with larger random weights: greedy decoding then varies instead of repeating one token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    out = tmp_path_factory.mktemp("lively")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(lively_model_dir):
+    loaded = load_for_inference(str(lively_model_dir))
+    convs = [[{"role": "user", "content": c}] for c in ("hi", "a much longer question about rivers and stone", "ok?")]
+    sampling = Sampling(max_new_tokens=12)
+    batched = generate_answers(loaded.model, loaded.tokenizer, convs, sampling, batch_size=3)
+    single = [generate_answers(loaded.model, loaded.tokenizer, [c], sampling, batch_size=1)[0] for c in convs]
+    assert batched == single and len(set(batched)) == 3 and all(batched)
+
+
+def test_choice_logprobs_equal_a_full_forward(tiny_model_dir, tmp_path):
+    loaded, tok = load_for_inference(str(tiny_model_dir)), None
+    tok = loaded.tokenizer
+    path = write_jsonl(tmp_path / "mc.jsonl", [{"question": "Sky colour?", "choices": ["blue", "green sea", "red"], "answer": 0}])
+    items = T.load_task(T.TaskSpec(str(path), "multiple_choice"))
+    scores = T.choice_logprobs(loaded.model, tok, items, batch_size=2)[0]
+    prompt = tok.apply_chat_template(items[0].messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    prompt = list(prompt["input_ids"]) if hasattr(prompt, "keys") else list(prompt)
+    for choice, score in zip(items[0].choices, scores):
+        cont = tok(choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(loaded.model(input_ids=torch.tensor([prompt + cont])).logits[0], -1)
+        expected = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(cont))
+        assert score == pytest.approx(expected, abs=1e-4)
+
+
+def test_eval_cli_compares_with_the_base_and_writes_metrics_and_samples(tiny_model_dir, tmp_path, capsys):
+    cfg = _eval_cfg(tiny_model_dir, tmp_path, "train.method=lora")
+    train(cfg, **QUIET)
+    mc = write_jsonl(tmp_path / "mc.jsonl", [{"question": f"q{i}?", "choices": ["yes", "no"], "answer": i % 2} for i in range(4)])
+    gsm = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "2+2?", "answer": "#### 4"}])
+    run = tmp_path / "run"
+    overrides = [f"eval.tasks=[{{path: {mc}, type: multiple_choice}}, {{path: {gsm}, type: exact_match, name: arith}}]"]
+    assert main(["eval", str(run), "--compare", *overrides]) == 0
+    record = json.loads((run / "eval" / "metrics.json").read_text())
+    tuned, base = record["models"]["model"]["metrics"], record["models"]["base"]["metrics"]
+    assert record["models"]["base"]["source"] == str(tiny_model_dir)
+    for key in ("eval/loss", "eval/ppl", "eval/bleu", "eval/chrf", "eval/rouge1", "eval/rouge2", "eval/rougeL",
+                "eval/exact_match", "mc/accuracy", "mc/accuracy_norm", "arith/exact_match"):
+        assert key in tuned and key in base
+        assert record["delta"][key] == pytest.approx(tuned[key] - base[key])
+    assert tuned["eval/loss"] != base["eval/loss"]  # the adapter changed the model
+    rows = [json.loads(line) for line in (run / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in rows] == ["data.eval"] * 5 + ["mc"] * 4 + ["arith"]
+    assert all("answer" in r and "base_answer" in r and "reference" in r for r in rows)
+    out = capsys.readouterr().out
+    assert "base" in out and "tuned" in out and "eval/loss" in out
+
+
+def test_eval_of_a_config_with_only_model_and_tasks(tiny_model_dir, tmp_path):
+    gsm = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "2+2?", "answer": 4}])
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"model: {{name: {tiny_model_dir}}}\neval:\n  tasks: [{{path: gsm.jsonl, type: exact_match}}]\n"
+                   "  max_new_tokens: 4\n")  # fmt: skip
+    assert main(["eval", str(cfg), "--output", str(tmp_path / "out")]) == 0
+    record = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert list(record["models"]["model"]["metrics"]) == ["gsm/exact_match"]
+
+
+def test_eval_errors_are_clear(tiny_model_dir, tmp_path, capsys):
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"model: {{name: {tiny_model_dir}}}\n")
+    assert main(["eval", str(cfg)]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.yaml").write_text("train: {max_steps: 1}\n")
+    assert main(["eval", str(tmp_path / "half")]) == 2
+    assert "no final model" in capsys.readouterr().err
+
+
+def test_generate_every_logs_answers_and_leaves_training_unchanged(tiny_model_dir, tmp_path):
+    with_gen = _eval_cfg(tiny_model_dir, tmp_path / "a", "eval.generate_every=3", "eval.generate_examples=2")
+    without = _eval_cfg(tiny_model_dir, tmp_path / "b")
+    train(with_gen, **QUIET)
+    train(without, **QUIET)
+    a, b = read_metrics(tmp_path / "a" / "run" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "run" / "metrics.jsonl")
+    assert [m.get("loss") for m in a] == [m.get("loss") for m in b]  # bit-exact: generation draws no randomness
+    assert [m["step"] for m in a if "gen_bleu" in m] == [3, 6]
+    assert all({"gen_chrf", "gen_rougeL", "gen_exact_match"} <= set(m) for m in a if "gen_bleu" in m)
+    gens = [json.loads(line) for line in (tmp_path / "a" / "run" / "generations.jsonl").read_text().splitlines()]
+    assert [g["step"] for g in gens] == [3, 3, 6, 6] and all({"prompt", "reference", "answer"} <= set(g) for g in gens)
+
+
+def test_quickstart_yaml_tasks_exist():
+    from sftlab.config import load_config
+
+    cfg = load_config(ROOT / "examples" / "quickstart.yaml")
+    assert [t.type for t in cfg.eval.tasks] == ["multiple_choice", "exact_match", "code"]
+    for spec in cfg.eval.tasks:
+        assert T.load_task(spec)
