@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.setup-stamp
 
-.PHONY: setup quickstart test inspect full
+.PHONY: setup quickstart test inspect full evaluate
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ inspect: setup
 quickstart: setup
 	.venv/bin/sftlab train examples/quickstart.yaml --overwrite
 	.venv/bin/sftlab generate runs/quickstart --base --prompts examples/prompts.jsonl
+
+# After quickstart: base vs tuned on the eval data and the bundled tasks, then one HTML page.
+evaluate: setup
+	.venv/bin/sftlab eval runs/quickstart --compare
+	.venv/bin/sftlab report runs/quickstart
 
 full: setup
 	.venv/bin/sftlab train examples/full.yaml --overwrite

@@ -16,3 +16,14 @@ def test_quickstart_trains_and_the_tuned_model_answers(tmp_path):
     assert summary["final_eval_loss"] < 0.8 * summary["first_eval_loss"]
     tuned = load_for_inference(str(tmp_path / "qs"))
     assert answer(tuned, [{"role": "user", "content": "Convert 7 kilometers to meters."}]) == "7 kilometers is 7,000 meters."
+    # After the quickstart, eval --compare and report show whether the tune helped (fewer prompts here).
+    from sftlab.evaluate.report import write_report
+    from sftlab.evaluate.runner import run_eval
+
+    record = run_eval(str(tmp_path / "qs"), ["eval.max_examples=16", "eval.max_new_tokens=48"], compare="base",
+                      say=lambda *a, **k: None)  # fmt: skip
+    tuned, base = record["models"]["model"]["metrics"], record["models"]["base"]["metrics"]
+    assert tuned["eval/loss"] < base["eval/loss"] and tuned["eval/rougeL"] > base["eval/rougeL"]
+    assert {"mmlu_mini/accuracy", "gsm_mini/exact_match", "humaneval_mini/pass@1"} <= set(tuned)
+    html = write_report(str(tmp_path / "qs")).read_text()
+    assert "humaneval_mini/pass@1" in html and "data:image/png;base64" in html
