@@ -66,3 +66,21 @@ def tiny_config(model_dir, out_dir, *overrides, data=FIXTURES / "train_small.jso
             "data.max_length=128", "data.template=chatml", "train.precision=fp32", "train.report_to=[]",
             "train.batch_size=4", "train.max_steps=6", "train.lr=1e-3", "lora.dropout=0.0"]
     return load_config(None, base + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def lively_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model with larger random weights: greedy decoding then varies instead of repeating one token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    out = tmp_path_factory.mktemp("lively")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out

@@ -38,23 +38,6 @@ def test_perplexity_equals_an_independent_computation(tiny_model_dir, tmp_path):
     assert metrics["eval/ppl"] == pytest.approx(torch.tensor(total / count).exp().item(), rel=1e-5)
 
 
-@pytest.fixture(scope="module")
-def lively_model_dir(tmp_path_factory, tiny_model_dir):
-    """The tiny model with larger random weights: greedy decoding then varies instead of repeating one token."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    out = tmp_path_factory.mktemp("lively")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
 def test_batched_left_padded_generation_equals_one_at_a_time(lively_model_dir):
     loaded = load_for_inference(str(lively_model_dir))
     convs = [[{"role": "user", "content": c}] for c in ("hi", "a much longer question about rivers and stone", "ok?")]

@@ -91,6 +91,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="HTML file (default: RUN_DIR/report.html)")
     p.set_defaults(run=cmd_report)
 
+    p = sub.add_parser("chat", help="talk to a run (or any model) in the terminal, replies streamed")
+    p.add_argument("source", help="run directory, exported model directory, or a model.name")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible API (chat/completions, completions, models)")
+    p.add_argument("source", help="run directory, exported model directory, or a model.name")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]RUN_DIR",
+                   help="another LoRA run on the same base, served as model NAME (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (anything but loopback needs --api-key)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="required bearer key (default: $SFTLAB_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=128, help="waiting requests before 503")
+    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get at shutdown")
+    p.set_defaults(run=cmd_serve)
+
     p = sub.add_parser("merge", help="fold a LoRA run into a full Hugging Face model")
     p.add_argument("run_dir")
     p.add_argument("--output", required=True, help="directory for the merged model")
@@ -209,6 +230,40 @@ def cmd_report(args) -> int:
 
     path = write_report(args.run_dir, args.output)
     print(f"wrote {path}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from sftlab.generate import load_for_inference
+    from sftlab.serve.chat import chat_loop
+
+    loaded = load_for_inference(args.source)
+    chat_loop(loaded, args.system, args.max_new_tokens, args.temperature, args.top_p)
+    return 0
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def cmd_serve(args) -> int:
+    from sftlab.errors import ConfigError
+
+    api_key = args.api_key or os.environ.get("SFTLAB_API_KEY") or None
+    if args.host not in LOOPBACK and not api_key:
+        raise ConfigError(f"--host {args.host} exposes the server beyond this machine: set --api-key KEY "
+                          "(or SFTLAB_API_KEY), or bind 127.0.0.1")  # fmt: skip
+    import uvicorn
+
+    from sftlab.serve.api import Limits, create_app
+    from sftlab.serve.engine import Engine
+    from sftlab.serve.models import load_served
+
+    served = load_served(args.source, args.adapter)
+    engine = Engine(served, max_batch=args.max_batch, max_queue=args.max_queue)
+    app = create_app(engine, Limits(max_tokens=args.max_tokens), api_key, args.grace)
+    print(f"serving {', '.join(served.ids)} on http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if api_key else ''}", flush=True)  # fmt: skip
+    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.grace, log_level="warning")
     return 0
 
 

@@ -1,0 +1,77 @@
+"""What a server serves: one base model, optionally with LoRA adapters selected by model id."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from sftlab.errors import ModelError
+
+
+@dataclass
+class Served:
+    model: object  # a causal LM, or a PeftModel holding every adapter
+    tokenizer: object
+    templates: dict[str, str | None]  # model id -> chat template (None: the tokenizer's)
+    adapters: dict[str, str | None]  # model id -> adapter name (None: the base weights)
+    context_length: int
+    eos_ids: set[int]
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.adapters)
+
+    @contextlib.contextmanager
+    def select(self, model_id: str):
+        """The model with `model_id`'s adapter active (or every adapter off for the base)."""
+        adapter = self.adapters[model_id]
+        if adapter is None and hasattr(self.model, "disable_adapter"):
+            with self.model.disable_adapter():
+                yield self.model
+            return
+        if adapter is not None:
+            self.model.set_adapter(adapter)
+        yield self.model
+
+
+def load_served(source: str, adapters: list[str] = ()) -> Served:
+    """`source` as `sftlab generate` takes it; each of `adapters` is RUN_DIR or NAME=RUN_DIR of a LoRA run."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from sftlab.generate import load_for_inference
+    from sftlab.models import end_of_turn_ids
+
+    loaded = load_for_inference(source)
+    model, tok = loaded.model, loaded.tokenizer
+    ids: dict[str, str | None] = {}
+    templates: dict[str, str | None] = {}
+    if loaded.is_adapter:
+        name = _model_id(source)
+        ids[_model_id(loaded.base_name)] = None
+        ids[name] = "default"  # the adapter PeftModel.from_pretrained loaded
+        templates[name] = tok.chat_template
+    else:
+        ids[loaded.base_name if loaded.base_name != source else _model_id(source)] = None
+    for spec in adapters:
+        name, _, path = spec.rpartition("=")
+        name = name or _model_id(path)
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise ModelError(f"--adapter {spec}: {path} is not a LoRA run (no adapter_config.json)")
+        if name in ids:
+            raise ModelError(f"--adapter {spec}: the model id {name!r} is already served; name it: --adapter NAME={path}")
+        if isinstance(model, PeftModel):
+            model.load_adapter(path, adapter_name=name)
+        else:
+            model = PeftModel.from_pretrained(model, path, adapter_name=name)
+        model.eval()
+        ids[name] = name
+        templates[name] = AutoTokenizer.from_pretrained(path).chat_template
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    return Served(model, tok, templates, ids, int(context), end_of_turn_ids(tok))
+
+
+def _model_id(source: str) -> str:
+    path = Path(source)
+    return path.resolve().name if path.exists() else source
