@@ -232,3 +232,53 @@ def test_chat_cli_through_stdin(lively_model_dir):
                           timeout=180)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("assistant> ") == 2
+
+
+def _collect(engine, prompts_and_delays, max_tokens=24):
+    """Submit requests (each after its delay, in seconds) to a live engine; their greedy texts."""
+    from sftlab.serve.engine import Request
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        requests = []
+        for prompt, delay in prompts_and_delays:
+            await asyncio.sleep(delay)
+            request = Request(prompt, engine.served.ids[0], max_tokens, temperature=0, events=asyncio.Queue(), loop=loop)
+            engine.submit(request)
+            requests.append(request)
+        texts = []
+        for request in requests:
+            text = ""
+            while True:
+                event = await asyncio.wait_for(request.events.get(), 60)
+                if event[0] == "done":
+                    break
+                text += event[2]
+            texts.append(text)
+        return texts
+
+    return asyncio.run(run())
+
+
+def test_continuous_batching_gives_each_request_its_solo_answer(lively_model_dir):
+    """Requests joining a running batch (caches left-padded and joined) decode exactly as they do alone,
+    and as transformers' generate() does."""
+    from sftlab.generate import Sampling, generate_answers, load_for_inference
+    from sftlab.serve.engine import Engine
+    from sftlab.serve.models import load_served
+
+    loaded = load_for_inference(str(lively_model_dir))
+    convs = [[{"role": "user", "content": c}] for c in ("a long first question about rivers", "hi", "stone garden?")]
+    prompts = [list(loaded.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False))
+               for c in convs]  # fmt: skip
+    reference = generate_answers(loaded.model, loaded.tokenizer, convs, Sampling(max_new_tokens=24), batch_size=1)
+    engine = Engine(load_served(str(lively_model_dir)), max_batch=2)
+    try:
+        solo = [_collect(engine, [(p, 0)])[0] for p in prompts]
+        assert engine.joined_rows == 0
+        joined = _collect(engine, [(prompts[0], 0), (prompts[1], 0.05), (prompts[2], 0.1)])  # 3 requests, 2 slots
+    finally:
+        engine.shutdown(5)
+    assert engine.joined_rows >= 2  # the later requests joined a running batch
+    assert solo == joined
+    assert [s.strip() for s in solo] == reference

@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=128, help="waiting requests before 503")
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get at shutdown")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="weights and compute (auto: bf16/fp16 on a GPU, fp32 on CPU where it decodes as fast)")
     p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("merge", help="fold a LoRA run into a full Hugging Face model")
@@ -258,7 +260,7 @@ def cmd_serve(args) -> int:
     from sftlab.serve.engine import Engine
     from sftlab.serve.models import load_served
 
-    served = load_served(args.source, args.adapter)
+    served = load_served(args.source, args.adapter, args.precision)
     engine = Engine(served, max_batch=args.max_batch, max_queue=args.max_queue)
     app = create_app(engine, Limits(max_tokens=args.max_tokens), api_key, args.grace)
     print(f"serving {', '.join(served.ids)} on http://{args.host}:{args.port}/v1"

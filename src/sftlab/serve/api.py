@@ -119,7 +119,7 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
     @app.get("/health")
     async def health():
         state = "shutting_down" if engine.closing else "ok"
-        return {"status": state, "models": served.ids, "queued": engine.pending.qsize(), "running": engine.busy}
+        return {"status": state, "models": served.ids, "queued": engine.queued, "running": engine.busy}
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():

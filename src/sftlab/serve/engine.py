@@ -1,18 +1,20 @@
-"""One worker thread owns the model and serves requests in dynamic batches, streaming tokens back.
+"""One worker thread owns the model and serves requests with continuous batching, streaming tokens back.
 
-Requests wait in a bounded queue; the worker takes every waiting request for one model (the base
-or one LoRA adapter) up to `max_batch` sequences, decodes them together step by step with a KV
-cache (left-padded prompts, per-row sampling, stop strings, max_tokens), and pushes text deltas to
-each request's asyncio queue. A cancelled request (client gone) stops costing anything at the next
-step. Written by hand because transformers' generate() streams only batches of one and takes one
-set of sampling settings per call.
+Requests wait in a bounded queue. The worker decodes a running batch for one model (the base or one
+LoRA adapter) a token at a time with a shared KV cache; between steps it drops finished or
+abandoned sequences from the batch and cache, and admits waiting requests for the same model into
+the free slots (their prompts are prefilled together, then their caches are left-padded to the
+batch's length and joined). Each sequence has its own sampling settings, stop strings and
+max_tokens; text deltas go to its request's asyncio queue. Written by hand because transformers'
+generate() streams only batches of one, takes one set of sampling settings per call and cannot
+admit a request mid-generation.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
+from collections import deque
 import time
 from dataclasses import dataclass, field
 
@@ -82,33 +84,97 @@ class _Row:
         self.request.emit("done", self.index, "length" if reason == "length" else "stop", len(self.ids))
 
 
+class _Batch:
+    """The running sequences of one model: their KV cache, 2-D attention mask and next inputs."""
+
+    def __init__(self, model_id: str):
+        self.model_id = model_id
+        self.rows: list[_Row] = []
+        self.cache = None  # DynamicCache over [rows, heads, length, head_dim]
+        self.mask = torch.zeros(0, 0, dtype=torch.long)  # [rows, length]: 0 for left padding
+        self.next_ids = torch.zeros(0, 1, dtype=torch.long)  # [rows, 1]: the token each row feeds next
+        self.position = torch.zeros(0, 1, dtype=torch.long)  # [rows, 1]: its position
+
+    def join(self, rows: list[_Row], cache, mask, next_ids, position) -> None:
+        """Append prefilled rows, left-padding whichever cache is shorter so both share one length."""
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.next_ids, self.position = rows, cache, mask, next_ids, position
+            return
+        length = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)])
+            mine.values = torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)])
+        self.mask = torch.cat([_left_pad(self.mask, length, dim=1), _left_pad(mask, length, dim=1)])
+        self.rows += rows
+        self.next_ids = torch.cat([self.next_ids, next_ids])
+        self.position = torch.cat([self.position, position])
+
+    def prune(self) -> None:
+        """Drop finished rows from the batch and cache, and cache columns no remaining row attends to."""
+        keep = [i for i, row in enumerate(self.rows) if not row.done]
+        if len(keep) < len(self.rows):
+            index = torch.tensor(keep, dtype=torch.long)
+            self.rows = [self.rows[i] for i in keep]
+            if keep:
+                self.cache.batch_select_indices(index.to(self.cache.layers[0].keys.device))
+            self.mask, self.next_ids, self.position = self.mask[index], self.next_ids[index], self.position[index]
+        if self.rows:
+            unused = int((self.mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
+            if unused:
+                for layer in self.cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+                self.mask = self.mask[:, unused:]
+
+
+def _left_pad(x: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
+    missing = length - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
 class Engine:
-    def __init__(self, served, max_batch: int = 16, max_queue: int = 128, batch_wait_s: float = 0.01):
+    def __init__(self, served, max_batch: int = 16, max_queue: int = 128, batch_wait_s: float = 0.01,
+                 switch_after_s: float = 0.5):  # fmt: skip
         self.served = served  # sftlab.serve.models.Served
-        self.max_batch, self.max_queue, self.batch_wait_s = max_batch, max_queue, batch_wait_s
-        self.pending: queue.Queue[Request] = queue.Queue()
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.batch_wait_s = batch_wait_s  # a moment for concurrent requests to arrive before a new batch starts
+        self.switch_after_s = switch_after_s  # a request for another model waits at most about this long
+        self._pending: deque[tuple[float, Request]] = deque()
+        self._lock = threading.Condition()
         self.closing = False
-        self.busy = 0  # requests in the running batch
+        self.busy = 0  # requests with rows in the running batch
         self.dropped_rows = 0  # sequences stopped early because their client went away
+        self.joined_rows = 0  # sequences admitted into an already running batch
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="sftlab-engine", daemon=True)
         self._thread.start()
 
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
     def submit(self, request: Request) -> None:
-        if self.closing:
-            raise Closing("the server is shutting down")
-        if self.pending.qsize() >= self.max_queue:
-            raise QueueFull(f"{self.pending.qsize()} requests are already waiting (limit {self.max_queue})")
-        self.pending.put(request)
+        with self._lock:
+            if self.closing:
+                raise Closing("the server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are already waiting (limit {self.max_queue})")
+            self._pending.append((time.monotonic(), request))
+            self._lock.notify()
 
     def shutdown(self, grace_s: float = 10.0) -> None:
         """Refuse new work, let queued and running requests finish for up to grace_s, cancel the rest."""
-        self.closing = True
+        with self._lock:
+            self.closing = True
         deadline = time.monotonic() + grace_s
-        while (self.busy or not self.pending.empty()) and time.monotonic() < deadline:
+        while (self.busy or self._pending) and time.monotonic() < deadline:
             time.sleep(0.05)
-        while not self.pending.empty():
-            request = self.pending.get_nowait()
+        with self._lock:
+            left, self._pending = list(self._pending), deque()
+        for _, request in left:
             request.cancelled = True
             request.emit("error", "the server shut down before this request ran")
         self._stop.set()
@@ -118,80 +184,107 @@ class Engine:
 
     def _work(self) -> None:
         torch.set_grad_enabled(False)
+        batch: _Batch | None = None
         while not self._stop.is_set():
-            batch = self._take_batch()
-            if not batch:
-                continue
-            self.busy = len(batch)
             try:
-                self._generate(batch)
+                room = self.max_batch - (len(batch.rows) if batch else 0)
+                new = self._take(batch.model_id if batch else None, room, wait=batch is None)
+                if new:
+                    batch = batch or _Batch(new[0].model)
+                    self._admit(batch, new)
+                if batch is not None and batch.rows:
+                    self._step(batch)
+                if batch is not None:
+                    batch.prune()
+                    if not batch.rows:
+                        batch = None
             except Exception as e:  # one bad batch must not take the server down
-                for request in batch:
+                for request in {id(r.request): r.request for r in (batch.rows if batch else [])}.values():
                     request.emit("error", f"generation failed: {type(e).__name__}: {e}")
-            finally:
-                self.busy = 0
+                batch = None
+            self.busy = len({id(r.request) for r in batch.rows}) if batch else 0
 
-    def _take_batch(self) -> list[Request]:
-        try:
-            first = self.pending.get(timeout=0.1)
-        except queue.Empty:
-            return []
-        batch, rows, later = [first], first.n, []
-        deadline = time.monotonic() + self.batch_wait_s  # a moment for concurrent requests to arrive
-        while rows < self.max_batch:
-            try:
-                request = self.pending.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if request.model == first.model and rows + request.n <= self.max_batch:
-                batch.append(request)
-                rows += request.n
-            else:
-                later.append(request)
-        for request in later:  # other models (or no room) go back, ahead of nothing else
-            self.pending.put(request)
-        return [r for r in batch if not r.cancelled]
+    def _take(self, model_id: str | None, room: int, wait: bool) -> list[Request]:
+        """Waiting requests for `model_id` (any model when None) that fit in `room` rows, oldest first."""
+        with self._lock:
+            if wait and not self._pending:
+                self._lock.wait(timeout=0.1)
+                if not self._pending:
+                    return []
+        if wait:
+            time.sleep(self.batch_wait_s)
+        with self._lock:
+            now = time.monotonic()
+            if model_id is not None and any(now - t > self.switch_after_s and r.model != model_id
+                                            for t, r in self._pending):  # fmt: skip
+                return []  # let the running batch drain so the other model gets its turn
+            taken, kept = [], deque()
+            for t, request in self._pending:
+                if request.cancelled:
+                    continue
+                model_id = model_id or request.model
+                if request.model == model_id and request.n <= room:
+                    taken.append(request)
+                    room -= request.n
+                else:
+                    kept.append((t, request))
+            self._pending = kept
+            self.busy += len(taken)
+        return taken
 
-    def _generate(self, batch: list[Request]) -> None:
+    def _admit(self, batch: _Batch, requests: list[Request]) -> None:
+        """Prefill new requests together (left-padded) and join them to the running batch."""
+        from transformers import DynamicCache
+
         tok = self.served.tokenizer
-        rows = [_Row(r, i) for r in batch for i in range(r.n)]
+        rows = [_Row(r, i) for r in requests for i in range(r.n)]
         prompts = [row.request.prompt_ids for row in rows]
         width = max(map(len, prompts))
-        pad = tok.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         position = (mask.cumsum(-1) - 1).clamp(min=0)
-        stops, past = self.served.eos_ids, None
-        with self.served.select(batch[0].model) as model:
+        cache = DynamicCache()
+        with self.served.select(batch.model_id) as model:
             device = next(model.parameters()).device
-            for step in range(max(r.max_tokens for r in batch)):
-                out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                            position_ids=position.to(device), past_key_values=past, use_cache=True)  # fmt: skip
-                past = out.past_key_values
-                chosen = self._sample(out.logits[:, -1, :].float().cpu(), rows)
-                for row, token in zip(rows, chosen):
-                    if row.done:
-                        continue
-                    if row.request.cancelled:
-                        row.done = True
-                        self.dropped_rows += 1
-                        continue
-                    if token in stops:
-                        row.finish("stop", tok)
-                        continue
-                    row.ids.append(token)
-                    delta, stopped = row.text_delta(tok)
-                    if delta:
-                        row.request.emit("delta", row.index, delta)
-                    if stopped:
-                        row.finish("stop_string", tok)
-                    elif len(row.ids) >= row.request.max_tokens:
-                        row.finish("length", tok)
-                if all(row.done for row in rows):
-                    break
-                ids = torch.tensor([[t if not r.done else pad] for r, t in zip(rows, chosen)])
-                mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=1)
-                position = position[:, -1:] + 1
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position.to(device),
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        chosen = self._accept(rows, out.logits[:, -1, :])
+        self.joined_rows += len(rows) if batch.rows else 0
+        batch.join(rows, out.past_key_values, mask, torch.tensor(chosen).unsqueeze(1), position[:, -1:] + 1)
+
+    def _step(self, batch: _Batch) -> None:
+        """One token for every running row."""
+        batch.mask = torch.cat([batch.mask, torch.ones(len(batch.rows), 1, dtype=batch.mask.dtype)], dim=1)
+        with self.served.select(batch.model_id) as model:
+            device = next(model.parameters()).device
+            out = model(input_ids=batch.next_ids.to(device), attention_mask=batch.mask.to(device),
+                        position_ids=batch.position.to(device), past_key_values=batch.cache, use_cache=True)  # fmt: skip
+        batch.cache = out.past_key_values
+        batch.next_ids = torch.tensor(self._accept(batch.rows, out.logits[:, -1, :])).unsqueeze(1)
+        batch.position = batch.position + 1
+
+    def _accept(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """Sample a token per row, stream it, and mark rows that are finished."""
+        tok, stops = self.served.tokenizer, self.served.eos_ids
+        chosen = self._sample(logits.float().cpu(), rows)
+        for row, token in zip(rows, chosen):
+            if row.done:
+                continue
+            if row.request.cancelled:
+                row.done = True
+                self.dropped_rows += 1
+            elif token in stops:
+                row.finish("stop", tok)
+            else:
+                row.ids.append(token)
+                delta, stopped = row.text_delta(tok)
+                if delta:
+                    row.request.emit("delta", row.index, delta)
+                if stopped:
+                    row.finish("stop_string", tok)
+                elif len(row.ids) >= row.request.max_tokens:
+                    row.finish("length", tok)
+        return [t if not r.done else self.served.tokenizer.pad_token_id for r, t in zip(rows, chosen)]
 
     @staticmethod
     def _sample(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
