@@ -21,10 +21,10 @@ def worker(variant: str, length: int, batch: int, chunk_tokens: int) -> dict:
     import torch
 
     import sftlab.loss as loss_mod
-    from sftlab.config import LoraConfig, ModelConfig, TrainConfig
+    from sftlab.config import ModelConfig, load_config
     from sftlab.models import load_model, prepare_for_training
 
-    lm = prepare_for_training(load_model(ModelConfig()), TrainConfig(method="lora"), LoraConfig(), "bf16")
+    lm = prepare_for_training(load_model(ModelConfig()), load_config(None), "bf16", 1)
     torch.manual_seed(0)
     ids = torch.randint(100, 40000, (batch, length))
     batch_in = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}

@@ -96,12 +96,12 @@ def test_chunked_cross_entropy_equals_the_plain_one():
 
 
 def test_lora_in_bf16_keeps_frozen_weights_in_bf16_and_trainable_in_fp32(tiny_model_dir):
-    from sftlab.config import LoraConfig, TrainConfig
+    from sftlab.config import load_config
     from sftlab.models import prepare_for_training
     from transformers import AutoModelForCausalLM
 
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    lm = prepare_for_training(lm, TrainConfig(method="lora"), LoraConfig(modules_to_save=["lm_head"]), "bf16")
+    lm = prepare_for_training(lm, load_config(None, ["lora.modules_to_save=[lm_head]"]), "bf16", 10)
     dtypes = {(p.requires_grad, p.dtype) for p in lm.parameters()}
     assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
 
@@ -117,14 +117,14 @@ def test_gradient_checkpointing_gives_the_same_run(tiny_model_dir, tmp_path):
 def test_gradient_checkpointing_keeps_fewer_activations(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from sftlab.config import LoraConfig, TrainConfig
+    from sftlab.config import load_config
     from sftlab.models import prepare_for_training
 
     rows = [{"input_ids": [1, 5, 9, 13, 2] * 100, "labels": [-100] * 499 + [2]}] * 8
     saved = {}
     for on in (False, True):
         lm = prepare_for_training(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                  TrainConfig(method="lora", gradient_checkpointing=on), LoraConfig(), "fp32")
+                                  load_config(None, [f"train.gradient_checkpointing={str(on).lower()}"]), "fp32", 10)
         lm.train()
         total = [0]
 

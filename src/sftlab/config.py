@@ -76,7 +76,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    method: Literal["full", "lora"] = _f("lora", help="full fine-tune or LoRA adapter")
+    method: Literal["full", "lora", "qlora", "adalora", "ia3", "prefix", "ptuning", "prompt", "adapter", "freeze"] = _f(
+        "lora", help="full | lora | qlora | adalora | ia3 | prefix | ptuning | prompt | adapter | freeze")
     output_dir: str = _f("runs/default", help="where checkpoints, metrics and the model go")
     epochs: float = _f(1.0, help="passes over the training data (ignored when max_steps > 0)")
     max_steps: int = _f(-1, help="optimizer steps; -1 means use epochs")
@@ -114,6 +115,7 @@ class TrainConfig:
     report_to: list[str] = _f(factory=lambda: ["tensorboard"], help="extra loggers: tensorboard, or []")
     gradient_checkpointing: bool = _f(False, help="recompute activations in backward: less memory, ~30% slower")
     loss_chunk_tokens: int = _f(512, help="supervised tokens per cross-entropy chunk (bounds logits memory)")
+    neftune_alpha: float = _f(0.0, help="NEFTune noise on input embeddings while training (0: off; 5 is usual)")
 
 
 @dataclass
@@ -123,6 +125,26 @@ class LoraConfig:
     dropout: float = _f(0.0, help="dropout on the adapter input (0 skips drawing masks: faster)")
     target_modules: list[str] | str = _f("all-linear", help="modules to adapt, or all-linear")
     modules_to_save: list[str] = _f(factory=list, help="modules trained fully and saved with the adapter")
+    use_dora: bool = _f(False, help="DoRA: weight-decomposed LoRA (magnitude + direction)")
+    use_rslora: bool = _f(False, help="rank-stabilized scaling alpha/sqrt(r) instead of alpha/r")
+    init: Literal["default", "gaussian", "pissa", "olora"] = _f(
+        "default", help="adapter init: default (B=0), gaussian, pissa (principal singular vectors), olora (QR)")
+
+
+@dataclass
+class PeftConfig:
+    num_virtual_tokens: int = _f(20, help="prefix / ptuning / prompt: virtual tokens")
+    prefix_projection: bool = _f(False, help="prefix: reparameterize the prefix through an MLP (P-tuning v2: false)")
+    encoder_hidden_size: int = _f(256, help="prefix projection / ptuning prompt-encoder width")
+    adalora_init_r: int = _f(12, help="adalora: starting rank per matrix")
+    adalora_target_r: int = _f(4, help="adalora: average rank after pruning")
+    adalora_tinit: float = _f(0.1, help="adalora: fraction of steps before pruning starts")
+    adalora_tfinal: float = _f(0.2, help="adalora: fraction of steps at the end with the final budget")
+    adalora_delta_t: int = _f(1, help="adalora: steps between budget reallocations")
+    adalora_orth_reg: float = _f(0.5, help="adalora: orthogonality regularizer weight")
+    adapter_size: int = _f(64, help="adapter: bottleneck width of each Houlsby adapter")
+    freeze_layers: int = _f(2, help="freeze: train only the last N decoder layers")
+    freeze_modules: list[str] = _f(factory=list, help="freeze: also train these modules (e.g. lm_head, norm)")
 
 
 TaskType = Literal["multiple_choice", "exact_match", "code", "generation"]
@@ -164,6 +186,7 @@ class Config:
     data: DataConfig = _f(factory=DataConfig)
     train: TrainConfig = _f(factory=TrainConfig)
     lora: LoraConfig = _f(factory=LoraConfig)
+    peft: PeftConfig = _f(factory=PeftConfig)
     eval: EvalConfig = _f(factory=EvalConfig)
 
     def to_dict(self) -> dict:
@@ -354,6 +377,10 @@ def validate(cfg: Config) -> None:
          "train.save_best and train.early_stopping_patience need eval data (data.eval or data.eval_split)"),
         (set(cfg.train.report_to) <= {"tensorboard"}, "train.report_to takes only: tensorboard"),
         (0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
+        (cfg.train.neftune_alpha >= 0, "train.neftune_alpha must be >= 0"),
+        (cfg.peft.num_virtual_tokens >= 1 and cfg.peft.adapter_size >= 1, "peft sizes must be at least 1"),
+        (not (cfg.data.packing and cfg.train.method in ("prefix", "ptuning", "prompt")),
+         "data.packing does not combine with prefix/ptuning/prompt (virtual tokens would join packed examples)"),
         (cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens must be at least 1"),
         (cfg.eval.temperature >= 0, "eval.temperature must be >= 0 (0 is greedy)"),
         (0 < cfg.eval.top_p <= 1, "eval.top_p must be in (0, 1]"),

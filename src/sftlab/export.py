@@ -26,9 +26,17 @@ def merge(run_dir: str, output: str, atol: float = 1e-4) -> float:
 
     from sftlab.generate import load_for_inference
 
+    from sftlab.methods import is_prompt_learning
+
     loaded = load_for_inference(run_dir)
     if not loaded.is_adapter:
         raise ExportError(f"{run_dir} holds a full model already (no adapter_config.json); nothing to merge")
+    if not hasattr(loaded.model, "merge_and_unload"):
+        raise ExportError(f"{run_dir}: bottleneck adapters add a nonlinearity (up(gelu(down(h)))) that no weight "
+                          "matrix can absorb; they cannot be merged. Serve or generate with the run directory.")  # fmt: skip
+    if is_prompt_learning(loaded.model):
+        raise ExportError(f"{run_dir}: prefix/ptuning/prompt runs add virtual tokens, not weight deltas; they "
+                          "cannot be merged into the base. Use the run directory with generate/chat/eval.")  # fmt: skip
     batch = _check_batch(loaded.tokenizer)
     expected = _logits(loaded.model, batch)  # the adapter applied on the fly, as in training
     merged = loaded.model.merge_and_unload()

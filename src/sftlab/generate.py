@@ -27,7 +27,13 @@ def load_for_inference(source: str) -> Loaded:
 
     from sftlab.models import load_model, load_tokenizer
 
+    from sftlab.methods import ADAPTER_CONFIG, load_bottleneck
+
     path = Path(source)
+    if (path / ADAPTER_CONFIG).is_file():  # bottleneck adapters (train.method=adapter)
+        base_name = _base_of(path)
+        model = load_bottleneck(load_model(ModelConfig(name=base_name)), path)
+        return Loaded(model.eval(), AutoTokenizer.from_pretrained(path), base_name, True)
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -47,6 +53,10 @@ def load_for_inference(source: str) -> Loaded:
 def _base_of(run_dir: Path) -> str:
     if (run_dir / "config.yaml").is_file():  # a run of ours: its config names the base as the user did
         return load_config(run_dir / "config.yaml").model.name
+    from sftlab.methods import ADAPTER_CONFIG
+
+    if (run_dir / ADAPTER_CONFIG).is_file():
+        return json.loads((run_dir / ADAPTER_CONFIG).read_text())["base"]
     return json.loads((run_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 

@@ -28,8 +28,9 @@ def loss_sum(model, batch: dict[str, torch.Tensor], chunk_tokens: int = 512) -> 
         # prompt are never computed, which saves most of the head's time and memory in SFT.
         hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
         return chunked_cross_entropy(hidden[:, :-1][keep], model.get_output_embeddings(), targets, chunk_tokens)
-    logits = model(**inputs, use_cache=False).logits[:, :-1][keep]
-    return _cross_entropy_sum(logits, targets)
+    logits = model(**inputs, use_cache=False).logits
+    logits = logits[:, logits.shape[1] - batch["labels"].shape[1] :]  # prompt tuning prepends virtual positions
+    return _cross_entropy_sum(logits[:, :-1][keep], targets)
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -53,6 +54,10 @@ def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def _plain_head(model) -> bool:
+    from sftlab.methods import is_prompt_learning
+
+    if is_prompt_learning(model):  # virtual tokens enter through peft's own forward
+        return False
     config = getattr(model, "config", None)
     if config is None or any(getattr(config, a, None) not in (None, 1, 1.0) for a in _HEAD_EXTRAS):
         return False

@@ -191,31 +191,49 @@ def load_model(cfg: ModelConfig, dtype=None):
 
 
 def frozen_dtype(method: str, precision: str):
-    """The dtype to load the base in: LoRA's frozen base can live in the compute dtype from the start."""
+    """The dtype to load the base in: a frozen base can live in the compute dtype from the start."""
     import torch
 
-    if method == "lora":
+    from sftlab.methods import FROZEN_BASE
+
+    if method in FROZEN_BASE:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     return torch.float32
 
 
-def prepare_for_training(lm, train_cfg, lora_cfg, precision: str):
-    """Frozen base weights are stored in the compute dtype (no cast in every op, half the memory);
-    whatever trains keeps fp32 master weights. Full fine-tunes keep fp32 weights under autocast."""
+def load_base_for(cfg, precision: str):
+    """The base model as the method needs it: 4-bit NF4 for qlora, else in frozen_dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if cfg.train.method == "qlora":
+        from sftlab.methods import quantization_config
+
+        return from_pretrained(AutoModelForCausalLM, cfg.model, dtype=torch.bfloat16,
+                               quantization_config=quantization_config())  # fmt: skip
+    return load_model(cfg.model, frozen_dtype(cfg.train.method, precision))
+
+
+def prepare_for_training(lm, cfg, precision: str, total_steps: int):
+    """Wrap the base for cfg.train.method. Frozen base weights stay in the compute dtype (no cast in
+    every op, half the memory); whatever trains keeps fp32 master weights."""
     import torch
 
+    from sftlab.methods import FROZEN_BASE, wrap
+
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if train_cfg.method == "lora":
-        if half is not None:
-            lm.to(half)
-        lm = attach_lora(lm, lora_cfg)
-        for p in lm.parameters():
-            if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):  # e.g. peft's modules_to_save
-                p.data = p.data.float()
-        if half is not None:
-            _keep_adapter_inputs_in_compute_dtype(lm)
-    if train_cfg.gradient_checkpointing:
+    if cfg.train.method in FROZEN_BASE and cfg.train.method != "qlora" and half is not None:
+        lm.to(half)  # a no-op when loaded by load_base_for; quantized weights must not be cast
+    lm = wrap(lm, cfg, total_steps)
+    for p in lm.parameters():
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):  # e.g. peft's modules_to_save
+            p.data = p.data.float()
+    if cfg.train.method in FROZEN_BASE and half is not None:
+        _keep_adapter_inputs_in_compute_dtype(lm)
+    if cfg.train.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.train.method in FROZEN_BASE:
+            lm.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     return lm
 
 
@@ -229,21 +247,6 @@ def _keep_adapter_inputs_in_compute_dtype(lm) -> None:
             module.cast_input_dtype_enabled = False
 
 
-def attach_lora(model, lora_cfg):
-    """Wrap the model with a LoRA adapter through peft; only adapter (and modules_to_save) train."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-        target_modules=lora_cfg.target_modules, modules_to_save=lora_cfg.modules_to_save or None,
-        task_type="CAUSAL_LM",
-    )  # fmt: skip
-    try:
-        return get_peft_model(model, config)
-    except ValueError as e:  # peft names the module it could not find
-        raise ModelError(f"lora: {e}") from None
-
-
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total), counting tied weights once."""
     seen, trainable, total = set(), 0, 0
@@ -251,6 +254,7 @@ def count_parameters(model) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        n = p.numel() * (2 if hasattr(p, "quant_state") else 1)  # 4-bit weights pack two values per element
+        total += n
+        trainable += n if p.requires_grad else 0
     return trainable, total

@@ -28,6 +28,7 @@ from sftlab.data.batching import collate, collate_packed, plan_epoch, rows, supe
 from sftlab.errors import SftlabError
 from sftlab.files import atomic_dir
 from sftlab.loss import SupervisedLoss
+from sftlab.methods import adalora_regularizer
 from sftlab.tracking import MetricsLog, plot_curves, read_metrics
 
 # Keys that may change between a run and its resume without changing what was computed so far.
@@ -105,8 +106,8 @@ def setup(cfg: Config, out: Path, say) -> Run:
 
     from sftlab.data.dataset import load_train_eval
     from sftlab.data.templates import ChatTemplate
-    from sftlab.models import (count_parameters, frozen_dtype, load_model, load_tokenizer, prepare_for_training,
-                               resolve_precision)
+    from sftlab.methods import PROMPT_LEARNING, neftune_hook
+    from sftlab.models import count_parameters, load_base_for, load_tokenizer, prepare_for_training, resolve_precision
     from sftlab.optim import build_optimizer, build_scheduler
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use, not the host's
@@ -124,15 +125,18 @@ def setup(cfg: Config, out: Path, say) -> Run:
         (out / "data_report.json").write_text(json.dumps(
             {k: [r.to_dict() for r in v] for k, v in reports.items()}, ensure_ascii=False, indent=1))
         _print_reports(reports)
-    lm = load_model(cfg.model, frozen_dtype(cfg.train.method, precision))
-    fused = cfg.train.attention == "auto" and attention.use_for_training(lm)
-    lm = prepare_for_training(lm, cfg.train, cfg.lora, precision)
-    lm.config.use_cache = False
-    lm.train()  # from_pretrained returns eval mode; do not rely on a wrapper to switch dropout back on
-    params = count_parameters(lm)
-    optimizer = build_optimizer(lm, cfg.train)
     steps_per_epoch = math.ceil(len(train_data) / (cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes))
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.epochs * steps_per_epoch)
+    lm = load_base_for(cfg, precision)
+    # Virtual-token methods run the model's own forward and attention (their keys outnumber the queries).
+    fused = cfg.train.attention == "auto" and cfg.train.method not in PROMPT_LEARNING and attention.use_for_training(lm)
+    lm = prepare_for_training(lm, cfg, precision, total)
+    lm.config.use_cache = False
+    lm.train()  # from_pretrained returns eval mode; do not rely on a wrapper to switch dropout back on
+    if cfg.train.neftune_alpha > 0:
+        lm.get_input_embeddings().register_forward_hook(neftune_hook(cfg.train.neftune_alpha))
+    params = count_parameters(lm)
+    optimizer = build_optimizer(lm, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total)
     model = SupervisedLoss(lm, cfg.train.loss_chunk_tokens)
     model, optimizer = accelerator.prepare(model, optimizer)  # scheduler stepped by hand, once a step
@@ -193,11 +197,15 @@ def train_step(run: Run, micro_batches: list[list[int]], state: RunState) -> dic
     n_step = int(acc.reduce(local, "sum").item())  # supervised tokens in the step, all ranks
     scale = acc.num_processes / max(n_step, 1)  # DDP averages gradients over ranks; undo that
     loss_total = torch.zeros((), dtype=torch.float64, device=acc.device)
+    adalora = cfg.method == "adalora"
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1
         with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
             loss = model(**_to(batch, acc.device))
-        acc.backward(loss * scale)
+            objective = loss * scale
+            if adalora and sync:  # once a step, with the gradient sync: every rank adds the same penalty
+                objective = objective + adalora_regularizer(run.lm)
+        acc.backward(objective)
         loss_total += loss.detach().double()
     step_loss = acc.reduce(loss_total, "sum").item() / max(n_step, 1)
     lr = run.scheduler.get_last_lr()[0]
@@ -212,6 +220,8 @@ def train_step(run: Run, micro_batches: list[list[int]], state: RunState) -> dic
         )
     if not skipped:
         run.optimizer.step()
+    if adalora:  # prune and reallocate ranks on the real step count (peft: after step, before zero_grad)
+        run.lm.base_model.update_and_allocate(state.step + 1)
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     state.skipped_steps += skipped
@@ -326,8 +336,13 @@ def finish(run: Run, state: RunState, outcome: str, say) -> dict:
 
 
 def save_model(run: Run) -> None:
-    """The final model: a PEFT adapter or a full model, with the tokenizer and the training template."""
-    run.lm.save_pretrained(run.out, safe_serialization=True)
+    """The final model (a PEFT adapter, bottleneck adapters or a full model), the tokenizer and the training template."""
+    if run.cfg.train.method == "adapter":
+        from sftlab.methods import save_bottleneck
+
+        save_bottleneck(run.lm, run.out)
+    else:
+        run.lm.save_pretrained(run.out, safe_serialization=True)
     run.tokenizer.chat_template = run.template_source  # inference renders exactly as training did
     run.tokenizer.save_pretrained(run.out)
 

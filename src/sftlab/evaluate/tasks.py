@@ -150,7 +150,8 @@ def choice_logprobs(model, tokenizer, items: list[Item], batch_size: int = 8, ch
         for row, (p, c) in enumerate(chunk):
             ids[row, : len(p) + len(c)] = torch.tensor(p + c)
             mask[row, : len(p) + len(c)] = 1
-        logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logp = torch.log_softmax(logits[:, logits.shape[1] - width :].float(), -1)  # prompt tuning prepends positions
         for row, (p, c) in enumerate(chunk):
             positions = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=device)
             scores.append(float(logp[row, positions, torch.tensor(c, device=device)].sum()))

@@ -46,11 +46,18 @@ def load_served(source: str, adapters: list[str] = (), precision: str = "fp32") 
     from sftlab.generate import load_for_inference
     from sftlab.models import end_of_turn_ids
 
+    from sftlab.methods import is_prompt_learning
+
     loaded = load_for_inference(source)
     model, tok = loaded.model, loaded.tokenizer
+    if is_prompt_learning(model):
+        raise ModelError(f"{source}: prefix/ptuning/prompt runs are not served (their virtual tokens need peft's own "
+                         "generate); use `sftlab chat` or `sftlab generate` with this run")  # fmt: skip
     ids: dict[str, str | None] = {}
     templates: dict[str, str | None] = {}
-    if loaded.is_adapter:
+    if loaded.is_adapter and not isinstance(model, PeftModel):  # bottleneck adapters: only the tuned model
+        ids[_model_id(source)] = None
+    elif loaded.is_adapter:
         name = _model_id(source)
         ids[_model_id(loaded.base_name)] = None
         ids[name] = "default"  # the adapter PeftModel.from_pretrained loaded

@@ -1,0 +1,110 @@
+"""Every train.method on the tiny model: trains, changes only its own parameters, reloads, merges or says why not."""
+
+import pytest
+import torch
+from conftest import FIXTURES, tiny_config, write_jsonl
+
+from sftlab.export import ExportError, merge
+from sftlab.generate import answer, load_for_inference
+from sftlab.methods import MERGEABLE
+from sftlab.tracking import read_metrics
+from sftlab.train import train
+
+METHODS = ["lora", "qlora", "adalora", "ia3", "prefix", "ptuning", "prompt", "adapter", "freeze", "full"]
+QUIET = dict(say=lambda *a, **k: None)
+
+
+@pytest.fixture(scope="module")
+def same_example(tmp_path_factory):
+    """One conversation eight times: every step sees the same batch, so the loss must fall."""
+    path = tmp_path_factory.mktemp("same") / "same.jsonl"
+    row = {"messages": [{"role": "user", "content": "river stone"}, {"role": "assistant", "content": "garden music cloud"}]}
+    return write_jsonl(path, [row] * 8)
+
+
+def _base_state(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(model_dir).state_dict().items()}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_trains_saves_reloads_and_merges_or_refuses(method, tiny_model_dir, same_example, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", f"train.method={method}", "train.max_steps=6",
+                      "train.lr=1e-2", "peft.freeze_layers=1", data=same_example)  # fmt: skip
+    summary = train(cfg, **QUIET)
+    losses = [m["loss"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert 0 < summary["trainable_params"] <= summary["total_params"]
+    if method != "full":
+        assert summary["trainable_params"] < summary["total_params"]
+
+    loaded = load_for_inference(str(tmp_path / "run"))
+    assert isinstance(answer(loaded, [{"role": "user", "content": "river stone"}], max_new_tokens=4), str)
+    base = _base_state(tiny_model_dir)
+    if method in ("full", "freeze"):
+        tuned = loaded.model.state_dict()
+        changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+        if method == "freeze":  # only the last layer (peft.freeze_layers=1) moved
+            assert changed and all(k.startswith("model.layers.1.") for k in changed)
+    else:  # the base weights inside the reloaded model are the original ones
+        inner = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+        state = inner.state_dict()
+        for key, value in base.items():
+            match = [k for k in state if k.replace(".base_layer", "").replace(".inner", "") == key]
+            assert match and torch.equal(state[match[0]], value), key
+
+    if method in MERGEABLE:
+        assert merge(str(tmp_path / "run"), str(tmp_path / "merged")) < 1e-3
+    elif method in ("full", "freeze"):
+        with pytest.raises(ExportError, match="full model already"):
+            merge(str(tmp_path / "run"), str(tmp_path / "merged"))
+    else:
+        with pytest.raises(ExportError, match="cannot be merged"):
+            merge(str(tmp_path / "run"), str(tmp_path / "merged"))
+
+
+def test_lora_variants_configure_peft(tiny_model_dir, tmp_path):
+    from sftlab.config import load_config
+    from sftlab.methods import peft_config
+
+    cfg = load_config(None, ["lora.use_dora=true", "lora.use_rslora=true", "lora.init=pissa"])
+    pc = peft_config(cfg, 10)
+    assert pc.use_dora and pc.use_rslora and pc.init_lora_weights == "pissa"
+    for init in ("gaussian", "olora"):
+        run = tmp_path / init
+        train(tiny_config(tiny_model_dir, run, f"lora.init={init}", "lora.use_dora=true", "train.max_steps=2"), **QUIET)
+        assert (run / "adapter_model.safetensors").is_file()
+
+
+def test_adalora_schedule_uses_the_real_step_count(tiny_model_dir):
+    from sftlab.config import load_config
+    from sftlab.errors import ModelError
+    from sftlab.methods import peft_config
+
+    pc = peft_config(load_config(None, ["train.method=adalora"]), 200)
+    assert (pc.total_step, pc.tinit, pc.tfinal) == (200, 20, 40)
+    with pytest.raises(ModelError, match="leave no steps"):
+        peft_config(load_config(None, ["train.method=adalora", "peft.adalora_tinit=0.6", "peft.adalora_tfinal=0.5"]), 10)
+
+
+def test_neftune_noises_training_only(tiny_model_dir, tmp_path):
+    """Same weights: eval loss is identical with and without NEFTune; training losses differ."""
+    runs = {}
+    for name, alpha in (("plain", 0), ("neft", 5)):
+        cfg = tiny_config(tiny_model_dir, tmp_path / name, f"train.neftune_alpha={alpha}", "train.lr=1e-12",
+                          f"data.eval=[{FIXTURES / 'train_small.jsonl'}]", "train.max_steps=2")  # fmt: skip
+        train(cfg, **QUIET)
+        runs[name] = read_metrics(tmp_path / name / "metrics.jsonl")
+    evals = {k: [m["eval_loss"] for m in v if "eval_loss" in m] for k, v in runs.items()}
+    assert evals["plain"][0] == evals["neft"][0]  # step 0: the same weights, noise off in eval
+    train_losses = {k: [m["loss"] for m in v if "loss" in m] for k, v in runs.items()}
+    assert train_losses["plain"][0] != train_losses["neft"][0]
+
+
+def test_prompt_methods_refuse_packing():
+    from sftlab.config import load_config
+    from sftlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="packing"):
+        load_config(None, ["train.method=prefix", "data.packing=true"])
