@@ -32,7 +32,7 @@ from sftlab.methods import adalora_regularizer
 from sftlab.tracking import MetricsLog, plot_curves, read_metrics
 
 # Keys that may change between a run and its resume without changing what was computed so far.
-RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.save_steps", "train.save_total_limit",
+RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.output_dir", "train.save_steps", "train.save_total_limit",
                      "train.eval_steps", "train.logging_steps", "train.report_to",
                      "train.early_stopping_patience"}  # fmt: skip
 RESUMABLE_PREFIXES = ("eval.",)  # evaluation settings never change the weights (in-run generation is greedy)
@@ -90,7 +90,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print)
     state = RunState()
     if resume_from is not None:
         state = RunState(**checkpoint.load(resume_from, run.lm, run.optimizer, run.scheduler))
-        say(f"resumed from {resume_from} at step {state.step}")
+        if run.accelerator.is_main_process:
+            say(f"resumed from {resume_from} at step {state.step}")
     log = MetricsLog(out, cfg.train.report_to, resume_step=state.step)
     try:
         outcome = loop(run, state, log, say)
@@ -110,7 +111,9 @@ def setup(cfg: Config, out: Path, say) -> Run:
     from sftlab.models import count_parameters, load_base_for, load_tokenizer, prepare_for_training, resolve_precision
     from sftlab.optim import build_optimizer, build_scheduler
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use, not the host's
+    # The cores this process may use (not the host's), shared by the processes launched on this machine.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
     precision = resolve_precision(cfg.train.precision)
     # accelerate keeps one precision per process; let a second run in the same process (API use,
     # tests) choose its own. The process group (PartialState) is kept.
@@ -140,6 +143,7 @@ def setup(cfg: Config, out: Path, say) -> Run:
     scheduler = build_scheduler(optimizer, cfg.train, total)
     model = SupervisedLoss(lm, cfg.train.loss_chunk_tokens)
     model, optimizer = accelerator.prepare(model, optimizer)  # scheduler stepped by hand, once a step
+    say = say if accelerator.is_main_process else (lambda *a, **k: None)
     say(f"{cfg.train.method}: {params[0]:,} trainable of {params[1]:,} parameters "
         f"({100 * params[0] / params[1]:.2f}%); precision {precision}; attention "
         f"{attention.NAME if fused else lm.config._attn_implementation}; {len(train_data)} train examples, "
@@ -162,7 +166,9 @@ def loop(run: Run, state: RunState, log: MetricsLog, say) -> str:
     cfg, acc = run.cfg.train, run.accelerator
     lengths = [len(x) for x in run.train_data["input_ids"]]
     if state.step == 0 and run.eval_data is not None:
-        log.log({"step": 0, **evaluate(run)})
+        record = {"step": 0, **evaluate(run)}  # every rank evaluates its share; rank 0 writes
+        if acc.is_main_process:
+            log.log(record)
     bar = _progress(run, state)
     with _StopOnSignal() as stop:
         while state.step < run.total_steps:
@@ -211,8 +217,9 @@ def train_step(run: Run, micro_batches: list[list[int]], state: RunState) -> dic
     lr = run.scheduler.get_last_lr()[0]
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = float(acc.clip_grad_norm_(params, max_norm))
-    skipped = not (math.isfinite(step_loss) and math.isfinite(grad_norm))
+    norm = acc.clip_grad_norm_(params, max_norm)  # None under DeepSpeed, which clips inside its engine
+    grad_norm = float(norm) if norm is not None else float("nan")
+    skipped = not (math.isfinite(step_loss) and (norm is None or math.isfinite(grad_norm)))
     if skipped and cfg.on_nonfinite == "error":
         raise TrainError(
             f"step {state.step + 1}: the loss is {step_loss} (grad norm {grad_norm}). Lower train.lr, keep "

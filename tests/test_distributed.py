@@ -1,0 +1,73 @@
+"""Two CPU processes (torchrun, gloo) through accelerate: the same losses as one process, and resumable."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import FIXTURES, ROOT, tiny_config
+
+from sftlab.tracking import read_metrics
+from sftlab.train import train
+
+
+def _yaml(tiny_model_dir, out, tmp_path, **train_keys) -> Path:
+    cfg = {"model": {"name": str(tiny_model_dir)},
+           "data": {"train": [str(FIXTURES / "train_small.jsonl")], "eval": [str(FIXTURES / "train_small.jsonl")],
+                    "template": "chatml", "max_length": 128},
+           "train": {"method": "lora", "output_dir": str(out), "precision": "fp32", "report_to": [], "lr": 1e-3,
+                     "batch_size": 2, "grad_accum": 2, "max_steps": 4, **train_keys},
+           "lora": {"dropout": 0.0}}  # fmt: skip
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _torchrun(config: Path, *extra: str) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), "-m", "sftlab", "train",
+                           str(config), *extra], capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trainable of") == 1  # rank 0 alone reports
+
+
+def _losses(out: Path, key: str = "loss") -> list[float]:
+    return [m[key] for m in read_metrics(out / "metrics.jsonl") if key in m]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_resume(tiny_model_dir, tmp_path):
+    # One process, the same global batch: 4 x 2 x 1 = 2 x 2 x 2 examples a step.
+    train(tiny_config(tiny_model_dir, tmp_path / "one", f"data.eval=[{FIXTURES / 'train_small.jsonl'}]",
+                      "train.batch_size=4", "train.grad_accum=2", "train.max_steps=4", "data.template=chatml"),
+          say=lambda *a, **k: None)  # fmt: skip
+    two = tmp_path / "two"
+    _torchrun(_yaml(tiny_model_dir, two, tmp_path, save_steps=2, save_total_limit=0))
+    assert _losses(two) == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+    assert _losses(two, "eval_loss") == pytest.approx(_losses(tmp_path / "one", "eval_loss"), rel=1e-5)
+
+    # Resume the 2-process run from its step-2 checkpoint: steps 3 and 4 repeat exactly.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed)
+    for leftover in resumed.glob("checkpoints/*4"):
+        shutil.rmtree(leftover)
+    _torchrun(_yaml(tiny_model_dir, resumed, tmp_path, save_steps=2, save_total_limit=0), "--resume")
+    assert _losses(resumed) == pytest.approx(_losses(two), rel=1e-6)
+
+
+def test_shipped_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = sorted((ROOT / "examples" / "accelerate").glob("*.yaml"))
+    assert {c.stem for c in configs} >= {"ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"}
+    for path in configs:
+        assert load_config_from_file(str(path)).num_processes >= 1
