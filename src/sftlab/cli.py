@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights and compute (auto: bf16/fp16 on a GPU, fp32 on CPU where it decodes as fast)")
     p.set_defaults(run=cmd_serve)
 
+    p = sub.add_parser("plan", help="estimate peak training memory and propose a batch setting that fits")
+    _config_args(p)
+    p.add_argument("--memory", help="budget, e.g. 24GiB (default: this machine's available memory or GPU memory)")
+    p.set_defaults(run=cmd_plan)
+
     p = sub.add_parser("merge", help="fold a LoRA run into a full Hugging Face model")
     p.add_argument("run_dir")
     p.add_argument("--output", required=True, help="directory for the merged model")
@@ -266,6 +271,37 @@ def cmd_serve(args) -> int:
     print(f"serving {', '.join(served.ids)} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", flush=True)  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.grace, log_level="warning")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from sftlab.config import load_config
+    from sftlab.errors import ConfigError
+    from sftlab.plan import available_memory, estimate, gib, parse_size, propose, shapes
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        budget = parse_size(args.memory) if args.memory else available_memory()
+    except ValueError as e:
+        raise ConfigError(f"--memory: {e}") from None
+    model_and_config = shapes(cfg)
+    est = estimate(cfg, model_and_config=model_and_config)
+    ckpt = "on" if cfg.train.gradient_checkpointing else "off"
+    print(f"{cfg.model.name}, {cfg.train.method}: {est.trainable:,} trainable of {est.total_params:,} parameters; "
+          f"batch {cfg.train.batch_size} x accumulation {cfg.train.grad_accum}, checkpointing {ckpt}")  # fmt: skip
+    for name, value in est.rows():
+        print(f"  {name:18} {gib(value):>12}")
+    verdict = "fits" if est.total <= budget else "does NOT fit"
+    print(f"budget {gib(budget)}: the config as written {verdict}")
+    options = propose(cfg, budget, model_and_config)
+    if not options:
+        print("nothing fits, even batch 1 with checkpointing: try train.method=lora or qlora, a shorter "
+              "data.max_length, or train.precision=bf16")  # fmt: skip
+        return 1
+    batch, accum, ckpt_on, best = options[0]
+    print(f"proposed: train.batch_size={batch} train.grad_accum={accum} "
+          f"train.gradient_checkpointing={'true' if ckpt_on else 'false'}  (peak {gib(best.total)}, "
+          f"effective batch {batch * accum} unchanged)")  # fmt: skip
     return 0
 
 
