@@ -20,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    import logging
+
+    # bitsandbytes (imported by peft) warns at import that an optional CPU kernel package is absent.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     parser = build_parser()
     # parse_known_args lets overrides come after options (`--num 2 data.max_length=512`).
     args, extra = parser.parse_known_args(argv)
