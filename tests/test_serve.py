@@ -234,27 +234,27 @@ def test_chat_cli_through_stdin(lively_model_dir):
     assert proc.stdout.count("assistant> ") == 2
 
 
-def _collect(engine, prompts_and_delays, max_tokens=24):
-    """Submit requests (each after its delay, in seconds) to a live engine; their greedy texts."""
+def _collect(engine, prompts, max_tokens=24, stagger=False):
+    """Greedy texts for `prompts` from a live engine; with `stagger`, the first request is already
+    decoding when the others arrive (so they must join its running batch)."""
     from sftlab.serve.engine import Request
 
     async def run():
         loop = asyncio.get_running_loop()
-        requests = []
-        for prompt, delay in prompts_and_delays:
-            await asyncio.sleep(delay)
-            request = Request(prompt, engine.served.ids[0], max_tokens, temperature=0, events=asyncio.Queue(), loop=loop)
+        requests = [Request(p, engine.served.ids[0], max_tokens, temperature=0, events=asyncio.Queue(), loop=loop)
+                    for p in prompts]  # fmt: skip
+        first_events = []
+        engine.submit(requests[0])
+        if stagger:
+            first_events.append(await asyncio.wait_for(requests[0].events.get(), 60))
+        for request in requests[1:]:
             engine.submit(request)
-            requests.append(request)
         texts = []
-        for request in requests:
-            text = ""
-            while True:
-                event = await asyncio.wait_for(request.events.get(), 60)
-                if event[0] == "done":
-                    break
-                text += event[2]
-            texts.append(text)
+        for n, request in enumerate(requests):
+            events = first_events if n == 0 else []
+            while not events or events[-1][0] != "done":
+                events.append(await asyncio.wait_for(request.events.get(), 60))
+            texts.append("".join(e[2] for e in events if e[0] == "delta"))
         return texts
 
     return asyncio.run(run())
@@ -274,9 +274,9 @@ def test_continuous_batching_gives_each_request_its_solo_answer(lively_model_dir
     reference = generate_answers(loaded.model, loaded.tokenizer, convs, Sampling(max_new_tokens=24), batch_size=1)
     engine = Engine(load_served(str(lively_model_dir)), max_batch=2)
     try:
-        solo = [_collect(engine, [(p, 0)])[0] for p in prompts]
+        solo = [_collect(engine, [p])[0] for p in prompts]
         assert engine.joined_rows == 0
-        joined = _collect(engine, [(prompts[0], 0), (prompts[1], 0.05), (prompts[2], 0.1)])  # 3 requests, 2 slots
+        joined = _collect(engine, prompts, stagger=True)  # 3 requests, 2 slots: both later ones join a running batch
     finally:
         engine.shutdown(5)
     assert engine.joined_rows >= 2  # the later requests joined a running batch
