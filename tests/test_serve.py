@@ -282,3 +282,36 @@ def test_continuous_batching_gives_each_request_its_solo_answer(lively_model_dir
     assert engine.joined_rows >= 2  # the later requests joined a running batch
     assert solo == joined
     assert [s.strip() for s in solo] == reference
+
+
+def test_a_failing_prefill_answers_with_an_error_and_the_engine_goes_on(lively_model_dir, monkeypatch):
+    from sftlab.serve.engine import Engine
+    from sftlab.serve.models import load_served
+
+    engine = Engine(load_served(str(lively_model_dir)), max_batch=4)
+    real = engine._admit
+
+    def broken(batch, requests):
+        if any(r.prompt_ids[0] == 7 for r in requests):
+            raise RuntimeError("boom")
+        return real(batch, requests)
+
+    monkeypatch.setattr(engine, "_admit", broken)
+    from sftlab.serve.engine import Request
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        bad = Request([7, 8, 9], engine.served.ids[0], 4, temperature=0, events=asyncio.Queue(), loop=loop)
+        engine.submit(bad)
+        assert (await asyncio.wait_for(bad.events.get(), 30))[0] == "error"
+        good = Request([1, 2, 3], engine.served.ids[0], 4, temperature=0, events=asyncio.Queue(), loop=loop)
+        engine.submit(good)
+        events = []
+        while not events or events[-1][0] not in ("done", "error"):
+            events.append(await asyncio.wait_for(good.events.get(), 30))
+        return events[-1][0]
+
+    try:
+        assert asyncio.run(run()) == "done"
+    finally:
+        engine.shutdown(5)

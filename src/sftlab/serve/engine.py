@@ -186,6 +186,7 @@ class Engine:
         torch.set_grad_enabled(False)
         batch: _Batch | None = None
         while not self._stop.is_set():
+            new: list[Request] = []
             try:
                 room = self.max_batch - (len(batch.rows) if batch else 0)
                 new = self._take(batch.model_id if batch else None, room, wait=batch is None)
@@ -199,7 +200,8 @@ class Engine:
                     if not batch.rows:
                         batch = None
             except Exception as e:  # one bad batch must not take the server down
-                for request in {id(r.request): r.request for r in (batch.rows if batch else [])}.values():
+                running = [r.request for r in batch.rows] if batch else []
+                for request in {id(r): r for r in running + new}.values():  # new: failed before joining
                     request.emit("error", f"generation failed: {type(e).__name__}: {e}")
                 batch = None
             self.busy = len({id(r.request) for r in batch.rows}) if batch else 0
