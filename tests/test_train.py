@@ -100,8 +100,9 @@ def test_training_runs_in_train_mode_so_dropout_is_live(tiny_model_dir, tmp_path
     assert runs[0][2] != runs[1][2]
 
 
-def test_resume_after_interrupt_reproduces_the_run(tiny_model_dir, tmp_path, monkeypatch):
-    extra = ["train.method=lora", "lora.dropout=0.1", "train.max_steps=8", "train.eval_steps=4"]
+@pytest.mark.parametrize("method", ["lora", "adalora"])  # adalora: its rank allocator's state is checkpointed too
+def test_resume_after_interrupt_reproduces_the_run(tiny_model_dir, tmp_path, monkeypatch, method):
+    extra = [f"train.method={method}", "lora.dropout=0.1", "train.max_steps=8", "train.eval_steps=4"]
     full = tiny_config(tiny_model_dir, tmp_path / "full", *extra, "data.eval=[" + str(FIXTURES / "train_small.jsonl") + "]")
     train(full, **QUIET)
 

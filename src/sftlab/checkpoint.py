@@ -50,8 +50,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(root: Path, step: int, model, optimizer, scheduler, state: dict, config_yaml: str, keep: int) -> Path:
-    """Write checkpoint `step` atomically, then drop the oldest beyond `keep` (0 keeps all)."""
+def save(root: Path, step: int, model, optimizer, scheduler, state: dict, config_yaml: str, keep: int,
+         method_state: dict | None = None) -> Path:  # fmt: skip
+    """Write checkpoint `step` atomically, then drop the oldest beyond `keep` (0 keeps all).
+
+    `method_state`: what a training method keeps outside its parameters (AdaLoRA's importance scores)."""
     final = root / f"{PREFIX}{step:07d}"
     with atomic_dir(final, replace=True) as tmp:
         save_file(trainable_state(model), tmp / "trainable.safetensors")
@@ -59,6 +62,8 @@ def save(root: Path, step: int, model, optimizer, scheduler, state: dict, config
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        if method_state is not None:
+            torch.save(method_state, tmp / "method.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
     if keep > 0:
         for old in complete(root)[:-keep]:
@@ -80,3 +85,7 @@ def load(path: Path, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     return json.loads((path / "state.json").read_text())
+
+
+def load_method_state(path: Path) -> dict | None:
+    return torch.load(path / "method.pt", weights_only=False) if (path / "method.pt").is_file() else None

@@ -216,3 +216,21 @@ def neftune_hook(alpha: float):
         return output + torch.empty_like(output).uniform_(-scale, scale)
 
     return hook
+
+
+def method_state(model, method: str) -> dict | None:
+    """State a resumed run needs beyond weights and optimizer: AdaLoRA's importance averages and rank pattern."""
+    if method != "adalora":
+        return None
+    allocator = model.base_model.rankallocator
+    config = next(iter(model.peft_config.values()))
+    return {"ipt": allocator.ipt, "exp_avg_ipt": allocator.exp_avg_ipt, "exp_avg_unc": allocator.exp_avg_unc,
+            "rank_pattern": config.rank_pattern}  # fmt: skip
+
+
+def load_method_state(model, method: str, state: dict | None) -> None:
+    if method != "adalora" or state is None:
+        return
+    allocator = model.base_model.rankallocator
+    allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = state["ipt"], state["exp_avg_ipt"], state["exp_avg_unc"]
+    next(iter(model.peft_config.values())).rank_pattern = state["rank_pattern"]

@@ -28,7 +28,7 @@ from sftlab.data.batching import collate, collate_packed, plan_epoch, rows, supe
 from sftlab.errors import SftlabError
 from sftlab.files import atomic_dir
 from sftlab.loss import SupervisedLoss
-from sftlab.methods import adalora_regularizer
+from sftlab.methods import adalora_regularizer, load_method_state, method_state
 from sftlab.tracking import MetricsLog, plot_curves, read_metrics
 
 # Keys that may change between a run and its resume without changing what was computed so far.
@@ -90,6 +90,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print)
     state = RunState()
     if resume_from is not None:
         state = RunState(**checkpoint.load(resume_from, run.lm, run.optimizer, run.scheduler))
+        load_method_state(run.lm, cfg.train.method, checkpoint.load_method_state(resume_from))
         if run.accelerator.is_main_process:
             say(f"resumed from {resume_from} at step {state.step}")
     log = MetricsLog(out, cfg.train.report_to, resume_step=state.step)
@@ -319,7 +320,8 @@ def save_checkpoint(run: Run, state: RunState) -> None:
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
         checkpoint.save(run.out / "checkpoints", state.step, run.lm, run.optimizer, run.scheduler,
-                        asdict(state), run.cfg.to_yaml(), run.cfg.train.save_total_limit)  # fmt: skip
+                        asdict(state), run.cfg.to_yaml(), run.cfg.train.save_total_limit,
+                        method_state(run.lm, run.cfg.train.method))  # fmt: skip
 
 
 def finish(run: Run, state: RunState, outcome: str, say) -> dict:
