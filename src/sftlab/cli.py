@@ -63,6 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="FILE.jsonl")
     p.set_defaults(run=cmd_data_tokenize)
 
+    p = data.add_parser("clean", help="drop duplicates, near duplicates, bad and contaminated records (with reasons)")
+    p.add_argument("inputs", nargs="+", help="data files, directories or globs (never modified)")
+    p.add_argument("--output", required=True, help="directory for kept.jsonl, rejected.jsonl, report.json, manifest.json")
+    p.add_argument("--near-threshold", type=float, default=0.8, help="Jaccard similarity of near duplicates")
+    p.add_argument("--min-tokens", type=int, default=1, help="fewest response words (CJK: characters)")
+    p.add_argument("--max-tokens", type=int, default=0, help="most response words (0: no bound)")
+    p.add_argument("--max-repeat", type=float, default=0.5, help="largest share of repeated word 3-grams")
+    p.add_argument("--refusals", help="file of regular expressions (one a line) replacing the built-in refusal list")
+    p.add_argument("--keep-lang", default="", help="comma-separated language codes to keep (e.g. en,zh)")
+    p.add_argument("--drop-lang", default="", help="comma-separated language codes to drop")
+    p.add_argument("--decontaminate", nargs="*", default=[], metavar="FILE", help="eval/benchmark files")
+    p.add_argument("--ngram", type=int, default=13, help="shared n-gram length that marks contamination")
+    p.add_argument("--scrub-pii", action="store_true", help="replace emails, phones, card numbers, IPs")
+    p.set_defaults(run=cmd_data_clean)
+
     p = sub.add_parser("train", help="fine-tune a model (full or LoRA)")
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
@@ -185,6 +200,25 @@ def cmd_data_tokenize(args) -> int:
     report.write_text(json.dumps([r.to_dict() for r in split.reports], ensure_ascii=False, indent=1))
     kept = sum(r.kept for r in split.reports)
     print(f"wrote {kept} examples to {out} (report: {report})")
+    return 0
+
+
+def cmd_data_clean(args) -> int:
+    from sftlab.data.quality import CleanSettings, run_clean
+    from sftlab.errors import ConfigError
+
+    settings = CleanSettings(near_threshold=args.near_threshold, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
+                             max_repeat=args.max_repeat, decontam_ngram=args.ngram, scrub_pii=args.scrub_pii,
+                             keep_languages=tuple(x for x in args.keep_lang.split(",") if x),
+                             drop_languages=tuple(x for x in args.drop_lang.split(",") if x))  # fmt: skip
+    if not 0 < settings.near_threshold <= 1:
+        raise ConfigError("--near-threshold must be in (0, 1]")
+    if args.refusals:
+        path = Path(args.refusals)
+        if not path.is_file():
+            raise ConfigError(f"--refusals: {path} not found")
+        settings.refusals = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    run_clean(args.inputs, args.output, settings, args.decontaminate)
     return 0
 
 

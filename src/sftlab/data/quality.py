@@ -1,0 +1,318 @@
+"""`sftlab data clean`: filters, exact and near duplicates, decontamination and PII scrubbing.
+
+Every dropped record is kept in `rejected.jsonl` with its reason; nothing is edited in place.
+Near duplicates use MinHash + LSH (datasketch) over character 5-gram shingles of the normalized
+user and assistant turns only, so examples that share a system prompt or boilerplate are not
+mistaken for copies of each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+
+from sftlab.data.formats import Conversation
+
+DEFAULT_REFUSALS = (
+    r"\bas an ai (language )?model\b", r"\bi('m| am) (sorry|unable)[, ]+(but )?i (can(no|')t|am unable)\b",
+    r"\bi cannot (help|assist) with (that|this)\b", r"\bi do not have (personal )?(opinions|feelings)\b",
+    r"作为一个?(人工智能|AI)(语言模型)?", r"我无法(回答|提供|帮助)",
+)  # fmt: skip
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
+_WORD = re.compile(r"\w+", re.UNICODE)
+PII = [  # (name, pattern, placeholder); cards are Luhn-checked before replacing
+    ("email", re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.-]+\b"), "[EMAIL]"),
+    ("card", re.compile(r"\b(?:\d[ -]?){13,19}\b"), "[CARD]"),
+    ("ip", re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b"), "[IP]"),
+    # Not inside a longer digit run (order or account numbers): no digit group right before or after.
+    ("phone", re.compile(r"(?<![\w.])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)|\d{2,4})[ .-]\d{3,4}[ .-]\d{3,4}"
+                         r"(?![\w.]|[ .-]\d)"), "[PHONE]"),
+]
+
+
+@dataclass
+class CleanSettings:
+    near_threshold: float = 0.8  # Jaccard similarity above which two examples are near duplicates
+    num_perm: int = 128
+    min_tokens: int = 1  # response tokens (words; CJK characters count one each)
+    max_tokens: int = 0  # 0: no upper bound
+    max_repeat: float = 0.5  # largest share of repeated word 3-grams in a response
+    max_garbled: float = 0.1  # largest share of control/replacement/private-use characters
+    refusals: tuple[str, ...] = DEFAULT_REFUSALS
+    keep_languages: tuple[str, ...] = ()
+    drop_languages: tuple[str, ...] = ()
+    decontam_ngram: int = 13
+    scrub_pii: bool = False
+
+
+@dataclass
+class Verdict:
+    reason: str | None = None  # None: kept
+    detail: str = ""
+    score: float = 1.0
+    signals: dict = field(default_factory=dict)
+
+
+def tokens(text: str) -> list[str]:
+    """Words, with each CJK character a token of its own."""
+    return _WORD.findall(_CJK.sub(lambda m: f" {m.group()} ", text.casefold()))
+
+
+def dialogue_text(conv: Conversation) -> str:
+    if conv.text is not None:
+        return conv.text
+    return "\n".join(m.content for m in conv.messages if m.role != "system")
+
+
+def responses(conv: Conversation) -> list[str]:
+    return [conv.text] if conv.text is not None else [m.content for m in conv.messages if m.role == "assistant"]
+
+
+def repeat_ratio(words: list[str], n: int = 3) -> float:
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    counts = Counter(grams)
+    return sum(c for c in counts.values() if c > 1) / len(grams)
+
+
+def garbled_ratio(text: str) -> float:
+    bad = sum(1 for ch in text if ch == "\ufffd" or (unicodedata.category(ch) in ("Cc", "Co", "Cs") and ch not in "\n\t\r"))
+    return bad / max(len(text), 1)
+
+
+def language(text: str) -> str:
+    import langid
+
+    return langid.classify(text[:2000])[0]
+
+
+def judge(conv: Conversation, s: CleanSettings, refusal_re: re.Pattern | None) -> Verdict:
+    """Per-record filters, in order; the first that fails is the reason."""
+    replies = responses(conv)
+    words = [w for r in replies for w in tokens(r)]
+    signals = {"response_tokens": len(words), "repeat": round(repeat_ratio(words), 3),
+               "garbled": round(garbled_ratio(dialogue_text(conv)), 4)}  # fmt: skip
+    score = max(0.0, 1.0 - signals["repeat"] - 5 * signals["garbled"] - (0.3 if len(words) < 3 else 0.0))
+    if not replies or any(not r.strip() for r in replies):
+        return Verdict("empty response", "", 0.0, signals)
+    if len(words) < s.min_tokens:
+        return Verdict("too short", f"{len(words)} response tokens < {s.min_tokens}", score, signals)
+    if s.max_tokens and len(words) > s.max_tokens:
+        return Verdict("too long", f"{len(words)} response tokens > {s.max_tokens}", score, signals)
+    if signals["repeat"] > s.max_repeat:
+        return Verdict("repetitive", f"{signals['repeat']:.0%} of word 3-grams repeat", score, signals)
+    if signals["garbled"] > s.max_garbled:
+        return Verdict("garbled text", f"{signals['garbled']:.1%} unprintable characters", score, signals)
+    if refusal_re is not None:
+        hit = next((r for r in replies if refusal_re.search(r)), None)
+        if hit is not None:
+            return Verdict("refusal or boilerplate", refusal_re.search(hit).group(0), score, signals)
+    if s.keep_languages or s.drop_languages:
+        lang = signals["language"] = language(dialogue_text(conv))
+        if (s.keep_languages and lang not in s.keep_languages) or lang in s.drop_languages:
+            return Verdict("language", lang, score, signals)
+    return Verdict(None, "", round(score, 3), signals)
+
+
+def ngram_hashes(text: str, n: int) -> set[int]:
+    words = tokens(text)
+    return {hash(" ".join(words[i : i + n])) for i in range(len(words) - n + 1)}
+
+
+def normalized_hash(text: str) -> str:
+    return hashlib.sha1(" ".join(tokens(text)).encode()).hexdigest()
+
+
+def shingles(text: str, n: int = 5) -> set[bytes]:
+    """Character n-grams of the normalized text: one changed word moves only a few of them."""
+    flat = " ".join(tokens(text))
+    if len(flat) <= n:
+        return {flat.encode()}
+    return {flat[i : i + n].encode() for i in range(len(flat) - n + 1)}
+
+
+def _jaccard(a: set, b: set) -> float:
+    return len(a & b) / max(len(a | b), 1)
+
+
+def scrub(text: str) -> tuple[str, Counter]:
+    found = Counter()
+
+    def replace(name, placeholder):
+        def sub(m):
+            if name == "card" and not _luhn(re.sub(r"\D", "", m.group())):
+                return m.group()
+            found[name] += 1
+            return placeholder
+
+        return sub
+
+    for name, pattern, placeholder in PII:
+        text = pattern.sub(replace(name, placeholder), text)
+    return text, found
+
+
+def _luhn(digits: str) -> bool:
+    total, parity = 0, len(digits) % 2
+    for i, d in enumerate(map(int, digits)):
+        d = d * 2 if i % 2 == parity else d
+        total += d - 9 if d > 9 else d
+    return len(digits) >= 13 and total % 10 == 0
+
+
+def clean(conversations: list[Conversation], s: CleanSettings, contamination: set[int] = frozenset(),
+          progress: bool = False) -> tuple[list[tuple[Conversation, Verdict]], list[tuple[Conversation, Verdict]]]:  # fmt: skip
+    """(kept, rejected), each with its verdict; the first of a group of duplicates is the one kept."""
+    from datasketch import MinHash, MinHashLSH
+    from tqdm.auto import tqdm
+
+    refusal_re = re.compile("|".join(f"(?:{p})" for p in s.refusals), re.I) if s.refusals else None
+    # LSH below the threshold finds candidates (recall); the exact Jaccard of shingle sets decides (precision).
+    lsh = MinHashLSH(threshold=max(0.3, s.near_threshold - 0.2), num_perm=s.num_perm)
+    seen: dict[str, str] = {}
+    shingle_sets: dict[str, set[bytes]] = {}
+    kept, rejected = [], []
+    for i, conv in enumerate(tqdm(conversations, desc="clean", unit="ex", disable=not progress)):
+        verdict = judge(conv, s, refusal_re)
+        text = dialogue_text(conv)
+        if verdict.reason is None and contamination:
+            shared = ngram_hashes(text, s.decontam_ngram) & contamination
+            if shared:
+                verdict = Verdict("contaminated", f"shares {len(shared)} {s.decontam_ngram}-grams with eval data",
+                                  verdict.score, verdict.signals)  # fmt: skip
+        if verdict.reason is None:
+            key = normalized_hash(text)
+            if key in seen:
+                verdict = Verdict("exact duplicate", f"of {seen[key]}", verdict.score, verdict.signals)
+            else:
+                seen[key] = conv.origin
+                grams = shingles(text)
+                mh = MinHash(num_perm=s.num_perm, seed=1)
+                mh.update_batch(list(grams))
+                match = next((k for k in lsh.query(mh) if _jaccard(grams, shingle_sets[k]) >= s.near_threshold), None)
+                if match is not None:
+                    verdict = Verdict("near duplicate", f"of {match}", verdict.score, verdict.signals)
+                else:
+                    name = f"{conv.origin}#{i}"
+                    lsh.insert(name, mh)
+                    shingle_sets[name] = grams
+        (kept if verdict.reason is None else rejected).append((conv, verdict))
+    return kept, rejected
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def canonical(conv: Conversation) -> dict:
+    if conv.text is not None:
+        return {"text": conv.text}
+    return {"messages": [{"role": m.role, "content": m.content} for m in conv.messages]}
+
+
+def contamination_ngrams(paths: list[str], n: int) -> set[int]:
+    """n-gram hashes of every string in the given eval/benchmark files (any layout we read)."""
+    from sftlab.data.formats import RecordProblem, expand_paths, read_records
+
+    found: set[int] = set()
+    for path in paths:
+        for file in expand_paths(path):
+            for _, record in read_records(file):
+                if not isinstance(record, RecordProblem):
+                    for text in _strings(record):  # each field alone: no n-gram spans two fields
+                        found |= ngram_hashes(text, n)
+    return found
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def run_clean(inputs: list[str], output: str, settings: CleanSettings, decontaminate: list[str] = (),
+              say=print) -> dict:  # fmt: skip
+    """Clean every input into OUTPUT/kept.jsonl, rejected.jsonl, scores.jsonl, report.json, manifest.json."""
+    import json
+    import time
+    from pathlib import Path
+
+    from sftlab.data.formats import expand_paths, load_conversations
+
+    started = time.perf_counter()
+    conversations, files = [], []
+    for path in inputs:
+        files += expand_paths(path)
+        conversations += load_conversations(path).conversations
+    contamination = contamination_ngrams(list(decontaminate), settings.decontam_ngram) if decontaminate else set()
+    kept, rejected = clean(conversations, settings, contamination, progress=True)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    pii = Counter()
+    with open(out / "kept.jsonl", "w", encoding="utf-8") as fk, open(out / "scores.jsonl", "w", encoding="utf-8") as fs:
+        for conv, verdict in kept:
+            record = canonical(conv)
+            if settings.scrub_pii:
+                record, found = _scrub_record(record)
+                pii += found
+            fk.write(json.dumps(record, ensure_ascii=False) + "\n")
+            fs.write(json.dumps({"origin": conv.origin, "score": verdict.score, **verdict.signals}) + "\n")
+    with open(out / "rejected.jsonl", "w", encoding="utf-8") as fr:
+        for conv, verdict in rejected:
+            row = {"origin": conv.origin, "reason": verdict.reason, "detail": verdict.detail, **canonical(conv)}
+            fr.write(json.dumps(row, ensure_ascii=False) + "\n")
+    reasons = Counter(v.reason for _, v in rejected)
+    report = {"read": len(conversations), "kept": len(kept), "rejected": len(rejected), "reasons": dict(reasons),
+              "pii_replaced": dict(pii), "mean_quality": round(sum(v.score for _, v in kept) / max(len(kept), 1), 3),
+              "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+    write_manifest(out, files + [Path(p) for f in decontaminate for p in expand_paths(f)],
+                   ["kept.jsonl", "rejected.jsonl", "scores.jsonl", "report.json"],
+                   {"settings": _settings_dict(settings), "decontaminate": list(decontaminate)}, report)  # fmt: skip
+    say(f"read {report['read']}, kept {report['kept']}, rejected {report['rejected']} ({report['seconds']} s)")
+    for reason, count in reasons.most_common():
+        say(f"  {reason:26} {count}")
+    if pii:
+        say("  PII replaced: " + ", ".join(f"{k} {v}" for k, v in pii.items()))
+    say(f"wrote {out}/kept.jsonl, rejected.jsonl (each with its reason), scores.jsonl, report.json, manifest.json")
+    return report
+
+
+def _scrub_record(record: dict) -> tuple[dict, Counter]:
+    found = Counter()
+    if "text" in record:
+        text, found = scrub(record["text"])
+        return {"text": text}, found
+    messages = []
+    for m in record["messages"]:
+        content, f = scrub(m["content"])
+        found += f
+        messages.append({"role": m["role"], "content": content})
+    return {"messages": messages}, found
+
+
+def _settings_dict(s: CleanSettings) -> dict:
+    from dataclasses import asdict
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}
+
+
+def write_manifest(out, inputs: list, outputs: list[str], settings: dict, counts: dict) -> None:
+    """manifest.json: content hashes of inputs and outputs, the settings and counts, the tool version."""
+    import json
+    from importlib.metadata import version
+
+    from sftlab.files import file_digest
+
+    manifest = {"tool": f"sftlab {version('sftlab')}",
+                "inputs": [{"path": str(p), "sha256": file_digest(p)} for p in inputs],
+                "outputs": [{"path": name, "sha256": file_digest(out / name)} for name in outputs],
+                **settings, "counts": {k: v for k, v in counts.items() if k != "seconds"}}  # fmt: skip
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")

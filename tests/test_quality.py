@@ -1,0 +1,113 @@
+"""`sftlab data clean`: planted duplicates, near duplicates and contamination are found; reasons, PII, manifests."""
+
+import json
+
+import pytest
+from conftest import write_jsonl
+
+from sftlab.cli import main
+from sftlab.data.formats import Conversation, Message
+from sftlab.data.quality import CleanSettings, clean, scrub
+
+SYSTEM = "You are a careful assistant. Answer briefly, cite nothing, and be polite to the user at all times."
+
+
+def conv(user, reply, origin, system=None):
+    msgs = ([Message("system", system)] if system else []) + [Message("user", user), Message("assistant", reply)]
+    return Conversation(tuple(msgs), origin=origin)
+
+
+def reasons(convs, **settings):
+    kept, rejected = clean(convs, CleanSettings(**settings))
+    return [c.origin for c, _ in kept], {c.origin: v.reason for c, v in rejected}
+
+
+def test_planted_duplicates_and_near_duplicates_are_found_and_boilerplate_is_kept():
+    convs = [
+        conv("What is the capital of France?", "The capital of France is Paris, a city on the Seine.", "x:1"),
+        conv("what is the capital of  FRANCE?", "The capital of France is Paris, a city on the Seine", "x:2"),
+        conv("What is the capital of France?", "The capital of France is Paris, a city on the river Seine.", "x:3"),
+        conv("Translate cat into Chinese.", "Cat is 猫.", "x:4", SYSTEM),
+        conv("Translate dog into Chinese.", "Dog is 狗.", "x:5", SYSTEM),
+        conv("What is the capital of Spain?", "The capital of Spain is Madrid, in the centre of the country.", "x:6"),
+    ]
+    kept, rejected = reasons(convs)
+    assert kept == ["x:1", "x:4", "x:5", "x:6"]
+    assert rejected == {"x:2": "exact duplicate", "x:3": "near duplicate"}
+
+
+@pytest.mark.parametrize("reply, reason, settings", [
+    ("   ", "empty response", {}),
+    ("ok", "too short", {"min_tokens": 3}),
+    ("one two three four five", "too long", {"max_tokens": 4}),
+    ("buy now " * 20, "repetitive", {}),
+    ("text \x00\x01\x02\x03\x04\x05 more", "garbled text", {}),
+    ("As an AI language model, I can't share opinions.", "refusal or boilerplate", {}),
+    ("作为一个人工智能语言模型，我无法回答。", "refusal or boilerplate", {}),
+    ("Bonjour, je suis très content de vous voir aujourd'hui.", "language", {"keep_languages": ("en",)}),
+])  # fmt: skip
+def test_each_filter_and_its_reason(reply, reason, settings):
+    _, rejected = reasons([conv("Say something.", reply, "f:1")], **settings)
+    assert rejected == {"f:1": reason}
+
+
+def test_pii_placeholders():
+    text, found = scrub("Mail bob.s@example.org, call +1 415-555-0100, card 4111 1111 1111 1111, host 192.168.1.20; "
+                        "order 1234 5678 9012 3456 is not a card")  # fmt: skip
+    assert text == ("Mail [EMAIL], call [PHONE], card [CARD], host [IP]; order 1234 5678 9012 3456 is not a card")
+    assert found == {"email": 1, "phone": 1, "card": 1, "ip": 1}
+
+
+def _data(tmp_path):
+    rows = [{"instruction": f"Add {i} and {i + 1}.", "output": f"{i} + {i + 1} = {2 * i + 1}, because adding one more gives it."}
+            for i in range(6)]  # fmt: skip
+    rows.append(rows[0])  # exact duplicate
+    rows.append({"instruction": "Name the largest planet in the solar system please.",
+                 "output": "Jupiter is the largest planet in the solar system by both mass and volume."})  # fmt: skip
+    rows.append({"instruction": "Contact?", "output": "Write to jane@corp.example or 10.1.2.3 for help today."})
+    return write_jsonl(tmp_path / "train.jsonl", rows)
+
+
+def test_clean_cli_writes_kept_rejected_report_and_manifest(tmp_path, capsys):
+    data = _data(tmp_path)
+    bench = write_jsonl(tmp_path / "bench.jsonl", [{"question": "Name the largest planet in the solar system please.",
+                                                    "choices": ["Mars", "Jupiter"], "answer": 1,
+                                                    "explanation": "Jupiter is the largest planet in the solar system by both mass and volume."}])  # fmt: skip
+    out = tmp_path / "clean"
+    assert main(["data", "clean", str(data), "--output", str(out), "--decontaminate", str(bench), "--scrub-pii"]) == 0
+    kept = [json.loads(x) for x in (out / "kept.jsonl").read_text().splitlines()]
+    rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
+    assert len(kept) == 7 and {r["reason"] for r in rejected} == {"exact duplicate", "contaminated"}
+    assert rejected[0]["origin"].endswith("train.jsonl:7") and rejected[0]["detail"].endswith("train.jsonl:1")
+    assert "[EMAIL]" in kept[-1]["messages"][-1]["content"] and "[IP]" in kept[-1]["messages"][-1]["content"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["reasons"] == {"exact duplicate": 1, "contaminated": 1} and report["pii_replaced"] == {"email": 1, "ip": 1}
+    assert "exact duplicate" in capsys.readouterr().out
+    # kept.jsonl is training data as it is
+    from sftlab.data.formats import load_conversations
+
+    assert len(load_conversations(str(out / "kept.jsonl")).conversations) == 7
+
+
+def test_manifest_hashes_change_when_and_only_when_inputs_or_settings_change(tmp_path):
+    data = _data(tmp_path)
+
+    def manifest(name, *extra):
+        assert main(["data", "clean", str(data), "--output", str(tmp_path / name), *extra]) == 0
+        m = json.loads((tmp_path / name / "manifest.json").read_text())
+        return m["inputs"], m["outputs"], m["settings"]
+
+    a, b = manifest("a"), manifest("b")
+    assert a == b  # same inputs and settings: same hashes
+    c = manifest("c", "--near-threshold", "0.9")
+    assert c[0] == a[0] and c[2] != a[2]
+    with open(data, "a") as f:
+        f.write(json.dumps({"instruction": "New?", "output": "A new record that was not there before."}) + "\n")
+    d = manifest("d")
+    assert d[0] != a[0] and d[1] != a[1]
+
+
+def test_bad_input_and_settings_are_clear(tmp_path, capsys):
+    assert main(["data", "clean", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert main(["data", "clean", str(_data(tmp_path)), "--output", str(tmp_path / "o"), "--near-threshold", "2"]) == 2
