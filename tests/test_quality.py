@@ -1,6 +1,7 @@
 """`sftlab data clean`: planted duplicates, near duplicates and contamination are found; reasons, PII, manifests."""
 
 import json
+from collections import Counter
 
 import pytest
 from conftest import write_jsonl
@@ -111,3 +112,72 @@ def test_bad_input_and_settings_are_clear(tmp_path, capsys):
     assert main(["data", "clean", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
     assert main(["data", "clean", str(_data(tmp_path)), "--output", str(tmp_path / "o"), "--near-threshold", "2"]) == 2
+
+
+def _split_data(tmp_path):
+    """60 distinct records (random words) plus 6 near duplicates (one word changed) of every tenth."""
+    import random
+
+    rng = random.Random(0)
+    vocab = [f"w{k}" for k in range(400)]
+    rows = []
+    for i in range(60):
+        reply = " ".join(rng.choices(vocab, k=30))
+        rows.append({"instruction": f"Describe item {i}.", "output": reply, "topic": "even" if i % 2 else "odd"})
+        if i % 10 == 0:
+            words = reply.split()
+            words[15] = "changed"
+            rows.append({"instruction": f"Describe item {i}.", "output": " ".join(words), "topic": rows[-1]["topic"]})
+    return write_jsonl(tmp_path / "all.jsonl", rows)
+
+
+def test_split_is_deterministic_keeps_near_duplicates_together_and_stratifies(tmp_path):
+    data = _split_data(tmp_path)
+    args = ["data", "split", str(data), "--ratios", "0.6,0.2,0.2", "--stratify", "topic", "--seed", "3"]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 0
+    assert main([*args, "--output", str(tmp_path / "b")]) == 0
+    parts = {}
+    for name in ("train", "validation", "test"):
+        text = (tmp_path / "a" / f"{name}.jsonl").read_text()
+        assert text == (tmp_path / "b" / f"{name}.jsonl").read_text()  # same seed, same split
+        parts[name] = [json.loads(x) for x in text.splitlines()]
+    assert sum(map(len, parts.values())) == 66 and 35 <= len(parts["train"]) <= 43
+    where = {}
+    for name, rows in parts.items():
+        for r in rows:
+            where.setdefault(r["instruction"], set()).add(name)
+    assert all(len(s) == 1 for s in where.values())  # the pairs share an instruction: never split apart
+    for name in ("validation", "test"):
+        topics = Counter(r["topic"] for r in parts[name])
+        assert abs(topics["even"] - topics["odd"]) <= 2
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["counts"] == {n: len(r) for n, r in parts.items()} and manifest["settings"]["seed"] == 3
+
+
+def test_split_errors(tmp_path, capsys):
+    data = _split_data(tmp_path)
+    assert main(["data", "split", str(data), "--output", str(tmp_path / "o"), "--ratios", "0.5,0.2"]) == 2
+    assert "summing to 1" in capsys.readouterr().err
+    assert main(["data", "split", str(data), "--output", str(tmp_path / "o"), "--stratify", "colour"]) == 2
+    assert "no field 'colour'" in capsys.readouterr().err
+
+
+def test_stats(tmp_path, smol_tok):
+    from sftlab.data.split import run_stats
+
+    stats = run_stats([str(_split_data(tmp_path))], smol_tok, str(tmp_path / "s"), say=lambda *a: None)
+    assert stats["records"] == 66 and stats["duplicate_rate"] == pytest.approx(6 / 66, abs=1e-3)
+    assert stats["languages"].get("en", 0) > 50 and stats["tokens"]["max"] >= stats["tokens"]["p95"]
+    assert (tmp_path / "s" / "lengths.png").stat().st_size > 1000
+
+
+def test_a_run_records_the_manifest_of_its_cleaned_data(tmp_path, tiny_model_dir):
+    from conftest import tiny_config
+
+    from sftlab.files import file_digest
+    from sftlab.train import train
+
+    assert main(["data", "clean", str(_split_data(tmp_path)), "--output", str(tmp_path / "clean")]) == 0
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", "train.max_steps=1", data=tmp_path / "clean" / "kept.jsonl")
+    summary = train(cfg, say=lambda *a, **k: None)
+    assert summary["data_manifests"] == {str(tmp_path / "clean" / "kept.jsonl"): file_digest(tmp_path / "clean" / "manifest.json")}

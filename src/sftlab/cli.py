@@ -78,6 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scrub-pii", action="store_true", help="replace emails, phones, card numbers, IPs")
     p.set_defaults(run=cmd_data_clean)
 
+    p = data.add_parser("split", help="deterministic train/validation/test split; near duplicates stay together")
+    p.add_argument("inputs", nargs="+", help="data files, directories or globs")
+    p.add_argument("--output", required=True, help="directory for one JSONL per split and manifest.json")
+    p.add_argument("--ratios", default="0.9,0.05,0.05", help="comma-separated fractions summing to 1")
+    p.add_argument("--names", default="train,validation,test", help="comma-separated split names")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--stratify", help="a record field whose values keep their proportions in every split")
+    p.add_argument("--near-threshold", type=float, default=0.8)
+    p.set_defaults(run=cmd_data_split)
+
+    p = data.add_parser("stats", help="counts, turns, token lengths, languages, duplicate rate, a histogram")
+    p.add_argument("inputs", nargs="+", help="data files, directories or globs")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model.name whose tokenizer counts tokens")
+    p.add_argument("--output", help="directory for stats.json and lengths.png")
+    p.set_defaults(run=cmd_data_stats)
+
     p = sub.add_parser("train", help="fine-tune a model (full or LoRA)")
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
@@ -219,6 +235,27 @@ def cmd_data_clean(args) -> int:
             raise ConfigError(f"--refusals: {path} not found")
         settings.refusals = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
     run_clean(args.inputs, args.output, settings, args.decontaminate)
+    return 0
+
+
+def cmd_data_split(args) -> int:
+    from sftlab.data.split import run_split
+    from sftlab.errors import ConfigError
+
+    try:
+        ratios = [float(x) for x in args.ratios.split(",")]
+    except ValueError:
+        raise ConfigError(f"--ratios {args.ratios!r}: expected numbers like 0.9,0.05,0.05") from None
+    run_split(args.inputs, args.output, ratios, args.names.split(","), args.seed, args.stratify, args.near_threshold)
+    return 0
+
+
+def cmd_data_stats(args) -> int:
+    from sftlab.config import ModelConfig
+    from sftlab.data.split import run_stats
+    from sftlab.models import load_tokenizer
+
+    run_stats(args.inputs, load_tokenizer(ModelConfig(name=args.model)), args.output)
     return 0
 
 

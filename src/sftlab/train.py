@@ -370,7 +370,20 @@ def _summary(run: Run, state: RunState, outcome: str) -> dict:
         "final_train_loss": losses[-1] if losses else None,
         "first_eval_loss": evals[0] if evals else None, "final_eval_loss": evals[-1] if evals else None,
         "best_eval_loss": state.best_eval, "best_step": state.best_step, "skipped_steps": state.skipped_steps,
+        "data_manifests": _manifests(run.cfg),
     }  # fmt: skip
+
+
+def _manifests(cfg: Config) -> dict[str, str]:
+    """sha256 of the manifest.json beside each dataset made by `sftlab data clean/split`: what was trained on."""
+    from sftlab.files import file_digest
+
+    found = {}
+    for spec in cfg.data.train + cfg.data.eval:
+        manifest = Path(spec.path).parent / "manifest.json"
+        if manifest.is_file():
+            found[spec.path] = file_digest(manifest)
+    return found
 
 
 def _summary_text(s: dict, out: Path) -> str:
