@@ -181,3 +181,12 @@ def test_a_run_records_the_manifest_of_its_cleaned_data(tmp_path, tiny_model_dir
     cfg = tiny_config(tiny_model_dir, tmp_path / "run", "train.max_steps=1", data=tmp_path / "clean" / "kept.jsonl")
     summary = train(cfg, say=lambda *a, **k: None)
     assert summary["data_manifests"] == {str(tmp_path / "clean" / "kept.jsonl"): file_digest(tmp_path / "clean" / "manifest.json")}
+
+
+def test_length_bounds_in_the_run_tokenizers_tokens(smol_tok):
+    reply = "Internationalization considerations"  # 2 words, more tokens
+    n = len(smol_tok(reply, add_special_tokens=False)["input_ids"])
+    assert n > 2
+    assert reasons([conv("Q?", reply, "t:1")], max_tokens=2)[1] == {}  # two words
+    assert reasons([conv("Q?", reply, "t:1")], max_tokens=n, tokenizer=smol_tok)[1] == {}
+    assert reasons([conv("Q?", reply, "t:1")], max_tokens=n - 1, tokenizer=smol_tok)[1] == {"t:1": "too long"}

@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="data files, directories or globs (never modified)")
     p.add_argument("--output", required=True, help="directory for kept.jsonl, rejected.jsonl, report.json, manifest.json")
     p.add_argument("--near-threshold", type=float, default=0.8, help="Jaccard similarity of near duplicates")
-    p.add_argument("--min-tokens", type=int, default=1, help="fewest response words (CJK: characters)")
-    p.add_argument("--max-tokens", type=int, default=0, help="most response words (0: no bound)")
+    p.add_argument("--min-tokens", type=int, default=1, help="fewest response tokens")
+    p.add_argument("--max-tokens", type=int, default=0, help="most response tokens (0: no bound)")
+    p.add_argument("--model", help="count tokens with this model.name's tokenizer (default: words, CJK characters)")
     p.add_argument("--max-repeat", type=float, default=0.5, help="largest share of repeated word 3-grams")
     p.add_argument("--refusals", help="file of regular expressions (one a line) replacing the built-in refusal list")
     p.add_argument("--keep-lang", default="", help="comma-separated language codes to keep (e.g. en,zh)")
@@ -227,6 +228,11 @@ def cmd_data_clean(args) -> int:
                              max_repeat=args.max_repeat, decontam_ngram=args.ngram, scrub_pii=args.scrub_pii,
                              keep_languages=tuple(x for x in args.keep_lang.split(",") if x),
                              drop_languages=tuple(x for x in args.drop_lang.split(",") if x))  # fmt: skip
+    if args.model:
+        from sftlab.config import ModelConfig
+        from sftlab.models import load_tokenizer
+
+        settings.tokenizer = load_tokenizer(ModelConfig(name=args.model))
     if not 0 < settings.near_threshold <= 1:
         raise ConfigError("--near-threshold must be in (0, 1]")
     if args.refusals:

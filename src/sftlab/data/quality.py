@@ -37,7 +37,7 @@ PII = [  # (name, pattern, placeholder); cards are Luhn-checked before replacing
 class CleanSettings:
     near_threshold: float = 0.8  # Jaccard similarity above which two examples are near duplicates
     num_perm: int = 128
-    min_tokens: int = 1  # response tokens (words; CJK characters count one each)
+    min_tokens: int = 1  # response tokens: the tokenizer's when given, else words (CJK characters one each)
     max_tokens: int = 0  # 0: no upper bound
     max_repeat: float = 0.5  # largest share of repeated word 3-grams in a response
     max_garbled: float = 0.1  # largest share of control/replacement/private-use characters
@@ -46,6 +46,7 @@ class CleanSettings:
     drop_languages: tuple[str, ...] = ()
     decontam_ngram: int = 13
     scrub_pii: bool = False
+    tokenizer: object = None  # the run's tokenizer, for length bounds in its tokens
 
 
 @dataclass
@@ -94,15 +95,16 @@ def judge(conv: Conversation, s: CleanSettings, refusal_re: re.Pattern | None) -
     """Per-record filters, in order; the first that fails is the reason."""
     replies = responses(conv)
     words = [w for r in replies for w in tokens(r)]
-    signals = {"response_tokens": len(words), "repeat": round(repeat_ratio(words), 3),
+    length = sum(len(s.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies) if s.tokenizer else len(words)
+    signals = {"response_tokens": length, "repeat": round(repeat_ratio(words), 3),
                "garbled": round(garbled_ratio(dialogue_text(conv)), 4)}  # fmt: skip
     score = max(0.0, 1.0 - signals["repeat"] - 5 * signals["garbled"] - (0.3 if len(words) < 3 else 0.0))
     if not replies or any(not r.strip() for r in replies):
         return Verdict("empty response", "", 0.0, signals)
-    if len(words) < s.min_tokens:
-        return Verdict("too short", f"{len(words)} response tokens < {s.min_tokens}", score, signals)
-    if s.max_tokens and len(words) > s.max_tokens:
-        return Verdict("too long", f"{len(words)} response tokens > {s.max_tokens}", score, signals)
+    if length < s.min_tokens:
+        return Verdict("too short", f"{length} response tokens < {s.min_tokens}", score, signals)
+    if s.max_tokens and length > s.max_tokens:
+        return Verdict("too long", f"{length} response tokens > {s.max_tokens}", score, signals)
     if signals["repeat"] > s.max_repeat:
         return Verdict("repetitive", f"{signals['repeat']:.0%} of word 3-grams repeat", score, signals)
     if signals["garbled"] > s.max_garbled:
@@ -301,7 +303,12 @@ def _scrub_record(record: dict) -> tuple[dict, Counter]:
 def _settings_dict(s: CleanSettings) -> dict:
     from dataclasses import asdict
 
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items() if k != "tokenizer"}
+    if s.tokenizer is not None:  # the tokenizer changes what counts as a token: name it and its content hash
+        from sftlab.data.dataset import tokenizer_fingerprint
+
+        settings["tokenizer"] = {"name": s.tokenizer.name_or_path, "sha256": tokenizer_fingerprint(s.tokenizer)}
+    return settings
 
 
 def write_manifest(out, inputs: list, outputs: list[str], settings: dict, counts: dict) -> None:
