@@ -140,14 +140,14 @@ def inference_mode(model):
 
 def read_prompts(path: str) -> list[list[dict]]:
     """A JSONL file of {"prompt": str} or {"messages": [...]} per line -> message lists."""
+    from sftlab.data.formats import RecordProblem, read_jsonl
+
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such prompts file")
     conversations = []
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg}") from None
+    for where, record in read_jsonl(Path(path)):
+        if isinstance(record, RecordProblem):
+            raise DataError(f"{where}: {record}")
         if isinstance(record, dict) and isinstance(record.get("prompt"), str):
             conversations.append([{"role": "user", "content": record["prompt"]}])
         elif isinstance(record, dict) and isinstance(record.get("messages"), list):
@@ -155,7 +155,7 @@ def read_prompts(path: str) -> list[list[dict]]:
             # A trailing assistant message is the reference answer: the model writes its own.
             conversations.append(msgs[:-1] if msgs and msgs[-1].get("role") == "assistant" else msgs)
         else:
-            raise DataError(f"{path}:{lineno}: expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}")
+            raise DataError(f"{where}: expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}")
     if not conversations:
         raise DataError(f"{path}: no prompts")
     return conversations

@@ -54,6 +54,7 @@ class LoadResult:
     read: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     format: str = ""
+    records: list[dict] = field(default_factory=list)  # the raw record of each conversation (split's strata)
 
 
 # --------------------------------------------------------------------------- files
@@ -81,11 +82,12 @@ def expand_paths(path: str) -> list[Path]:
 
 def read_records(path: Path) -> Iterator[tuple[str, dict | RecordProblem]]:
     """Yield (origin, record) pairs; a record that cannot be parsed comes as a RecordProblem."""
-    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
+    reader = {".jsonl": read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
     yield from reader[path.suffix](path)
 
 
-def _read_jsonl(path: Path):
+def read_jsonl(path: Path) -> Iterator[tuple[str, dict | RecordProblem]]:
+    """One JSON value per line, with "file:line" origins; blank lines skipped, bad lines as RecordProblem."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             origin = f"{path}:{lineno}"
@@ -319,6 +321,7 @@ def load_conversations(
                     raise record
                 record = _renamed(record, rename) if isinstance(record, dict) else record
                 result.conversations.append(to_conversation(record, file_fmt, origin, system_prompt))
+                result.records.append(record)
             except RecordProblem as e:
                 if on_bad_record == "error":
                     raise DataError(

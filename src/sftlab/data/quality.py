@@ -166,17 +166,46 @@ def _luhn(digits: str) -> bool:
     return len(digits) >= 13 and total % 10 == 0
 
 
+class DuplicateIndex:
+    """Exact (normalized-text hash) and near duplicate lookup over the texts added so far.
+
+    LSH below the threshold finds candidates (recall); the exact Jaccard of shingle sets decides (precision).
+    """
+
+    def __init__(self, threshold: float, num_perm: int = 128):
+        from datasketch import MinHashLSH
+
+        self.threshold, self.num_perm = threshold, num_perm
+        self.lsh = MinHashLSH(threshold=max(0.3, threshold - 0.2), num_perm=num_perm)
+        self.exact: dict[str, object] = {}
+        self.grams: dict[object, set[bytes]] = {}
+
+    def match(self, key, text: str, index_near: bool) -> tuple[str, list]:
+        """("exact", [key]) | ("near", [keys...]) | ("", []). The text is indexed under `key` unless it
+        is an exact copy, or a near one and not `index_near`."""
+        from datasketch import MinHash
+
+        digest = normalized_hash(text)
+        if digest in self.exact:
+            return "exact", [self.exact[digest]]
+        self.exact[digest] = key
+        grams = shingles(text)
+        mh = MinHash(num_perm=self.num_perm, seed=1)
+        mh.update_batch(list(grams))
+        near = [k for k in self.lsh.query(mh) if _jaccard(grams, self.grams[k]) >= self.threshold]
+        if not near or index_near:
+            self.lsh.insert(key, mh)
+            self.grams[key] = grams
+        return ("near" if near else ""), near
+
+
 def clean(conversations: list[Conversation], s: CleanSettings, contamination: set[int] = frozenset(),
           progress: bool = False) -> tuple[list[tuple[Conversation, Verdict]], list[tuple[Conversation, Verdict]]]:  # fmt: skip
     """(kept, rejected), each with its verdict; the first of a group of duplicates is the one kept."""
-    from datasketch import MinHash, MinHashLSH
     from tqdm.auto import tqdm
 
     refusal_re = re.compile("|".join(f"(?:{p})" for p in s.refusals), re.I) if s.refusals else None
-    # LSH below the threshold finds candidates (recall); the exact Jaccard of shingle sets decides (precision).
-    lsh = MinHashLSH(threshold=max(0.3, s.near_threshold - 0.2), num_perm=s.num_perm)
-    seen: dict[str, str] = {}
-    shingle_sets: dict[str, set[bytes]] = {}
+    index = DuplicateIndex(s.near_threshold, s.num_perm)
     kept, rejected = [], []
     for i, conv in enumerate(tqdm(conversations, desc="clean", unit="ex", disable=not progress)):
         verdict = judge(conv, s, refusal_re)
@@ -187,21 +216,10 @@ def clean(conversations: list[Conversation], s: CleanSettings, contamination: se
                 verdict = Verdict("contaminated", f"shares {len(shared)} {s.decontam_ngram}-grams with eval data",
                                   verdict.score, verdict.signals)  # fmt: skip
         if verdict.reason is None:
-            key = normalized_hash(text)
-            if key in seen:
-                verdict = Verdict("exact duplicate", f"of {seen[key]}", verdict.score, verdict.signals)
-            else:
-                seen[key] = conv.origin
-                grams = shingles(text)
-                mh = MinHash(num_perm=s.num_perm, seed=1)
-                mh.update_batch(list(grams))
-                match = next((k for k in lsh.query(mh) if _jaccard(grams, shingle_sets[k]) >= s.near_threshold), None)
-                if match is not None:
-                    verdict = Verdict("near duplicate", f"of {match}", verdict.score, verdict.signals)
-                else:
-                    name = f"{conv.origin}#{i}"
-                    lsh.insert(name, mh)
-                    shingle_sets[name] = grams
+            kind, found = index.match(i, text, index_near=False)
+            if kind:
+                verdict = Verdict(f"{kind} duplicate", f"of {conversations[found[0]].origin}", verdict.score,
+                                  verdict.signals)  # fmt: skip
         (kept if verdict.reason is None else rejected).append((conv, verdict))
     return kept, rejected
 

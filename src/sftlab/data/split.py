@@ -8,8 +8,8 @@ import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from sftlab.data.formats import Conversation, RecordProblem, detect_format, expand_paths, read_records, to_conversation
-from sftlab.data.quality import CleanSettings, _jaccard, canonical, dialogue_text, normalized_hash, shingles, write_manifest
+from sftlab.data.formats import Conversation, expand_paths, load_conversations
+from sftlab.data.quality import DuplicateIndex, dialogue_text, write_manifest
 from sftlab.errors import ConfigError, DataError
 
 
@@ -17,27 +17,15 @@ def read_with_records(inputs: list[str]) -> tuple[list[Conversation], list[dict]
     """Conversations and the raw records they came from (for stratification), and the files read."""
     convs, raws, files = [], [], []
     for path in inputs:
-        for file in expand_paths(path):
-            files.append(file)
-            pairs = list(read_records(file))
-            fmt = detect_format([r for _, r in pairs[:20] if isinstance(r, dict)], str(file))
-            for origin, record in pairs:
-                try:
-                    if isinstance(record, RecordProblem):
-                        raise record
-                    convs.append(to_conversation(record, fmt, origin, None))
-                except RecordProblem as e:
-                    raise DataError(f"{origin}: {e}; fix it or run `sftlab data clean` first") from None
-                raws.append(record)
-    if not convs:
-        raise DataError(f"{', '.join(inputs)}: no records")
+        loaded = load_conversations(path)  # a bad record stops here with its file:line
+        convs += loaded.conversations
+        raws += loaded.records
+        files += expand_paths(path)
     return convs, raws, files
 
 
 def duplicate_groups(convs: list[Conversation], threshold: float = 0.8) -> list[int]:
     """A group id per example; exact and near duplicates (Jaccard >= threshold) share one (union-find)."""
-    from datasketch import MinHash, MinHashLSH
-
     parent = list(range(len(convs)))
 
     def find(i: int) -> int:
@@ -46,22 +34,10 @@ def duplicate_groups(convs: list[Conversation], threshold: float = 0.8) -> list[
             i = parent[i]
         return i
 
-    lsh = MinHashLSH(threshold=max(0.3, threshold - 0.2), num_perm=128)
-    grams, exact = {}, {}
+    index = DuplicateIndex(threshold)
     for i, conv in enumerate(convs):
-        text = dialogue_text(conv)
-        key = normalized_hash(text)
-        if key in exact:
-            parent[find(i)] = find(exact[key])
-            continue
-        exact[key] = i
-        grams[i] = shingles(text)
-        mh = MinHash(num_perm=128, seed=1)
-        mh.update_batch(list(grams[i]))
-        for j in lsh.query(mh):
-            if _jaccard(grams[i], grams[j]) >= threshold:
-                parent[find(i)] = find(j)
-        lsh.insert(i, mh)
+        for j in index.match(i, dialogue_text(conv), index_near=True)[1]:  # near: joins every group it matches
+            parent[find(i)] = find(j)
     return [find(i) for i in range(len(convs))]
 
 
@@ -105,9 +81,9 @@ def run_split(inputs: list[str], output: str, ratios: list[float], names: list[s
     counts = Counter(split)
     for s, name in enumerate(names):
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for conv, raw, where in zip(convs, raws, split):
+            for raw, where in zip(raws, split):
                 if where == s:
-                    f.write(json.dumps(raw if isinstance(raw, dict) else canonical(conv), ensure_ascii=False) + "\n")
+                    f.write(json.dumps(raw, ensure_ascii=False) + "\n")
     report = {name: counts.get(s, 0) for s, name in enumerate(names)}
     write_manifest(out, files, [f"{n}.jsonl" for n in names],
                    {"settings": {"ratios": ratios, "seed": seed, "stratify": stratify, "near_threshold": threshold}},

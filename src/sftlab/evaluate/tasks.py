@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from sftlab.config import TaskSpec
+from sftlab.data.formats import RecordProblem, read_jsonl
 from sftlab.errors import DataError
 from sftlab.evaluate.metrics import extract_number
 
@@ -39,14 +39,9 @@ def load_task(spec: TaskSpec) -> list[Item]:
     if not path.is_file():
         raise DataError(f"eval.tasks: {path} not found")
     items = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON ({e.msg}); each line must be one JSON object") from None
+    for where, record in read_jsonl(path):
+        if isinstance(record, RecordProblem):
+            raise DataError(f"{where}: {record}; each line must be one JSON object")
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         items.append(PARSERS[spec.type](record, where))
