@@ -25,9 +25,8 @@ def load_for_inference(source: str) -> Loaded:
     """A run directory (LoRA or full), an exported model directory, or anything model.name accepts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftlab.models import load_model, load_tokenizer
-
     from sftlab.methods import ADAPTER_CONFIG, load_bottleneck
+    from sftlab.models import load_model, load_tokenizer
 
     path = Path(source)
     if (path / ADAPTER_CONFIG).is_file():  # bottleneck adapters (train.method=adapter)
@@ -91,9 +90,8 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], sampling
 
     from sftlab.models import end_of_turn_ids
 
-    prompts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False,
-                                             chat_template=chat_template) for m in conversations]  # fmt: skip
-    prompts = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
+    prompts = [prompt_ids(tokenizer, m, chat_template) for m in conversations]
+    stop = sorted(end_of_turn_ids(tokenizer))
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
@@ -106,11 +104,18 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], sampling
             ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(prompts[i])) + prompts[i] for i in idx])
             mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 max_new_tokens=sampling.max_new_tokens, eos_token_id=sorted(end_of_turn_ids(tokenizer)),
+                                 max_new_tokens=sampling.max_new_tokens, eos_token_id=stop,
                                  pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs())  # fmt: skip
             for row, i in enumerate(idx):
                 answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     return answers
+
+
+def prompt_ids(tokenizer, messages: list[dict], chat_template: str | None = None) -> list[int]:
+    """The generation prompt's token ids: the conversation rendered with the (given or saved) template."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                        chat_template=chat_template)  # fmt: skip
+    return list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)  # some tokenizers return an encoding
 
 
 @contextlib.contextmanager

@@ -129,9 +129,11 @@ def choice_logprobs(model, tokenizer, items: list[Item], batch_size: int = 8, ch
 
     The choice is tokenized apart from the rendered prompt, exactly as a reply is in training (GUIDE rule 2).
     """
+    from sftlab.generate import prompt_ids
+
     pairs, owners = [], []
     for n, item in enumerate(items):
-        prompt = _prompt_ids(tokenizer, item.messages, chat_template)
+        prompt = prompt_ids(tokenizer, item.messages, chat_template)
         for choice in item.choices:
             pairs.append((prompt, tokenizer(choice, add_special_tokens=False)["input_ids"]))
             owners.append(n)
@@ -154,12 +156,6 @@ def choice_logprobs(model, tokenizer, items: list[Item], batch_size: int = 8, ch
     for n, s in zip(owners, scores):
         out[n].append(s)
     return out
-
-
-def _prompt_ids(tokenizer, messages, chat_template) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
-                                        chat_template=chat_template)  # fmt: skip
-    return list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
 
 
 def multiple_choice_scores(items: list[Item], logprobs: list[list[float]]) -> dict[str, float]:

@@ -17,6 +17,7 @@ from typing import Literal
 from fastapi import Request as HttpRequest  # at module level: FastAPI resolves string annotations here
 from pydantic import BaseModel, Field
 
+from sftlab.generate import prompt_ids
 from sftlab.serve.engine import Closing, Engine, QueueFull, Request
 
 
@@ -133,11 +134,9 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
                     for m in body.messages]  # fmt: skip
         template = served.templates.get(body.model)
         try:
-            prompt = served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                          return_dict=False, chat_template=template)  # fmt: skip
+            prompt = prompt_ids(served.tokenizer, messages, template)
         except Exception as e:  # a template that rejects this conversation (role order, say)
             raise ApiError(400, f"messages: the chat template cannot render them: {e}", param="messages") from None
-        prompt = list(prompt["input_ids"]) if hasattr(prompt, "keys") else list(prompt)
         return await _respond(body, prompt, http, chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
