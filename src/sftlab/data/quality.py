@@ -290,13 +290,13 @@ def run_clean(inputs: list[str], output: str, settings: CleanSettings, decontami
             fr.write(json.dumps(row, ensure_ascii=False) + "\n")
     reasons = Counter(v.reason for _, v in rejected)
     report = {"read": len(conversations), "kept": len(kept), "rejected": len(rejected), "reasons": dict(reasons),
-              "pii_replaced": dict(pii), "mean_quality": round(sum(v.score for _, v in kept) / max(len(kept), 1), 3),
-              "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+              "pii_replaced": dict(pii), "mean_quality": round(sum(v.score for _, v in kept) / max(len(kept), 1), 3)}  # fmt: skip
     (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
     write_manifest(out, files + [Path(p) for f in decontaminate for p in expand_paths(f)],
                    ["kept.jsonl", "rejected.jsonl", "scores.jsonl", "report.json"],
                    {"settings": _settings_dict(settings), "decontaminate": list(decontaminate)}, report)  # fmt: skip
-    say(f"read {report['read']}, kept {report['kept']}, rejected {report['rejected']} ({report['seconds']} s)")
+    seconds = time.perf_counter() - started  # printed, not written: outputs must hash the same on every run
+    say(f"read {report['read']}, kept {report['kept']}, rejected {report['rejected']} ({seconds:.1f} s)")
     for reason, count in reasons.most_common():
         say(f"  {reason:26} {count}")
     if pii:
@@ -339,5 +339,5 @@ def write_manifest(out, inputs: list, outputs: list[str], settings: dict, counts
     manifest = {"tool": f"sftlab {version('sftlab')}",
                 "inputs": [{"path": str(p), "sha256": file_digest(p)} for p in inputs],
                 "outputs": [{"path": name, "sha256": file_digest(out / name)} for name in outputs],
-                **settings, "counts": {k: v for k, v in counts.items() if k != "seconds"}}  # fmt: skip
+                **settings, "counts": counts}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
