@@ -315,3 +315,22 @@ def test_a_failing_prefill_answers_with_an_error_and_the_engine_goes_on(lively_m
         assert asyncio.run(run()) == "done"
     finally:
         engine.shutdown(5)
+
+
+def test_data_synth_endpoint_generator_talks_to_sftlab_serve(live):
+    from sftlab.data.generators import EndpointGenerator
+    from sftlab.data.synth import SynthSettings
+
+    gen = EndpointGenerator(live["url"], api_key=KEY)  # no --endpoint-model: the server's first model
+    outs = gen.complete(["Task 1\nInstruction:", "Task 2\nInstruction:"], seed=7, s=SynthSettings(num=1, max_new_tokens=8))
+    assert gen.model in _models(live) and len(outs) == 2
+    assert all(isinstance(o.text, str) and o.stopped is False for o in outs)  # random weights: cut at 8 tokens
+    again = gen.complete(["Task 1\nInstruction:", "Task 2\nInstruction:"], seed=7, s=SynthSettings(num=1, max_new_tokens=8))
+    assert [o.text for o in again] == [o.text for o in outs]  # seeded sampling repeats
+    with pytest.raises(Exception, match="HTTP 401"):
+        EndpointGenerator(live["url"], api_key="wrong")
+
+
+def _models(live):
+    r = httpx.get(live["url"] + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    return [m["id"] for m in r.json()["data"]]

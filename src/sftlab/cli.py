@@ -95,6 +95,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="directory for stats.json and lengths.png")
     p.set_defaults(run=cmd_data_stats)
 
+    p = data.add_parser("synth", help="grow seed tasks into a larger set with Self-Instruct (resumable)")
+    p.add_argument("--seed-tasks", required=True, help="JSONL of {instruction, input, output} (or Self-Instruct's)")
+    p.add_argument("--num", type=int, required=True, help="how many new tasks OUTPUT should hold")
+    p.add_argument("--output", required=True, help="Alpaca JSONL; .rejected.jsonl and .progress.json beside it")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="local generator: a model.name or run dir")
+    p.add_argument("--endpoint", help="OpenAI-compatible server URL instead (e.g. of `sftlab serve`)")
+    p.add_argument("--endpoint-model", help="the model id to ask the endpoint for (default: its first)")
+    p.add_argument("--api-key", default=os.environ.get("SFTLAB_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+                   help="endpoint key (default: $SFTLAB_API_KEY or $OPENAI_API_KEY)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=8, help="prompts per round")
+    p.add_argument("--prompt-tasks", type=int, default=3, help="in-context example tasks per prompt")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--similarity", type=float, default=0.7, help="reject at this ROUGE-L to any pool instruction")
+    p.add_argument("--min-words", type=int, default=3, help="fewest instruction words")
+    p.add_argument("--max-words", type=int, default=150, help="most instruction words")
+    p.add_argument("--banned", help="file of banned keywords (one a line) replacing the built-in list")
+    p.add_argument("--patience", type=int, default=20, help="give up after this many rounds without a new task")
+    p.set_defaults(run=cmd_data_synth)
+
     p = sub.add_parser("train", help="fine-tune a model (full or LoRA)")
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
@@ -242,6 +264,31 @@ def cmd_data_clean(args) -> int:
         settings.refusals = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
     run_clean(args.inputs, args.output, settings, args.decontaminate)
     return 0
+
+
+def cmd_data_synth(args) -> int:
+    from sftlab.data.generators import EndpointGenerator, LocalGenerator
+    from sftlab.data.synth import SynthSettings, load_seed_tasks, run_synth
+    from sftlab.errors import ConfigError
+
+    settings = SynthSettings(num=args.num, seed=args.seed, batch=args.batch, prompt_tasks=args.prompt_tasks,
+                             temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                             similarity=args.similarity, min_words=args.min_words, max_words=args.max_words,
+                             patience=args.patience)  # fmt: skip
+    for name in ("num", "batch", "prompt_tasks", "max_new_tokens", "patience"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < settings.similarity <= 1:
+        raise ConfigError("--similarity must be in (0, 1]")
+    if args.banned:
+        path = Path(args.banned)
+        if not path.is_file():
+            raise ConfigError(f"--banned: {path} not found")
+        settings.banned = tuple(w.strip() for w in path.read_text(encoding="utf-8").splitlines() if w.strip())
+    load_seed_tasks(args.seed_tasks)  # a bad seed file fails before a model is loaded
+    generator = (EndpointGenerator(args.endpoint, args.endpoint_model, args.api_key) if args.endpoint
+                 else LocalGenerator(args.model))  # fmt: skip
+    return run_synth(args.seed_tasks, args.output, settings, generator)
 
 
 def cmd_data_split(args) -> int:

@@ -79,24 +79,32 @@ def answer(loaded: Loaded, messages: list[dict], max_new_tokens: int = 128, temp
     return generate_answers(loaded.model, loaded.tokenizer, [messages], sampling)[0]
 
 
-@torch.no_grad()
 def generate_answers(model, tokenizer, conversations: list[list[dict]], sampling: Sampling, batch_size: int = 8,
                      chat_template: str | None = None, desc: str | None = None) -> list[str]:  # fmt: skip
-    """Replies to many conversations: longest prompts batched together, left-padded, stopped at end-of-turn.
+    """Replies to many conversations, rendered with the chat template and stopped at end-of-turn.
 
     `chat_template` overrides the tokenizer's (the training loop passes the template it trains with).
     """
+    prompts = [prompt_ids(tokenizer, m, chat_template) for m in conversations]
+    return [text for text, _ in complete_ids(model, tokenizer, prompts, sampling, batch_size, desc)]
+
+
+@torch.no_grad()
+def complete_ids(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int = 8,
+                 desc: str | None = None) -> list[tuple[str, bool]]:  # fmt: skip
+    """(text, stopped) continuing each prompt: longest prompts batched together, left-padded.
+
+    stopped is False where the text ran into max_new_tokens instead of an end-of-turn token."""
     from tqdm.auto import tqdm
 
     from sftlab.models import end_of_turn_ids
 
-    prompts = [prompt_ids(tokenizer, m, chat_template) for m in conversations]
     stop = sorted(end_of_turn_ids(tokenizer))
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     device = next(model.parameters()).device
-    answers: list[str] = [""] * len(prompts)
+    results: list[tuple[str, bool]] = [("", True)] * len(prompts)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     with inference_mode(model):
         for idx in tqdm(batches, desc=desc, disable=desc is None, unit="batch", leave=False):
@@ -107,8 +115,10 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], sampling
                                  max_new_tokens=sampling.max_new_tokens, eos_token_id=stop,
                                  pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs())  # fmt: skip
             for row, i in enumerate(idx):
-                answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
-    return answers
+                new = out[row, width:].tolist()
+                stopped = any(t in stop for t in new)
+                results[i] = (tokenizer.decode(new, skip_special_tokens=True).strip(), stopped)
+    return results
 
 
 def prompt_ids(tokenizer, messages: list[dict], chat_template: str | None = None) -> list[int]:
