@@ -136,6 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="also write {messages, response[, base_response]} JSONL here")
     p.set_defaults(run=cmd_generate)
 
+    p = sub.add_parser("predict", help="classify texts with a classification run")
+    p.add_argument("run_dir")
+    p.add_argument("--input", required=True, help="JSONL/JSON/CSV/Parquet of {text[, text_pair]}, or a .txt (one a line)")
+    p.add_argument("--output", required=True, help="JSONL: one {label, probs} per input record")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(run=cmd_predict)
+
+    p = sub.add_parser("translate", help="translate sources with a seq2seq run")
+    p.add_argument("run_dir")
+    p.add_argument("--input", required=True, help="JSONL/JSON/CSV/Parquet of {source}, or a .txt (one a line)")
+    p.add_argument("--output", help="JSONL of {source, translation} (default: print the translations)")
+    p.add_argument("--num-beams", type=int, help="beam width (default: the run's seq2seq.num_beams)")
+    p.add_argument("--max-new-tokens", type=int, help="default: the run's seq2seq.max_target_length")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(run=cmd_translate)
+
     p = sub.add_parser("eval", help="loss, generation metrics and benchmark tasks; --compare against the base")
     p.add_argument("config", help="run directory, or a YAML config (model + data.eval and/or eval.tasks)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (eval.*, data.*)")
@@ -289,6 +305,62 @@ def cmd_data_synth(args) -> int:
     generator = (EndpointGenerator(args.endpoint, args.endpoint_model, args.api_key) if args.endpoint
                  else LocalGenerator(args.model))  # fmt: skip
     return run_synth(args.seed_tasks, args.output, settings, generator)
+
+
+def cmd_predict(args) -> int:
+    from sftlab.task import load_trained
+    from sftlab.task.classification import load_labels, predict_probs
+
+    model, tokenizer, cfg = load_trained(args.run_dir, "classification")
+    labels, label_type = load_labels(Path(args.run_dir))
+    records = _input_records(args.input, "text", ("text_pair",))
+    rows = []
+    for r in records:
+        enc = tokenizer(r["text"], r.get("text_pair"), truncation=True, max_length=cfg.data.max_length)
+        rows.append({k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc})
+    probs = predict_probs(model, rows, tokenizer.pad_token_id, args.batch_size)
+    with open(args.output, "w", encoding="utf-8") as f:
+        for p in probs.tolist():
+            best = labels[max(range(len(p)), key=p.__getitem__)]
+            label = int(best) if label_type == "int" else best
+            f.write(json.dumps({"label": label, "probs": {name: round(v, 6) for name, v in zip(labels, p)}},
+                               ensure_ascii=False) + "\n")  # fmt: skip
+    print(f"wrote {len(rows)} predictions to {args.output}")
+    return 0
+
+
+def cmd_translate(args) -> int:
+    from sftlab.task import load_trained
+    from sftlab.task.seq2seq import translate
+
+    model, tokenizer, cfg = load_trained(args.run_dir, "seq2seq")
+    sources = [r["source"] for r in _input_records(args.input, "source")]
+    hyps = translate(model, tokenizer, [cfg.seq2seq.source_prefix + s for s in sources],
+                     args.max_new_tokens or cfg.seq2seq.max_target_length, args.num_beams or cfg.seq2seq.num_beams,
+                     args.batch_size)  # fmt: skip
+    if not args.output:
+        print("\n".join(hyps))
+        return 0
+    with open(args.output, "w", encoding="utf-8") as f:
+        for s, h in zip(sources, hyps):
+            f.write(json.dumps({"source": s, "translation": h}, ensure_ascii=False) + "\n")
+    print(f"wrote {len(hyps)} translations to {args.output}")
+    return 0
+
+
+def _input_records(path: str, field: str, optional: tuple[str, ...] = ()) -> list[dict]:
+    """predict/translate input: a .txt file (one `field` a line) or records with that field."""
+    from sftlab.data.formats import load_field_records
+    from sftlab.errors import DataError
+
+    if not Path(path).is_file():
+        raise DataError(f"--input {path}: no such file")
+    if path.endswith(".txt"):
+        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise DataError(f"--input {path}: no lines")
+        return [{field: line} for line in lines]
+    return [r for _, r in load_field_records(path, (field,), optional).records]
 
 
 def cmd_data_split(args) -> int:

@@ -48,6 +48,8 @@ class ModelConfig:
     )
     revision: str | None = _f(None, help="hub revision (hub ids only)")
     trust_remote_code: bool = _f(False, help="allow model code from the hub")
+    init: Literal["pretrained", "random"] = _f(
+        "pretrained", help="random: the architecture of model.name (its config.json) with fresh weights")
 
 
 @dataclass
@@ -147,6 +149,20 @@ class PeftConfig:
     freeze_modules: list[str] = _f(factory=list, help="freeze: also train these modules (e.g. lm_head, norm)")
 
 
+@dataclass
+class ClassificationConfig:
+    labels: list[str] = _f(factory=list, help="class names in id order (default: the training labels, sorted)")
+    class_weights: Literal["none", "balanced"] = _f(
+        "none", help="balanced: weight each class by n / (classes x its count) against imbalance")
+
+
+@dataclass
+class Seq2SeqConfig:
+    source_prefix: str = _f("", help="text put before every source (T5 style, e.g. 'translate English to German: ')")
+    max_target_length: int = _f(256, help="maximum target tokens (data.max_length bounds the source)")
+    num_beams: int = _f(1, help="beam width when translating and evaluating (1: greedy)")
+
+
 TaskType = Literal["multiple_choice", "exact_match", "code", "generation"]
 
 
@@ -182,12 +198,16 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    task: Literal["causal_lm", "classification", "seq2seq"] = _f(
+        "causal_lm", help="causal_lm (chat SFT) | classification (encoder or decoder + head) | seq2seq (translation)")
     model: ModelConfig = _f(factory=ModelConfig)
     data: DataConfig = _f(factory=DataConfig)
     train: TrainConfig = _f(factory=TrainConfig)
     lora: LoraConfig = _f(factory=LoraConfig)
     peft: PeftConfig = _f(factory=PeftConfig)
     eval: EvalConfig = _f(factory=EvalConfig)
+    classification: ClassificationConfig = _f(factory=ClassificationConfig)
+    seq2seq: Seq2SeqConfig = _f(factory=Seq2SeqConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -245,6 +265,10 @@ def _resolve_data_paths(raw: dict, base: Path) -> None:
     # Paths written in a YAML file are relative to that file, so configs run from any directory.
     if isinstance(raw.get("eval"), dict):
         _rebase_list(raw["eval"], ("tasks",), base)
+    model = raw.get("model")
+    name = model.get("name") if isinstance(model, dict) else None
+    if isinstance(name, str) and not Path(name).is_absolute() and (base / name).exists():  # a model dir beside the file
+        model["name"] = str(base / name)
     data = raw.get("data")
     if not isinstance(data, dict):
         return
@@ -394,7 +418,7 @@ def validate(cfg: Config) -> None:
         (cfg.eval.generate_every >= 0 and cfg.eval.generate_examples >= 1,
          "eval.generate_every must be >= 0 and eval.generate_examples >= 1"),
     ]
-    for ok, message in checks:
+    for ok, message in checks + _task_checks(cfg):
         if not ok:
             raise ConfigError(message)
     for split in ("train", "eval"):
@@ -403,6 +427,20 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"data.{split}[{i}].path is empty")
     if cfg.eval.generate_every and not cfg.data.eval:
         raise ConfigError("eval.generate_every needs data.eval (conversations whose last assistant turn is the reference)")
+
+
+def _task_checks(cfg: Config) -> list[tuple[bool, str]]:
+    if cfg.task == "causal_lm":
+        return []
+    t = cfg.task
+    return [
+        (cfg.train.method in ("full", "lora"), f"task {t} trains with train.method full or lora (got {cfg.train.method})"),
+        (not cfg.data.packing, f"data.packing is for causal_lm; task {t} pads its batches"),
+        (not cfg.eval.generate_every, f"eval.generate_every is for causal_lm; task {t} reports its metrics at each eval"),
+        (not cfg.eval.tasks, f"eval.tasks (benchmark files) are for causal_lm, not task {t}"),
+        (cfg.seq2seq.max_target_length >= 1 and cfg.seq2seq.num_beams >= 1,
+         "seq2seq.max_target_length and seq2seq.num_beams must be at least 1"),
+    ]  # fmt: skip
 
 
 def _has_eval(cfg: Config) -> bool:

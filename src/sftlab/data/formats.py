@@ -336,3 +336,34 @@ def load_conversations(
 
 def _renamed(record: dict, rename: dict[str, str]) -> dict:
     return {rename.get(k, k): v for k, v in record.items()} if rename else record
+
+
+def load_field_records(path: str, fields: tuple[str, ...], optional: tuple[str, ...] = (),
+                       columns: dict[str, str] | None = None, on_bad_record: str = "error") -> LoadResult:  # fmt: skip
+    """Flat records of one dataset spec (classification, seq2seq): `fields` required, `optional` kept when
+    present. LoadResult.records holds (origin, {field: value}) pairs; bad records raise or are counted."""
+    result = LoadResult(format="fields")
+    rename = {src: dst for dst, src in (columns or {}).items()}
+    for file in expand_paths(path):
+        for origin, record in read_records(file):
+            result.read += 1
+            try:
+                if isinstance(record, RecordProblem):
+                    raise record
+                if not isinstance(record, dict):
+                    raise RecordProblem("not an object", f"expected an object with {', '.join(fields)}")
+                record = _renamed(record, rename)
+                missing = [f for f in fields if record.get(f) is None or record.get(f) == ""]
+                if missing:
+                    raise RecordProblem(f"missing {missing[0]}", f"missing field {missing[0]!r} (has: "
+                                        f"{', '.join(record) or 'nothing'}); map a column with columns: "
+                                        f"{{{missing[0]}: your_column}}")  # fmt: skip
+                result.records.append((origin, {f: record[f] for f in fields + optional if record.get(f) is not None}))
+            except RecordProblem as e:
+                if on_bad_record == "error":
+                    raise DataError(f"{origin}: {e}. Fix the record, or set data.on_bad_record=skip to skip "
+                                    "and count such records.") from None  # fmt: skip
+                result.skipped[e.kind] += 1
+    if result.read == 0:
+        raise DataError(f"{path}: the dataset is empty (no records)")
+    return result

@@ -7,12 +7,19 @@ import math
 
 import torch
 
-from sftlab.data.batching import collate, rows, supervised_count
+from sftlab.data.batching import collate as collate_padded
+from sftlab.data.batching import rows, supervised_count
 
 
 @torch.no_grad()
-def eval_loss(loss_module, data, batch_size: int, pad_id: int, accelerator=None) -> dict:
-    """{eval_loss, eval_ppl, eval_tokens}; `accelerator` spreads batches over ranks (None: one process)."""
+def eval_loss(loss_module, data, batch_size: int, pad_id: int, accelerator=None, collate_fn=None, count_fn=None) -> dict:
+    """{eval_loss, eval_ppl, eval_tokens}; `accelerator` spreads batches over ranks (None: one process).
+
+    collate_fn/count_fn: the task's batching and supervised-unit count (default: causal LM tokens)."""
+    from functools import partial
+
+    collate_fn = collate_fn or partial(collate_padded, pad_id=pad_id)
+    count_fn = count_fn or supervised_count
     accelerator = accelerator or _SingleProcess(next(loss_module.parameters()).device)
     was_training = loss_module.training
     loss_module.eval()
@@ -22,10 +29,10 @@ def eval_loss(loss_module, data, batch_size: int, pad_id: int, accelerator=None)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     total, count = torch.zeros((), dtype=torch.float64), 0
     for idx in batches[accelerator.process_index :: accelerator.num_processes]:
-        batch = collate(rows(data, idx), pad_id)
+        batch = collate_fn(rows(data, idx))
         with accelerator.autocast():
             total += loss_module(**{k: v.to(accelerator.device) for k, v in batch.items()}).double().cpu()
-        count += supervised_count(batch)
+        count += count_fn(batch)
     stats = torch.tensor([total.item(), float(count)], dtype=torch.float64, device=accelerator.device)
     total, count = accelerator.reduce(stats, "sum").tolist()
     loss_module.train(was_training)

@@ -56,7 +56,7 @@ def render(run: Path) -> str:
         "<h2>Training curves</h2>",
         '<div class=charts id=charts>' + "".join(charts) + "</div>" if charts else "<p>No metrics.jsonl yet.</p>",
         "<h2>Data</h2>", _data_table(_json(run / "data_report.json") or {}),
-        "<h2>Evaluation</h2>", _metrics_table(evaluation),
+        "<h2>Evaluation</h2>", _metrics_table(evaluation), _confusion(run / "eval" / "confusion.png"),
         "<h2>Answers side by side</h2>", _samples_table(run / "eval" / "samples.jsonl", evaluation),
     ]
     if (run / "generations.jsonl").is_file():
@@ -97,6 +97,8 @@ def _charts(metrics: list[dict]) -> list[str]:
         "loss": [("loss", "train loss"), ("eval_loss", "eval loss")],
         "learning rate": [("learning_rate", "learning rate")],
         "gradient norm (before clipping)": [("grad_norm", "grad norm")],
+        "eval accuracy and F1 (classification)": [("eval_accuracy", "accuracy"), ("eval_f1_macro", "macro F1")],
+        "eval BLEU and chrF (seq2seq)": [("eval_bleu", "BLEU"), ("eval_chrf", "chrF")],
         "answers during training (eval.generate_every)": [
             ("gen_bleu", "BLEU"), ("gen_chrf", "chrF"), ("gen_rougeL", "ROUGE-L"), ("gen_exact_match", "exact match")],
     }  # fmt: skip
@@ -129,6 +131,13 @@ def _plot(title: str, points: dict[str, list[tuple]]) -> str:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def _confusion(path: Path) -> str:
+    if not path.is_file():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f"<figure><img alt='confusion matrix' src='data:image/png;base64,{data}'><figcaption>confusion matrix</figcaption></figure>"
 
 
 def _data_table(reports: dict) -> str:

@@ -1,0 +1,178 @@
+"""task: seq2seq. Records {source, target} -> an encoder-decoder (Marian, T5, BART families); loss on
+every target token (padding masked), summed and divided once per step like chat SFT; evaluation
+translates the eval sources and scores them with BLEU and chrF (sacrebleu)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sftlab.config import Config, DatasetSpec
+from sftlab.data.formats import load_field_records
+from sftlab.data.tokenize import IGNORE, DatasetReport
+from sftlab.errors import DataError
+from sftlab.task import pad_rows, split_eval
+
+
+class Seq2Seq:
+    name = "seq2seq"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def load_data(self, tokenizer, seed: int):
+        import datasets
+
+        data = self.cfg.data
+        if not data.train:
+            raise DataError("data.train lists no datasets; add one: data.train: [{path: pairs.jsonl}]")
+        train_rows, reports = self._read(data.train)
+        eval_rows, eval_reports = self._read(data.eval) if data.eval else (None, [])
+        train_rows, eval_rows = split_eval(train_rows, eval_rows, data.eval_split, seed)
+        encoded = {}
+        for split, rows, reps in (("train", train_rows, reports), ("eval", eval_rows, eval_reports)):
+            if rows is None:
+                continue
+            encoded[split] = datasets.Dataset.from_dict(self._encode(rows, tokenizer, reps))
+            if len(encoded[split]) == 0:
+                raise DataError(f"data.{split}: no examples left after the length policy; see the report")
+        report_map = {"train": reports} | ({"eval": eval_reports} if eval_reports else {})
+        return encoded["train"], encoded.get("eval"), report_map
+
+    def _read(self, specs: list[DatasetSpec]):
+        rows, reports = [], []
+        for spec in specs:
+            loaded = load_field_records(spec.path, ("source", "target"), (), spec.columns, self.cfg.data.on_bad_record)
+            report = DatasetReport(name=spec.label, format="source/target", read=loaded.read)
+            report.dropped.update({f"bad record: {k}": n for k, n in loaded.skipped.items()})
+            rows += [(origin, {**r, "_report": len(reports)}) for origin, r in loaded.records]
+            reports.append(report)
+        return rows, reports
+
+    def _encode(self, rows: list, tokenizer, reports: list[DatasetReport]) -> dict:
+        limits = {"source": self.cfg.data.max_length, "target": self.cfg.seq2seq.max_target_length}
+        out = {"input_ids": [], "labels": [], "source": [], "target": []}
+        lengths: dict[int, list[int]] = {}
+        for origin, r in rows:
+            report = reports[r["_report"]]
+            source = self.cfg.seq2seq.source_prefix + str(r["source"])
+            ids = {"source": tokenizer(source)["input_ids"], "target": tokenizer(text_target=str(r["target"]))["input_ids"]}
+            over = [k for k in ids if len(ids[k]) > limits[k]]
+            if over and self.cfg.data.overflow == "error":
+                k = over[0]
+                key = "data.max_length" if k == "source" else "seq2seq.max_target_length"
+                raise DataError(f"{origin}: the {k} has {len(ids[k])} tokens > {key}={limits[k]}; raise it or set "
+                                "data.overflow=truncate|drop")  # fmt: skip
+            if over and self.cfg.data.overflow == "drop":
+                report.dropped["too long"] += 1
+                report.supervised_lost += len(ids["target"])
+                continue
+            if over:
+                report.truncated += 1
+                report.supervised_lost += max(0, len(ids["target"]) - limits["target"])
+                # cut inside the text but keep the closing EOS, so the model still learns to stop
+                ids = {k: v if len(v) <= limits[k] else v[: limits[k] - 1] + v[-1:] for k, v in ids.items()}
+            out["input_ids"].append(ids["source"])
+            out["labels"].append(ids["target"])
+            out["source"].append(str(r["source"]))
+            out["target"].append(str(r["target"]))
+            report.kept += 1
+            report.tokens += len(ids["source"]) + len(ids["target"])
+            report.supervised_kept += len(ids["target"])
+            lengths.setdefault(r["_report"], []).append(len(ids["source"]))
+        for i, report in enumerate(reports):
+            report.set_lengths(lengths.get(i, []))
+        return out
+
+    def load_model(self, precision: str, tokenizer):
+        from transformers import AutoModelForSeq2SeqLM
+
+        from sftlab.models import frozen_dtype, load_model
+
+        lm = load_model(self.cfg.model, frozen_dtype(self.cfg.train.method, precision), AutoModelForSeq2SeqLM)
+        if lm.config.decoder_start_token_id is None:
+            raise DataError(f"{self.cfg.model.name}: config.json sets no decoder_start_token_id; add it "
+                            "(T5 and Marian use the pad token id)")  # fmt: skip
+        return lm
+
+    def loss_module(self, lm) -> torch.nn.Module:
+        return Seq2SeqLoss(lm)
+
+    def collate(self, pad_id: int, packing: bool = False):
+        return lambda rows: collate(rows, pad_id)
+
+    def count(self, batch: dict) -> int:
+        return int((batch["labels"] != IGNORE).sum())
+
+    def row_tokens(self, row: dict) -> int:
+        return len(row["input_ids"]) + len(row["labels"])
+
+    def metrics(self, model, tokenizer, eval_data, out: Path | None = None) -> dict:
+        from sftlab.evaluate.metrics import bleu, chrf
+
+        limit = self.cfg.eval.max_examples or len(eval_data)
+        sources, refs = eval_data["source"][:limit], eval_data["target"][:limit]
+        hyps = translate(model, tokenizer, [self.cfg.seq2seq.source_prefix + s for s in sources],
+                         self.cfg.seq2seq.max_target_length, self.cfg.seq2seq.num_beams, self.cfg.eval.batch_size)  # fmt: skip
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
+                for s, r, h in zip(sources, refs, hyps):
+                    f.write(json.dumps({"source": "eval", "prompt": s, "reference": r, "answer": h}, ensure_ascii=False) + "\n")
+        return {"eval_bleu": bleu(hyps, refs), "eval_chrf": chrf(hyps, refs)}
+
+    def save_extras(self, out: Path, tokenizer) -> None:
+        pass
+
+
+class Seq2SeqLoss(torch.nn.Module):
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, labels: torch.Tensor, **inputs) -> torch.Tensor:
+        config = self.lm.config
+        decoder_inputs = shift_right(labels, config.decoder_start_token_id, config.pad_token_id)
+        logits = self.lm(**inputs, decoder_input_ids=decoder_inputs, use_cache=False).logits
+        keep = labels != IGNORE
+        return F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
+
+
+def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tensor:
+    """Teacher-forcing decoder inputs: the start token, then the labels, ignored positions as padding."""
+    shifted = labels.new_full(labels.shape, pad_id)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = start_id
+    return shifted.masked_fill(shifted == IGNORE, pad_id)
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    ids, mask = pad_rows([r["input_ids"] for r in rows], pad_id)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if "labels" in rows[0]:
+        batch["labels"] = pad_rows([r["labels"] for r in rows], IGNORE)[0]
+    return batch
+
+
+@torch.no_grad()
+def translate(model, tokenizer, sources: list[str], max_new_tokens: int, num_beams: int = 1,
+              batch_size: int = 16) -> list[str]:  # fmt: skip
+    """Greedy (or beam) translations, longest sources batched together."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids = [tokenizer(s)["input_ids"] for s in sources]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    hyps = [""] * len(ids)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = collate([{"input_ids": ids[i]} for i in idx], tokenizer.pad_token_id)
+        out = model.generate(**{k: v.to(device) for k, v in batch.items()}, max_new_tokens=max_new_tokens,
+                             num_beams=num_beams, do_sample=False)  # fmt: skip
+        for i, seq in zip(idx, out):
+            hyps[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
+    model.train(was_training)
+    return hyps
