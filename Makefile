@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.setup-stamp
 
-.PHONY: setup quickstart test inspect full evaluate
+.PHONY: setup quickstart test inspect full evaluate classify translate
 
 setup: $(STAMP)
 
@@ -29,6 +29,16 @@ quickstart: setup
 evaluate: setup
 	.venv/bin/sftlab eval runs/quickstart --compare
 	.venv/bin/sftlab report runs/quickstart
+
+# The other fine-tuning jobs: sentiment classification (MiniLM) and English -> French translation (T5 from scratch).
+classify: setup
+	.venv/bin/sftlab train examples/classify.yaml --overwrite
+	.venv/bin/sftlab report runs/classify
+
+translate: setup
+	.venv/bin/sftlab train examples/translate.yaml --overwrite
+	.venv/bin/sftlab translate runs/translate --input examples/translate/test.jsonl --output runs/translate/translations.jsonl
+	.venv/bin/sftlab report runs/translate
 
 full: setup
 	.venv/bin/sftlab train examples/full.yaml --overwrite
