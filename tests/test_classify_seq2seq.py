@@ -77,6 +77,11 @@ def test_classification_learns_a_separable_set_and_predict_round_trips_labels(tm
     assert [p["label"] for p in preds] == ["pos", "neg"]
     for p in preds:
         assert set(p["probs"]) == {"neg", "pos"} and abs(sum(p["probs"].values()) - 1) < 1e-4
+    # `sftlab eval RUN` reloads the saved model and finds the same numbers
+    assert main(["eval", str(tmp_path / "run"), "--output", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())["models"]["model"]["metrics"]
+    assert again["eval_accuracy"] == metrics["eval_accuracy"]
+    assert again["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
     assert main(["report", str(tmp_path / "run")]) == 0
     assert "confusion matrix" in (tmp_path / "run" / "report.html").read_text()
 

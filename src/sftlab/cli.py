@@ -428,8 +428,24 @@ def cmd_eval(args) -> int:
 
     if args.compare and re.match(r"^[a-z_]+(\.[a-z_]+)+=", args.compare):  # an override that --compare swallowed
         args.overrides, args.compare = [args.compare, *args.overrides], "base"
+    run_yaml = Path(args.config) / "config.yaml"
+    if run_yaml.is_file() and not _is_causal_run(run_yaml):
+        from sftlab.task import evaluate_run
+
+        if args.compare:
+            raise SftlabError("--compare is for chat (causal_lm) runs; classification and seq2seq runs print their own metrics")
+        metrics = evaluate_run(args.config, args.overrides, args.output)
+        for key, value in metrics.items():
+            print(f"{key:22} {value:,.4f}" if isinstance(value, float) else f"{key:22} {value}")
+        return 0
     run_eval(args.config, args.overrides, args.output, args.compare)
     return 0
+
+
+def _is_causal_run(config_yaml: Path) -> bool:
+    import yaml
+
+    return (yaml.safe_load(config_yaml.read_text(encoding="utf-8")) or {}).get("task", "causal_lm") == "causal_lm"
 
 
 def cmd_report(args) -> int:

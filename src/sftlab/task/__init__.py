@@ -127,3 +127,32 @@ def load_trained(run_dir: str, task: str):
     else:
         raise ModelError(f"{run}: no model saved (the run did not finish); finish it with `sftlab train --resume`")
     return model.eval(), AutoTokenizer.from_pretrained(run), cfg
+
+
+def evaluate_run(run_dir: str, overrides: list[str] = (), output: str | None = None) -> dict:
+    """`sftlab eval` for a classification or seq2seq run: eval loss and the task's metrics on data.eval
+    (overrides may point it at other data), written as OUTPUT/metrics.json in `sftlab eval`'s layout."""
+    from pathlib import Path
+
+    from sftlab.config import load_config
+    from sftlab.errors import DataError
+    from sftlab.evaluate.loss import eval_loss
+    from sftlab.train import write_task_eval
+
+    cfg = load_config(Path(run_dir) / "config.yaml", list(overrides))
+    model, tokenizer, _ = load_trained(run_dir, cfg.task)
+    task = get_task(cfg)
+    if cfg.task == "classification":  # the run's class order, whatever the data holds
+        from sftlab.task.classification import load_labels
+
+        task.labels = load_labels(Path(run_dir))[0]
+    _, eval_data, _ = task.load_data(tokenizer, cfg.train.seed)
+    if eval_data is None:
+        raise DataError(f"{run_dir}: the run has no eval data; name some: sftlab eval {run_dir} data.eval=[FILE]")
+    out = Path(output) if output else Path(run_dir) / "eval"
+    pad = tokenizer.pad_token_id
+    metrics = eval_loss(task.loss_module(model), eval_data, cfg.train.batch_size, pad,
+                        collate_fn=task.collate(pad), count_fn=task.count)  # fmt: skip
+    metrics |= task.metrics(model, tokenizer, eval_data, out)
+    write_task_eval(out, str(run_dir), metrics)
+    return metrics
