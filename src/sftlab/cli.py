@@ -274,10 +274,7 @@ def cmd_data_clean(args) -> int:
     if not 0 < settings.near_threshold <= 1:
         raise ConfigError("--near-threshold must be in (0, 1]")
     if args.refusals:
-        path = Path(args.refusals)
-        if not path.is_file():
-            raise ConfigError(f"--refusals: {path} not found")
-        settings.refusals = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        settings.refusals = _read_lines("--refusals", args.refusals)
     run_clean(args.inputs, args.output, settings, args.decontaminate)
     return 0
 
@@ -297,14 +294,20 @@ def cmd_data_synth(args) -> int:
     if not 0 < settings.similarity <= 1:
         raise ConfigError("--similarity must be in (0, 1]")
     if args.banned:
-        path = Path(args.banned)
-        if not path.is_file():
-            raise ConfigError(f"--banned: {path} not found")
-        settings.banned = tuple(w.strip() for w in path.read_text(encoding="utf-8").splitlines() if w.strip())
+        settings.banned = _read_lines("--banned", args.banned)
     load_seed_tasks(args.seed_tasks)  # a bad seed file fails before a model is loaded
     generator = (EndpointGenerator(args.endpoint, args.endpoint_model, args.api_key) if args.endpoint
                  else LocalGenerator(args.model))  # fmt: skip
     return run_synth(args.seed_tasks, args.output, settings, generator)
+
+
+def _read_lines(option: str, path: str) -> tuple[str, ...]:
+    """The non-blank lines of a list file given to `option`, stripped."""
+    from sftlab.errors import ConfigError
+
+    if not Path(path).is_file():
+        raise ConfigError(f"{option}: {path} not found")
+    return tuple(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
 
 
 def cmd_predict(args) -> int:
@@ -424,12 +427,13 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     import re
 
+    from sftlab.config import load_config
     from sftlab.evaluate.runner import run_eval
 
     if args.compare and re.match(r"^[a-z_]+(\.[a-z_]+)+=", args.compare):  # an override that --compare swallowed
         args.overrides, args.compare = [args.compare, *args.overrides], "base"
     run_yaml = Path(args.config) / "config.yaml"
-    if run_yaml.is_file() and not _is_causal_run(run_yaml):
+    if run_yaml.is_file() and load_config(run_yaml).task != "causal_lm":
         from sftlab.task import evaluate_run
 
         if args.compare:
@@ -441,11 +445,6 @@ def cmd_eval(args) -> int:
     run_eval(args.config, args.overrides, args.output, args.compare)
     return 0
 
-
-def _is_causal_run(config_yaml: Path) -> bool:
-    import yaml
-
-    return (yaml.safe_load(config_yaml.read_text(encoding="utf-8")) or {}).get("task", "causal_lm") == "causal_lm"
 
 
 def cmd_report(args) -> int:
