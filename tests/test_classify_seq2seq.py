@@ -231,3 +231,13 @@ def test_seq2seq_bad_records_name_the_line(tmp_path, tiny_t5):
     bad = _write(tmp_path / "bad.jsonl", [{"source": "a b", "target": "a b"}, {"source": "c"}])
     with pytest.raises(DataError, match=rf"{bad}:2: missing field 'target'"):
         train(_s2s_config(tiny_t5, tmp_path / "run", bad, bad), say=lambda *a: None)
+
+
+def test_classification_holds_out_eval_split_when_no_eval_data_is_given(tmp_path, tiny_bert):
+    train_file = _write(tmp_path / "train.jsonl", _sentiment(40, 4))
+    cfg = _cls_config(tiny_bert, tmp_path / "run", train_file, train_file, "data.eval=[]", "data.eval_split=0.25",
+                      "train.max_steps=2")  # fmt: skip
+    summary = train(cfg, say=lambda *a: None)
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["models"]["model"]["metrics"]
+    assert summary["first_eval_loss"] is not None and metrics["eval_tokens"] == 10  # 25% of 40 examples
+    assert json.loads((tmp_path / "run" / "data_report.json").read_text())["train"][0]["kept"] == 40

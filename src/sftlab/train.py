@@ -267,17 +267,12 @@ def after_step(run: Run, state: RunState, record: dict, log: MetricsLog, stop_re
     return outcome or ("completed" if last else None)
 
 
-def evaluate(run: Run, out: Path | None = None) -> dict:
-    """Eval loss over every rank's share; the task's metrics (accuracy, BLEU...) on rank 0, files under `out`."""
-    from sftlab.evaluate.loss import eval_loss
+def evaluate(run: Run) -> dict:
+    """Eval loss over every rank's share; classification/seq2seq metrics too, their files in eval/."""
+    from sftlab.task import evaluate as evaluate_task
 
-    pad = run.tokenizer.pad_token_id
-    record = eval_loss(run.model, run.eval_data, run.cfg.train.batch_size, pad, run.accelerator,
-                       collate_fn=run.task.collate(pad), count_fn=run.task.count)  # fmt: skip
-    if run.accelerator.is_main_process:
-        with run.accelerator.autocast():
-            record |= run.task.metrics(run.lm, run.tokenizer, run.eval_data, out)
-    return record
+    return evaluate_task(run.task, run.model, run.lm, run.tokenizer, run.eval_data, run.cfg.train.batch_size,
+                         run.out / "eval", run.accelerator)  # fmt: skip
 
 
 def sample_answers(run: Run, step: int) -> dict:
@@ -343,7 +338,7 @@ def finish(run: Run, state: RunState, outcome: str, say) -> dict:
     if outcome != "interrupted":
         save_model(run)
         if run.cfg.task != "causal_lm" and run.eval_data is not None:
-            write_task_eval(run.out / "eval", str(run.out), evaluate(run, run.out / "eval"))
+            _write_final_eval(run, restored_best=run.cfg.train.save_best and (run.out / "best").is_dir())
     summary = _summary(run, state, outcome)
     (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
     if (run.out / "metrics.jsonl").is_file():
@@ -366,14 +361,16 @@ def save_model(run: Run) -> None:
     run.task.save_extras(run.out, run.tokenizer)
 
 
-def write_task_eval(out: Path, source: str, metrics: dict) -> None:
-    """eval/metrics.json in `sftlab eval`'s layout, so the report shows classification and seq2seq runs too."""
-    from datetime import datetime, timezone
+def _write_final_eval(run: Run, restored_best: bool) -> None:
+    """eval/metrics.json of the saved model: the run's last evaluation (which also wrote eval/'s other
+    files), evaluated again only when the saved weights are the restored best ones."""
+    from sftlab.task import write_eval
 
-    out.mkdir(parents=True, exist_ok=True)
-    doc = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "models": {"model": {"source": source, "metrics": metrics}}, "delta": {}}  # fmt: skip
-    (out / "metrics.json").write_text(json.dumps(doc, indent=1))
+    if restored_best:
+        record = evaluate(run)
+    else:
+        record = [m for m in read_metrics(run.out / "metrics.jsonl") if "eval_loss" in m][-1]
+    write_eval(run.out / "eval", str(run.out), {k: v for k, v in record.items() if k.startswith("eval_")})
 
 
 def _summary(run: Run, state: RunState, outcome: str) -> dict:

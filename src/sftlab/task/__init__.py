@@ -73,17 +73,49 @@ def get_task(cfg: Config):
     return CausalLM(cfg)
 
 
-def split_eval(train: list, eval_: list | None, fraction: float, seed: int) -> tuple[list, list | None]:
-    """data.eval when given, else a seeded held-out fraction of train, else no eval."""
-    import random
+def load_record_splits(data, fields: tuple[str, ...], optional: tuple[str, ...], fmt: str, seed: int, encode,
+                       fit=None):  # fmt: skip
+    """Flat-record datasets (classification, seq2seq) -> (train, eval or None, {split: reports}), split as
+    load_train_eval splits chat data: data.eval, else a seeded data.eval_split of the encoded train set.
 
-    if eval_ is not None or fraction <= 0:
-        return train, eval_
-    order = list(range(len(train)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, int(round(fraction * len(train))))
-    held = set(order[:n_eval])
-    return [x for i, x in enumerate(train) if i not in held], [x for i, x in enumerate(train) if i in held]
+    fit(records) sees the training records before encoding (the class list); encode(rows, reports) returns
+    the columns, where rows are (origin, record) pairs and record["_report"] indexes its dataset's report."""
+    import datasets
+
+    from sftlab.errors import DataError
+
+    if not data.train:
+        raise DataError("data.train lists no datasets; add one: data.train: [{path: file.jsonl}]")
+    splits = {"train": _read_specs(data.train, fields, optional, fmt, data.on_bad_record)}
+    if data.eval:
+        splits["eval"] = _read_specs(data.eval, fields, optional, fmt, data.on_bad_record)
+    if fit is not None:
+        fit([r for _, r in splits["train"][0]])
+    encoded = {}
+    for split, (rows, reports) in splits.items():
+        encoded[split] = datasets.Dataset.from_dict(encode(rows, reports))
+        if len(encoded[split]) == 0:
+            raise DataError(f"data.{split}: no examples left after the length policy; see the report")
+    if "eval" not in encoded and data.eval_split > 0:
+        if len(encoded["train"]) < 2:
+            raise DataError("data.eval_split needs at least 2 training examples")
+        parts = encoded["train"].train_test_split(test_size=data.eval_split, seed=seed)
+        encoded = {"train": parts["train"], "eval": parts["test"]}
+    return encoded["train"], encoded.get("eval"), {split: reports for split, (_, reports) in splits.items()}
+
+
+def _read_specs(specs, fields, optional, fmt, on_bad_record):
+    from sftlab.data.formats import load_field_records
+    from sftlab.data.tokenize import DatasetReport
+
+    rows, reports = [], []
+    for spec in specs:
+        loaded = load_field_records(spec.path, fields, optional, spec.columns, on_bad_record)
+        report = DatasetReport(name=spec.label, format=fmt, read=loaded.read)
+        report.dropped.update({f"bad record: {k}": n for k, n in loaded.skipped.items()})
+        rows += [(origin, {**r, "_report": len(reports)}) for origin, r in loaded.records]
+        reports.append(report)
+    return rows, reports
 
 
 def pad_rows(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,8 +168,6 @@ def evaluate_run(run_dir: str, overrides: list[str] = (), output: str | None = N
 
     from sftlab.config import load_config
     from sftlab.errors import DataError
-    from sftlab.evaluate.loss import eval_loss
-    from sftlab.train import write_task_eval
 
     cfg = load_config(Path(run_dir) / "config.yaml", list(overrides))
     model, tokenizer, _ = load_trained(run_dir, cfg.task)
@@ -150,9 +180,35 @@ def evaluate_run(run_dir: str, overrides: list[str] = (), output: str | None = N
     if eval_data is None:
         raise DataError(f"{run_dir}: the run has no eval data; name some: sftlab eval {run_dir} data.eval=[FILE]")
     out = Path(output) if output else Path(run_dir) / "eval"
-    pad = tokenizer.pad_token_id
-    metrics = eval_loss(task.loss_module(model), eval_data, cfg.train.batch_size, pad,
-                        collate_fn=task.collate(pad), count_fn=task.count)  # fmt: skip
-    metrics |= task.metrics(model, tokenizer, eval_data, out)
-    write_task_eval(out, str(run_dir), metrics)
+    metrics = evaluate(task, task.loss_module(model), model, tokenizer, eval_data, cfg.train.batch_size, out)
+    write_eval(out, str(run_dir), metrics)
     return metrics
+
+
+def evaluate(task, loss_module, lm, tokenizer, data, batch_size: int, out, accelerator=None) -> dict:
+    """Eval loss (token- or example-weighted, every rank's share) and the task's metrics on rank 0,
+    its files (confusion matrix, translations) under `out`."""
+    from sftlab.evaluate.loss import eval_loss
+
+    pad = tokenizer.pad_token_id
+    record = eval_loss(loss_module, data, batch_size, pad, accelerator,
+                       collate_fn=task.collate(pad), count_fn=task.count)  # fmt: skip
+    if accelerator is None or accelerator.is_main_process:
+        import contextlib
+
+        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+            record |= task.metrics(lm, tokenizer, data, out)
+    return record
+
+
+def write_eval(out, source: str, metrics: dict) -> None:
+    """OUT/metrics.json in `sftlab eval`'s layout, so the report shows classification and seq2seq runs too."""
+    import json
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "models": {"model": {"source": source, "metrics": metrics}}, "delta": {}}  # fmt: skip
+    (out / "metrics.json").write_text(json.dumps(doc, indent=1))

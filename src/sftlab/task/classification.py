@@ -10,11 +10,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sftlab.config import Config, DatasetSpec
-from sftlab.data.formats import load_field_records
+from sftlab.config import Config
 from sftlab.data.tokenize import DatasetReport
 from sftlab.errors import DataError, ModelError
-from sftlab.task import pad_rows, split_eval
+from sftlab.task import load_record_splits, pad_rows
 
 LABELS_FILE = "labels.json"
 
@@ -31,37 +30,11 @@ class Classification:
     # ------------------------------------------------------------------ data
 
     def load_data(self, tokenizer, seed: int):
-        import datasets
-
-        data = self.cfg.data
-        if not data.train:
-            raise DataError("data.train lists no datasets; add one: data.train: [{path: file.jsonl}]")
-        train_rows, reports = self._read(data.train, "train")
-        eval_rows, eval_reports = self._read(data.eval, "eval") if data.eval else (None, [])
-        self._set_labels([r for _, r in train_rows])
-        train_rows, eval_rows = split_eval(train_rows, eval_rows, data.eval_split, seed)
-        encoded = {}
-        for split, rows, reps in (("train", train_rows, reports), ("eval", eval_rows, eval_reports)):
-            if rows is None:
-                continue
-            ids = self._encode(rows, tokenizer, reps, split)
-            encoded[split] = datasets.Dataset.from_dict(ids)
-            if len(encoded[split]) == 0:
-                raise DataError(f"data.{split}: no examples left after the length policy; see the report")
-        self.weights = self._class_weights(encoded["train"]["labels"])
-        report_map = {"train": reports} | ({"eval": eval_reports} if eval_reports else {})
-        return encoded["train"], encoded.get("eval"), report_map
-
-    def _read(self, specs: list[DatasetSpec], split: str):
-        rows, reports = [], []
-        for spec in specs:
-            loaded = load_field_records(spec.path, ("text", "label"), ("text_pair",), spec.columns,
-                                        self.cfg.data.on_bad_record)  # fmt: skip
-            report = DatasetReport(name=spec.label, format="text/label", read=loaded.read)
-            report.dropped.update({f"bad record: {k}": n for k, n in loaded.skipped.items()})
-            rows += [(origin, {**r, "_report": len(reports)}) for origin, r in loaded.records]
-            reports.append(report)
-        return rows, reports
+        train, eval_, reports = load_record_splits(
+            self.cfg.data, ("text", "label"), ("text_pair",), "text/label", seed,
+            encode=lambda rows, reps: self._encode(rows, tokenizer, reps), fit=self._set_labels)
+        self.weights = self._class_weights(train["labels"])
+        return train, eval_, reports
 
     def _set_labels(self, records: list[dict]) -> None:
         seen = {_label_text(r["label"]) for r in records}
@@ -72,7 +45,7 @@ class Classification:
         if len(self.labels) < 2:
             raise DataError(f"classification needs at least 2 classes; the training data has {self.labels}")
 
-    def _encode(self, rows: list, tokenizer, reports: list[DatasetReport], split: str) -> dict:
+    def _encode(self, rows: list, tokenizer, reports: list[DatasetReport]) -> dict:
         index = {name: i for i, name in enumerate(self.labels)}
         max_length, overflow = self.cfg.data.max_length, self.cfg.data.overflow
         out = {"input_ids": [], "token_type_ids": [], "labels": []}

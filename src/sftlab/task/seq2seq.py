@@ -10,11 +10,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sftlab.config import Config, DatasetSpec
-from sftlab.data.formats import load_field_records
+from sftlab.config import Config
 from sftlab.data.tokenize import IGNORE, DatasetReport
-from sftlab.errors import DataError
-from sftlab.task import pad_rows, split_eval
+from sftlab.errors import DataError, ModelError
+from sftlab.task import load_record_splits, pad_rows
 
 
 class Seq2Seq:
@@ -24,33 +23,8 @@ class Seq2Seq:
         self.cfg = cfg
 
     def load_data(self, tokenizer, seed: int):
-        import datasets
-
-        data = self.cfg.data
-        if not data.train:
-            raise DataError("data.train lists no datasets; add one: data.train: [{path: pairs.jsonl}]")
-        train_rows, reports = self._read(data.train)
-        eval_rows, eval_reports = self._read(data.eval) if data.eval else (None, [])
-        train_rows, eval_rows = split_eval(train_rows, eval_rows, data.eval_split, seed)
-        encoded = {}
-        for split, rows, reps in (("train", train_rows, reports), ("eval", eval_rows, eval_reports)):
-            if rows is None:
-                continue
-            encoded[split] = datasets.Dataset.from_dict(self._encode(rows, tokenizer, reps))
-            if len(encoded[split]) == 0:
-                raise DataError(f"data.{split}: no examples left after the length policy; see the report")
-        report_map = {"train": reports} | ({"eval": eval_reports} if eval_reports else {})
-        return encoded["train"], encoded.get("eval"), report_map
-
-    def _read(self, specs: list[DatasetSpec]):
-        rows, reports = [], []
-        for spec in specs:
-            loaded = load_field_records(spec.path, ("source", "target"), (), spec.columns, self.cfg.data.on_bad_record)
-            report = DatasetReport(name=spec.label, format="source/target", read=loaded.read)
-            report.dropped.update({f"bad record: {k}": n for k, n in loaded.skipped.items()})
-            rows += [(origin, {**r, "_report": len(reports)}) for origin, r in loaded.records]
-            reports.append(report)
-        return rows, reports
+        return load_record_splits(self.cfg.data, ("source", "target"), (), "source/target", seed,
+                                  encode=lambda rows, reps: self._encode(rows, tokenizer, reps))
 
     def _encode(self, rows: list, tokenizer, reports: list[DatasetReport]) -> dict:
         limits = {"source": self.cfg.data.max_length, "target": self.cfg.seq2seq.max_target_length}
@@ -94,7 +68,7 @@ class Seq2Seq:
 
         lm = load_model(self.cfg.model, frozen_dtype(self.cfg.train.method, precision), AutoModelForSeq2SeqLM)
         if lm.config.decoder_start_token_id is None:
-            raise DataError(f"{self.cfg.model.name}: config.json sets no decoder_start_token_id; add it "
+            raise ModelError(f"{self.cfg.model.name}: config.json sets no decoder_start_token_id; add it "
                             "(T5 and Marian use the pad token id)")  # fmt: skip
         return lm
 
