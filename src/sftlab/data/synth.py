@@ -204,10 +204,12 @@ class Progress:
 
     settings: dict
     rounds: int = 0
-    accepted: int = 0
-    rejected_lines: int = 0
-    candidates: int = 0
-    reasons: dict = field(default_factory=dict)
+    accepted: int = 0  # lines of OUTPUT
+    reasons: Counter = field(default_factory=Counter)  # rejections per reason: their sum is .rejected.jsonl's lines
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.reasons.values())
 
 
 def paths(output: str) -> tuple[Path, Path, Path]:
@@ -228,7 +230,7 @@ def run_synth(seed_tasks: str, output: str, s: SynthSettings, generator: Generat
     index = SimilarityIndex()
     for task in seeds + machine:
         index.add(task.instruction)
-    banned_re, reasons, stale = _banned_pattern(s.banned), Counter(progress.reasons), 0
+    banned_re, stale = _banned_pattern(s.banned), 0
     started = time.perf_counter()
     bar = tqdm(total=s.num, initial=min(progress.accepted, s.num), desc="synth", unit="task")
     while progress.accepted < s.num:
@@ -241,7 +243,7 @@ def run_synth(seed_tasks: str, output: str, s: SynthSettings, generator: Generat
                 candidate.reason = reject_reason(candidate.task, s, index, banned_re)
             if candidate.reason is not None:
                 dropped.append({"reason": candidate.reason, "round": progress.rounds, "text": candidate.text})
-                reasons[candidate.reason] += 1
+                progress.reasons[candidate.reason] += 1
             elif progress.accepted + len(kept) < s.num:  # surplus of the last round is left out
                 kept.append(candidate.task)
                 machine.append(candidate.task)
@@ -250,17 +252,14 @@ def run_synth(seed_tasks: str, output: str, s: SynthSettings, generator: Generat
         _append(rejected_path, dropped)
         progress.rounds += 1
         progress.accepted += len(kept)
-        progress.rejected_lines += len(dropped)
-        progress.candidates += len(kept) + len(dropped)
-        progress.reasons = dict(reasons)
         _write_progress(progress_path, progress)
         bar.update(len(kept))
-        bar.set_postfix(rejected=sum(reasons.values()), round=progress.rounds)
+        bar.set_postfix(rejected=progress.rejected, round=progress.rounds)
         stale = 0 if kept else stale + 1
         if stale >= s.patience:
             break
     bar.close()
-    _summary(say, progress, reasons, time.perf_counter() - started, out, rejected_path, progress_path)
+    _summary(say, progress, time.perf_counter() - started, out, rejected_path, progress_path)
     if progress.accepted < s.num:
         say(f"stopped: {s.patience} rounds in a row produced no new task ({progress.accepted} of {s.num}); "
             "see the rejection reasons above. A stronger generator (--endpoint), a higher --temperature or "
@@ -284,14 +283,15 @@ def _resume(out: Path, rejected_path: Path, progress_path: Path, settings: dict,
                 raise SftlabError(f"{p} exists but {progress_path.name} does not, so it is not a synth run's "
                                   "output; choose another --output or delete it")  # fmt: skip
         return Progress(settings), []
-    progress = Progress(**json.loads(progress_path.read_text()))
+    saved = json.loads(progress_path.read_text())
+    progress = Progress(**{**saved, "reasons": Counter(saved["reasons"])})
     changed = [k for k in settings.keys() | progress.settings.keys() if settings.get(k) != progress.settings.get(k)]
     if changed:
         detail = "; ".join(f"{k}: was {progress.settings.get(k)!r}, now {settings.get(k)!r}" for k in sorted(changed))
         raise SftlabError(f"{out} was started with other settings ({detail}); rerun with the same settings to "
                           "go on, or choose a new --output")  # fmt: skip
     records = _truncate(out, progress.accepted)  # lines past the last finished round: redone
-    _truncate(rejected_path, progress.rejected_lines)
+    _truncate(rejected_path, progress.rejected)
     say(f"resuming {out}: {progress.accepted} tasks from {progress.rounds} rounds")
     return progress, [Task(r["instruction"], r["input"], r["output"]) for r in records]
 
@@ -315,13 +315,13 @@ def _append(path: Path, rows: list[dict]) -> None:
 
 def _write_progress(path: Path, progress: Progress) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(progress), indent=1), encoding="utf-8")
+    tmp.write_text(json.dumps(vars(progress), indent=1), encoding="utf-8")
     os.replace(tmp, path)  # atomic: a kill leaves the old or the new progress, never half of one
 
 
-def _summary(say, progress: Progress, reasons: Counter, seconds: float, *files: Path) -> None:
-    say(f"{progress.accepted} tasks kept of {progress.candidates} candidates in {progress.rounds} rounds "
+def _summary(say, progress: Progress, seconds: float, *files: Path) -> None:
+    say(f"{progress.accepted} tasks kept of {progress.accepted + progress.rejected} candidates in {progress.rounds} rounds "
         f"({seconds:.0f} s this run)")  # fmt: skip
-    for reason, count in reasons.most_common():
+    for reason, count in progress.reasons.most_common():
         say(f"  rejected: {reason:34} {count}")
     say("wrote " + ", ".join(str(f) for f in files))
