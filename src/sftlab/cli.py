@@ -188,6 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights and compute (auto: bf16/fp16 on a GPU, fp32 on CPU where it decodes as fast)")
     p.set_defaults(run=cmd_serve)
 
+    p = sub.add_parser("ui", help="web app: live runs dashboard and blind side-by-side human rating")
+    p.add_argument("runs_dir", help="directory whose subdirectories are runs (e.g. runs/)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (anything but loopback requires a token)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--token", help="required on every request (default: $SFTLAB_UI_TOKEN; one is generated "
+                                   "when binding beyond loopback without it)")  # fmt: skip
+    p.add_argument("--db", help="ratings database (default: RUNS_DIR/ratings.sqlite)")
+    p.add_argument("--compare", action="append", default=[], metavar="FILE",
+                   help="another comparison file to rate (JSONL: prompt, answer_a, answer_b); repeatable")
+    p.add_argument("--gold", action="append", default=[], metavar="FILE",
+                   help="gold questions (JSONL: prompt, good, bad) mixed into every study; repeatable")
+    p.set_defaults(run=cmd_ui)
+
     p = sub.add_parser("plan", help="estimate peak training memory and propose a batch setting that fits")
     _config_args(p)
     p.add_argument("--memory", help="budget, e.g. 24GiB (default: this machine's available memory or GPU memory)")
@@ -486,6 +499,35 @@ def cmd_serve(args) -> int:
     print(f"serving {', '.join(served.ids)} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", flush=True)  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.grace, log_level="warning")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    import secrets
+
+    from sftlab.errors import ConfigError
+    from sftlab.ui.app import Settings, create_app
+    from sftlab.ui.studies import load_comparisons, load_gold
+
+    runs_dir = Path(args.runs_dir)
+    if not runs_dir.is_dir():
+        raise ConfigError(f"{runs_dir}: no such directory (give the directory your runs are written to, e.g. runs/)")
+    token = args.token or os.environ.get("SFTLAB_UI_TOKEN") or None
+    if args.host not in LOOPBACK and not token:
+        token = secrets.token_urlsafe(24)  # reachable from other machines: never without a token
+    compare = [Path(f) for f in args.compare]
+    for path in compare:
+        load_comparisons(path)  # a bad file given by hand stops here, with its file and line
+    gold = [pair for f in args.gold for pair in load_gold(Path(f))]
+    db = Path(args.db) if args.db else runs_dir / "ratings.sqlite"
+    app = create_app(Settings(runs_dir, db, compare, gold, token))
+    import uvicorn
+
+    import socket
+
+    shown = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
+    print(f"sftlab ui on http://{shown}:{args.port}/{'?token=' + token if token else ''}  (ratings in {db})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import time
 from pathlib import Path
 
 
@@ -36,6 +39,24 @@ class MetricsLog:
         if self.tb is not None:
             self.tb.close()
 
+
+class RunStatus:
+    """status.json: how a dashboard tells running, finished and failed runs apart. A run killed
+    outright cannot say so; its pid (on this host) no longer running tells that instead."""
+
+    def __init__(self, output_dir: Path, enabled: bool = True):
+        self.path, self.enabled, self.fields = output_dir / "status.json", enabled, {}
+
+    def set(self, status: str, **fields) -> None:
+        if not self.enabled:
+            return
+        if not self.fields:
+            self.fields = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        self.fields.update(fields, status=status, updated=time.time())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.fields), encoding="utf-8")
+        os.replace(tmp, self.path)  # readers never see half a file
 
 
 def truncate_after(path: Path, step: int) -> None:

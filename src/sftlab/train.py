@@ -27,7 +27,7 @@ from sftlab.data.batching import plan_epoch, rows
 from sftlab.errors import SftlabError
 from sftlab.files import atomic_dir
 from sftlab.methods import adalora_regularizer, load_method_state, method_state
-from sftlab.tracking import MetricsLog, plot_curves, read_metrics
+from sftlab.tracking import MetricsLog, RunStatus, plot_curves, read_metrics
 
 # Keys that may change between a run and its resume without changing what was computed so far.
 RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.output_dir", "train.save_steps", "train.save_total_limit",
@@ -35,7 +35,7 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.output_dir", "tra
                      "train.early_stopping_patience"}  # fmt: skip
 RESUMABLE_PREFIXES = ("eval.",)  # evaluation settings never change the weights (in-run generation is greedy)
 RUN_FILES = ("checkpoints", "tensorboard", "best", "metrics.jsonl", "generations.jsonl", "summary.json", "loss.png",
-             "eval", "report.html")
+             "eval", "report.html", "status.json")
 
 
 class TrainError(SftlabError):
@@ -85,19 +85,31 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print)
     """Run (or resume) training; returns the summary that is also written to summary.json."""
     out = Path(cfg.train.output_dir)
     resume_from = _prepare_output_dir(out, resume, overwrite, cfg)
-    run = setup(cfg, out, say)
-    state = RunState()
-    if resume_from is not None:
-        state = RunState(**checkpoint.load(resume_from, run.lm, run.optimizer, run.scheduler))
-        load_method_state(run.lm, cfg.train.method, checkpoint.load_method_state(resume_from))
-        if run.accelerator.is_main_process:
-            say(f"resumed from {resume_from} at step {state.step}")
-    log = MetricsLog(out, cfg.train.report_to, resume_step=state.step)
+    status = RunStatus(out, enabled=int(os.environ.get("RANK", "0")) == 0)
+    status.set("running")
     try:
-        outcome = loop(run, state, log, say)
-    finally:
-        log.close()
-    return finish(run, state, outcome, say)
+        run = setup(cfg, out, say)
+        status.set("running", total_steps=run.total_steps)
+        state = RunState()
+        if resume_from is not None:
+            state = RunState(**checkpoint.load(resume_from, run.lm, run.optimizer, run.scheduler))
+            load_method_state(run.lm, cfg.train.method, checkpoint.load_method_state(resume_from))
+            if run.accelerator.is_main_process:
+                say(f"resumed from {resume_from} at step {state.step}")
+        log = MetricsLog(out, cfg.train.report_to, resume_step=state.step)
+        try:
+            outcome = loop(run, state, log, say)
+        finally:
+            log.close()
+        summary = finish(run, state, outcome, say)
+    except KeyboardInterrupt:
+        status.set("interrupted", error="interrupted before the first step")
+        raise
+    except BaseException as e:
+        status.set("failed", error=f"{type(e).__name__}: {e}"[:2000])
+        raise
+    status.set("interrupted" if outcome == "interrupted" else "finished", outcome=outcome)
+    return summary
 
 
 def setup(cfg: Config, out: Path, say) -> Run:

@@ -1,0 +1,1 @@
+"""sftlab ui: the runs dashboard and blind human evaluation (FastAPI + plain HTML/JS, no CDN)."""
