@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.setup-stamp
 
-.PHONY: setup quickstart test inspect full evaluate classify translate
+.PHONY: setup quickstart test inspect full evaluate classify translate ui
 
 setup: $(STAMP)
 
@@ -29,6 +29,11 @@ quickstart: setup
 evaluate: setup
 	.venv/bin/sftlab eval runs/quickstart --compare
 	.venv/bin/sftlab report runs/quickstart
+
+# Web app on http://127.0.0.1:7860: watch runs train live, rate base vs tuned answers blind, read win rates.
+ui: setup
+	mkdir -p runs
+	.venv/bin/sftlab ui runs --gold examples/ui/gold.jsonl
 
 # The other fine-tuning jobs: sentiment classification (MiniLM) and English -> French translation (T5 from scratch).
 classify: setup

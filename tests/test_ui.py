@@ -439,3 +439,12 @@ def _results_page(page, url, db):
     assert len(exported) == 13 and {r["annotator"] for r in exported} == {"alice", "bob"}
     assert {r["preferred"] for r in exported} <= {"tuned (runs/tuned)", "base (tiny)", "tie"}
     assert len(httpx.get(f"{url}/api/studies/{study}/export.json").json()["ratings"]) == 13
+
+
+def test_the_shipped_gold_file_loads():
+    from conftest import ROOT
+
+    from sftlab.ui.studies import load_gold
+
+    gold = load_gold(ROOT / "examples" / "ui" / "gold.jsonl")
+    assert len(gold) == 8 and all(p.gold == "a" and p.answer_a != p.answer_b for p in gold)
