@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from sftlab.ui import runs as run_info
 from sftlab.ui import stats
-from sftlab.ui.store import SCORE_COLUMNS, Pair, RatingError, Store
+from sftlab.ui.store import SCORE_COLUMNS, Pair, UiError, Store
 from sftlab.ui.studies import sync_studies
 
 STATIC = Path(__file__).parent / "static"
@@ -65,7 +65,6 @@ class RatingBody(BaseModel):
 def create_app(settings: Settings):
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, Response
 
     store = Store(settings.db)
     problems = sync_studies(store, settings.runs_dir, settings.compare, settings.gold)
@@ -73,85 +72,111 @@ def create_app(settings: Settings):
     app.middleware("http")(guard(settings))
     app.add_middleware(BodyLimit, limit=settings.max_body)  # outermost: runs before the guard reads anything
 
-    def error(status: int, message: str):
-        return JSONResponse({"error": {"message": message}}, status_code=status)
-
-    @app.exception_handler(RatingError)
-    async def rating_error(_, exc: RatingError):
-        return error(exc.status, str(exc))
+    @app.exception_handler(UiError)
+    async def ui_error(_, exc: UiError):
+        return _error(exc.status, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def schema_error(_, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ())[1:]) or "body"
-        return error(422, f"{where}: {first.get('msg', 'invalid request')}")
+        return _error(422, f"{where}: {first.get('msg', 'invalid request')}")
 
-    def page(name: str):
-        return lambda: FileResponse(STATIC / name, media_type="text/html")
+    for router in (page_routes(), run_routes(settings.runs_dir), study_routes(store, settings, problems)):
+        app.include_router(router)
+    return app
+
+
+def page_routes():
+    from fastapi import APIRouter
+    from fastapi.responses import FileResponse
+
+    router = APIRouter()
+
+    def page(file: Path):
+        return lambda: FileResponse(file, media_type="text/html")  # no parameters: FastAPI would read them from the query
 
     for path, name in PAGES.items():
-        app.get(path, include_in_schema=False)(page(name))
+        router.add_api_route(path, page(STATIC / name), include_in_schema=False)
 
-    @app.get("/static/{name}")
+    @router.get("/static/{name}")
     def asset(name: str):
         if name not in ASSETS:  # a fixed list: no request path ever reaches the file system
-            return error(404, "no such asset")
+            raise UiError(404, "no such asset")
         return FileResponse(STATIC / name, media_type=ASSETS[name])
 
+    return router
+
+
+def run_routes(runs_dir: Path):
+    from fastapi import APIRouter
+    from fastapi.responses import FileResponse
+
+    router = APIRouter()
+
     def known_run(name: str) -> Path:
-        found = run_info.find_runs(settings.runs_dir)
+        found = run_info.find_runs(runs_dir)
         if name not in found:
-            raise RatingError(404, f"no run named {name!r} under {settings.runs_dir}")
+            raise UiError(404, f"no run named {name!r} under {runs_dir}")
         return found[name]
 
-    @app.get("/api/runs")
+    @router.get("/api/runs")
     def list_runs():
-        return [run_info.overview(name, path) for name, path in run_info.find_runs(settings.runs_dir).items()]
+        return [run_info.overview(name, path) for name, path in run_info.find_runs(runs_dir).items()]
 
-    @app.get("/api/runs/{name}")
+    @router.get("/api/runs/{name}")
     def run_details(name: str):
         return run_info.details(name, known_run(name))
 
-    @app.get("/api/runs/{name}/metrics")
+    @router.get("/api/runs/{name}/metrics")
     def run_metrics(name: str, offset: int = 0):
         rows, next_offset, reset = run_info.read_metrics_from(known_run(name) / "metrics.jsonl", max(0, offset))
         return {"rows": rows, "next": next_offset, "reset": reset}
 
-    @app.get("/runs/{name}/report")
+    @router.get("/runs/{name}/report")
     def run_report(name: str):
-        path = run_info.run_file(run_info.find_runs(settings.runs_dir), name, "report.html")
+        path = run_info.run_file(run_info.find_runs(runs_dir), name, "report.html")
         if path is None:
-            return error(404, f"run {name!r} has no report.html; run `sftlab report` on it")
+            raise UiError(404, f"run {name!r} has no report.html; run `sftlab report` on it")
         return FileResponse(path, media_type="text/html", headers={"Content-Security-Policy": REPORT_CSP})
 
-    @app.get("/api/studies")
-    def list_studies():
+    return router
+
+
+def study_routes(store: Store, settings: Settings, problems: list[str]):
+    from fastapi import APIRouter
+    from fastapi.responses import Response
+
+    router = APIRouter()
+
+    @router.get("/api/studies")
+    def list_studies():  # re-read: an eval --compare that finished since shows up without a restart
         problems[:] = sync_studies(store, settings.runs_dir, settings.compare, settings.gold)
         return {"studies": store.studies(), "problems": problems}
 
-    @app.get("/api/studies/{study}/next")
+    @router.get("/api/studies/{study}/next")
     def next_item(study: str, annotator: str):
         return store.next_item(study, check_name(annotator))
 
-    @app.post("/api/studies/{study}/ratings")
+    @router.post("/api/studies/{study}/ratings")
     def rate(study: str, body: RatingBody):
         store.study(study)
+        name = check_name(body.annotator)
         scores = {"left": body.left.model_dump(), "right": body.right.model_dump()}
-        store.rate(study, check_name(body.annotator), body.item, body.preference, scores, body.seconds)
-        return store.next_item(study, body.annotator)
+        store.rate(study, name, body.item, body.preference, scores, body.seconds)
+        return store.next_item(study, name)
 
-    @app.get("/api/studies/{study}/results")
+    @router.get("/api/studies/{study}/results")
     def study_results(study: str, exclude_flagged: bool = False):
-        info = store.study(study)
-        return {"study": info, **stats.results(store.ratings(study), exclude_flagged)}
+        return {"study": store.study(study), **stats.results(store.ratings(study), exclude_flagged)}
 
-    @app.get("/api/studies/{study}/export.json")
+    @router.get("/api/studies/{study}/export.json")
     def export_json(study: str):
         info = store.study(study)
         body = json.dumps({"study": info, "ratings": export_rows(info, store.ratings(study))}, ensure_ascii=False)
         return Response(body, media_type="application/json", headers=_download(f"{study}.json"))
 
-    @app.get("/api/studies/{study}/export.csv")
+    @router.get("/api/studies/{study}/export.csv")
     def export_csv(study: str):
         rows = export_rows(store.study(study), store.ratings(study))
         out = io.StringIO()
@@ -160,13 +185,19 @@ def create_app(settings: Settings):
         writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
         return Response(out.getvalue(), media_type="text/csv; charset=utf-8", headers=_download(f"{study}.csv"))
 
-    return app
+    return router
+
+
+def _error(status: int, message: str):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message}}, status_code=status)
 
 
 def check_name(annotator: str) -> str:
     name = annotator.strip()
     if not 1 <= len(name) <= 64 or any(not c.isprintable() for c in name):
-        raise RatingError(400, "annotator: a name of 1-64 printable characters")
+        raise UiError(400, "annotator: a name of 1-64 printable characters")
     return name
 
 
@@ -198,15 +229,12 @@ def _download(filename: str) -> dict:
 
 
 def guard(settings: Settings):
-    from fastapi.responses import JSONResponse, RedirectResponse
-
-    def refuse(status: int, message: str):
-        return JSONResponse({"error": {"message": message}}, status_code=status)
+    from fastapi.responses import RedirectResponse
 
     async def middleware(request: Request, call_next):
         if settings.token is None:
             if (request.url.hostname or "") not in LOOPBACK_HOSTS:  # DNS rebinding: a foreign name for 127.0.0.1
-                return refuse(400, "this server answers only to localhost/127.0.0.1")
+                return _error(400, "this server answers only to localhost/127.0.0.1")
         else:
             query = request.query_params.get("token")
             if query is not None and request.method == "GET" and _same(query, settings.token):
@@ -218,10 +246,10 @@ def guard(settings: Settings):
                 return response
             given = request.cookies.get(COOKIE) or _bearer(request.headers.get("authorization", ""))
             if not _same(given, settings.token):
-                return refuse(401, "a token is required: open the link `sftlab ui` printed (it ends in ?token=...)")
+                return _error(401, "a token is required: open the link `sftlab ui` printed (it ends in ?token=...)")
         if request.method == "POST":
             if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-                return refuse(415, "send JSON (Content-Type: application/json)")
+                return _error(415, "send JSON (Content-Type: application/json)")
         response = await call_next(request)
         response.headers.setdefault("Content-Security-Policy", CSP)
         response.headers["X-Content-Type-Options"] = "nosniff"

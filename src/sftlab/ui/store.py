@@ -43,8 +43,8 @@ CREATE TABLE IF NOT EXISTS ratings(
 """
 
 
-class RatingError(Exception):
-    """A rating request that cannot be taken; `status` is the HTTP status to answer with."""
+class UiError(Exception):
+    """A request the app cannot take; `status` is the HTTP status to answer with."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -113,7 +113,7 @@ class Store:
     def study(self, study: str) -> dict:
         found = [s for s in self.studies() if s["id"] == study]
         if not found:
-            raise RatingError(404, f"no study {study!r}; the dashboard lists the studies")
+            raise UiError(404, f"no study {study!r}; the dashboard lists the studies")
         return found[0]
 
     def next_item(self, study: str, annotator: str) -> dict:
@@ -158,7 +158,7 @@ class Store:
             row = db.execute("SELECT left_is_a FROM assignments WHERE study = ? AND annotator = ? AND item = ?",
                              (study, annotator, item)).fetchone()  # fmt: skip
             if row is None:
-                raise RatingError(400, f"item {item} is not in {annotator!r}'s queue for study {study!r}")
+                raise UiError(400, f"item {item} is not in {annotator!r}'s queue for study {study!r}")
             side = {"left": "a" if row[0] else "b", "right": "b" if row[0] else "a"}
             values = {f"{d}_{side[screen]}": scores[screen][d] for screen in ("left", "right") for d in DIMENSIONS}
             try:
@@ -167,7 +167,7 @@ class Store:
                            (study, item, annotator, side.get(preference, "tie"), row[0],
                             *(values[c] for c in SCORE_COLUMNS), seconds, time.time()))  # fmt: skip
             except sqlite3.IntegrityError:
-                raise RatingError(409, f"{annotator!r} has already rated item {item}") from None
+                raise UiError(409, f"{annotator!r} has already rated item {item}") from None
 
     def ratings(self, study: str) -> list[dict]:
         """Every rating of a study in model terms, with its item's prompt, answers and gold answer."""
