@@ -27,3 +27,12 @@ def test_quickstart_trains_and_the_tuned_model_answers(tmp_path):
     assert {"mmlu_mini/accuracy", "gsm_mini/exact_match", "humaneval_mini/pass@1"} <= set(tuned)
     html = write_report(str(tmp_path / "qs")).read_text()
     assert "humaneval_mini/pass@1" in html and "data:image/png;base64" in html
+    # ... and `sftlab ui` lists the run as finished and offers its base vs tuned answers for blind rating.
+    from fastapi.testclient import TestClient
+
+    from sftlab.ui.app import Settings, create_app
+
+    ui = TestClient(create_app(Settings(tmp_path, tmp_path / "ratings.sqlite")), base_url="http://127.0.0.1")
+    assert [(r["name"], r["status"]) for r in ui.get("/api/runs").json()] == [("qs", "finished")]
+    (study,) = ui.get("/api/studies").json()["studies"]
+    assert study["name"] == "qs" and study["items"] >= 16 and study["model_b"] == "base (smollm2-135m-instruct)"
