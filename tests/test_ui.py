@@ -232,6 +232,8 @@ def test_token_host_content_type_and_size_limits(root, tmp_path):
     assert locked.get("/api/runs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     landing = locked.get("/run?name=tuned&token=s3cret", follow_redirects=False)
     assert landing.status_code == 303 and landing.headers["location"] == "/run?name=tuned"
+    odd = locked.get("http://sftlab.lan//evil.example/x?a=1%262&token=s3cret", follow_redirects=False)
+    assert odd.headers["location"] == "/evil.example/x?a=1%262"  # stays on this site, query kept intact
     assert "httponly" in landing.headers["set-cookie"].lower()
     assert locked.get("/api/runs").status_code == 200  # the cookie now carries the token
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlencode
 
 from fastapi import Request
 from pydantic import BaseModel, Field
@@ -239,8 +240,9 @@ def guard(settings: Settings):
             query = request.query_params.get("token")
             if query is not None and request.method == "GET" and _same(query, settings.token):
                 # The printed link carries the token once; a cookie carries it from then on, out of the URL.
-                rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
-                target = request.url.path + ("?" + "&".join(f"{k}={v}" for k, v in rest) if rest else "")
+                rest = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
+                # One leading slash: "//host" would send the browser to another site.
+                target = "/" + request.url.path.lstrip("/") + (f"?{rest}" if rest else "")
                 response = RedirectResponse(target, status_code=303)
                 response.set_cookie(COOKIE, settings.token, httponly=True, samesite="strict")
                 return response
