@@ -86,9 +86,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print)
     out = Path(cfg.train.output_dir)
     resume_from = _prepare_output_dir(out, resume, overwrite, cfg)
     status = RunStatus(out, enabled=int(os.environ.get("RANK", "0")) == 0)
-    status.set("running")
     try:
         run = setup(cfg, out, say)
+        # Not before setup: under DDP another rank may still be checking that the directory is empty;
+        # setup's collectives order this write after every rank's check.
         status.set("running", total_steps=run.total_steps)
         state = RunState()
         if resume_from is not None:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "status.json")
-QUIET_S = 120  # a run without status.json whose metrics have not moved for this long is not running
+QUIET_S = 120  # a run without status.json whose files have not changed for this long is not running
 
 
 def find_runs(root: Path) -> dict[str, Path]:
@@ -39,7 +39,8 @@ def status(run: Path) -> dict:
     """{"status": running|finished|interrupted|failed|stopped, "error"?, "total_steps"?, "updated"}."""
     saved = _json(run / "status.json")
     metrics = run / "metrics.jsonl"
-    updated = max((p.stat().st_mtime for p in (run / "status.json", metrics) if p.is_file()), default=None)
+    files = (run / "status.json", metrics, run / "config.yaml")  # config.yaml: written as setup starts
+    updated = max((p.stat().st_mtime for p in files if p.is_file()), default=None)
     if saved is not None:
         out = {k: saved[k] for k in ("status", "error", "total_steps", "outcome") if k in saved}
         if saved.get("status") == "running" and saved.get("host") == socket.gethostname() and not _alive(saved.get("pid")):
