@@ -155,17 +155,15 @@ def inference_mode(model):
 
 def read_prompts(path: str) -> list[list[dict]]:
     """A JSONL file of {"prompt": str} or {"messages": [...]} per line -> message lists."""
-    from sftlab.data.formats import RecordProblem, read_jsonl
+    from sftlab.data.formats import read_jsonl_objects
 
     if not Path(path).is_file():
         raise DataError(f"{path}: no such prompts file")
     conversations = []
-    for where, record in read_jsonl(Path(path)):
-        if isinstance(record, RecordProblem):
-            raise DataError(f"{where}: {record}")
-        if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+    for where, record in read_jsonl_objects(Path(path)):
+        if isinstance(record.get("prompt"), str):
             conversations.append([{"role": "user", "content": record["prompt"]}])
-        elif isinstance(record, dict) and isinstance(record.get("messages"), list):
+        elif isinstance(record.get("messages"), list):
             msgs = record["messages"]
             # A trailing assistant message is the reference answer: the model writes its own.
             conversations.append(msgs[:-1] if msgs and msgs[-1].get("role") == "assistant" else msgs)

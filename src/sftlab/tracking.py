@@ -9,6 +9,8 @@ import socket
 import time
 from pathlib import Path
 
+from sftlab.files import atomic_write_text
+
 
 class MetricsLog:
     """Appends one JSON object per logged step; mirrors scalars to TensorBoard when asked."""
@@ -54,9 +56,7 @@ class RunStatus:
             self.fields = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         self.fields.update(fields, status=status, updated=time.time())
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.fields), encoding="utf-8")
-        os.replace(tmp, self.path)  # readers never see half a file
+        atomic_write_text(self.path, json.dumps(self.fields))  # the dashboard polls it
 
 
 def truncate_after(path: Path, step: int) -> None:

@@ -110,6 +110,17 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, dict | RecordProblem]]:
             yield origin, record
 
 
+def read_jsonl_objects(path: Path) -> Iterator[tuple[str, dict]]:
+    """read_jsonl for files that must be right as a whole (task, prompt, seed and comparison files):
+    the first bad line stops reading with a DataError that names it."""
+    for where, record in read_jsonl(path):
+        if isinstance(record, RecordProblem):
+            raise DataError(f"{where}: {record}")
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
+
+
 def _read_json(path: Path):
     data = path.read_bytes()
     try:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from sftlab.errors import DataError, SftlabError
+from sftlab.files import atomic_write_text
 
 # Alpaca's list: tasks a text-only model cannot do or check (images, files, audio, drawings).
 BANNED = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw",
@@ -76,17 +77,15 @@ class Generator(Protocol):
 
 def load_seed_tasks(path: str) -> list[Task]:
     """Alpaca records {instruction, input, output} or Self-Instruct's {instruction, instances: [{input, output}]}."""
-    from sftlab.data.formats import RecordProblem, read_jsonl
+    from sftlab.data.formats import read_jsonl_objects
 
     if not Path(path).is_file():
         raise DataError(f"--seed-tasks {path}: no such file")
     tasks = []
-    for where, r in read_jsonl(Path(path)):
-        if isinstance(r, RecordProblem):
-            raise DataError(f"{where}: {r}")
-        if isinstance(r, dict) and isinstance(r.get("instances"), list) and r["instances"]:
+    for where, r in read_jsonl_objects(Path(path)):
+        if isinstance(r.get("instances"), list) and r["instances"]:
             r = {"instruction": r.get("instruction"), **r["instances"][0]}
-        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("instruction", "output")):
+        if not all(isinstance(r.get(k), str) for k in ("instruction", "output")):
             raise DataError(f"{where}: a seed task needs string fields \"instruction\" and \"output\" "
                             "(and optionally \"input\"), or Self-Instruct's \"instances\" list")  # fmt: skip
         if not r["instruction"].strip() or not r["output"].strip():
@@ -314,9 +313,7 @@ def _append(path: Path, rows: list[dict]) -> None:
 
 
 def _write_progress(path: Path, progress: Progress) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(vars(progress), indent=1), encoding="utf-8")
-    os.replace(tmp, path)  # atomic: a kill leaves the old or the new progress, never half of one
+    atomic_write_text(path, json.dumps(vars(progress), indent=1))  # a kill leaves the old or the new progress
 
 
 def _summary(say, progress: Progress, seconds: float, *files: Path) -> None:

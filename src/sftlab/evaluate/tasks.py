@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from sftlab.config import TaskSpec
-from sftlab.data.formats import RecordProblem, read_jsonl
+from sftlab.data.formats import read_jsonl_objects
 from sftlab.errors import DataError
 from sftlab.evaluate.metrics import extract_number
 
@@ -39,11 +39,7 @@ def load_task(spec: TaskSpec) -> list[Item]:
     if not path.is_file():
         raise DataError(f"eval.tasks: {path} not found")
     items = []
-    for where, record in read_jsonl(path):
-        if isinstance(record, RecordProblem):
-            raise DataError(f"{where}: {record}; each line must be one JSON object")
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for where, record in read_jsonl_objects(path):
         items.append(PARSERS[spec.type](record, where))
         if spec.limit and len(items) >= spec.limit:
             break

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sftlab.data.formats import RecordProblem, read_jsonl
+from sftlab.data.formats import read_jsonl_objects
 from sftlab.errors import DataError
 from sftlab.ui.runs import find_runs
 from sftlab.ui.store import Pair, Store
@@ -65,11 +65,7 @@ def _records(path: Path):
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     count = 0
-    for where, r in read_jsonl(path):
-        if isinstance(r, RecordProblem):
-            raise DataError(f"{where}: {r}")
-        if not isinstance(r, dict):
-            raise DataError(f"{where}: each line must be a JSON object")
+    for where, r in read_jsonl_objects(path):
         count += 1
         yield where, r
     if not count:
