@@ -7,7 +7,6 @@ request never takes the server down.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
@@ -17,6 +16,7 @@ from typing import Literal
 from fastapi import Request as HttpRequest  # at module level: FastAPI resolves string annotations here
 from pydantic import BaseModel, Field
 
+from sftlab.auth import bearer, same_secret
 from sftlab.generate import prompt_ids
 from sftlab.serve.engine import Closing, Engine, QueueFull, Request
 
@@ -112,9 +112,7 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
     async def authorize(request: HttpRequest) -> None:
         if api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        token = given[7:] if given.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), api_key.encode()):  # constant time: no key-guessing by timing
+        if not same_secret(bearer(request.headers.get("authorization", "")), api_key):
             raise ApiError(401, "invalid API key (send Authorization: Bearer KEY)", code="invalid_api_key")
 
     @app.get("/health")

@@ -9,7 +9,6 @@ run, a model or an annotator into the DOM as text (textContent), never as HTML.
 from __future__ import annotations
 
 import csv
-import hmac
 import io
 import json
 import time
@@ -21,6 +20,7 @@ from urllib.parse import urlencode
 from fastapi import Request
 from pydantic import BaseModel, Field
 
+from sftlab.auth import bearer, same_secret
 from sftlab.ui import runs as run_info
 from sftlab.ui import stats
 from sftlab.ui.store import SCORE_COLUMNS, Pair, UiError, Store
@@ -238,7 +238,7 @@ def guard(settings: Settings):
                 return _error(400, "this server answers only to localhost/127.0.0.1")
         else:
             query = request.query_params.get("token")
-            if query is not None and request.method == "GET" and _same(query, settings.token):
+            if query is not None and request.method == "GET" and same_secret(query, settings.token):
                 # The printed link carries the token once; a cookie carries it from then on, out of the URL.
                 rest = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
                 # One leading slash: "//host" would send the browser to another site.
@@ -246,8 +246,8 @@ def guard(settings: Settings):
                 response = RedirectResponse(target, status_code=303)
                 response.set_cookie(COOKIE, settings.token, httponly=True, samesite="strict")
                 return response
-            given = request.cookies.get(COOKIE) or _bearer(request.headers.get("authorization", ""))
-            if not _same(given, settings.token):
+            given = request.cookies.get(COOKIE) or bearer(request.headers.get("authorization", ""))
+            if not same_secret(given, settings.token):
                 return _error(401, "a token is required: open the link `sftlab ui` printed (it ends in ?token=...)")
         if request.method == "POST":
             if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
@@ -301,11 +301,3 @@ class BodyLimit:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
-
-def _bearer(header: str) -> str:
-    return header[7:] if header.lower().startswith("bearer ") else ""
-
-
-def _same(given: str | None, token: str) -> bool:
-    return hmac.compare_digest((given or "").encode(), token.encode())  # constant time
