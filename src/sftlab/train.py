@@ -104,7 +104,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print)
             log.close()
         summary = finish(run, state, outcome, say)
     except KeyboardInterrupt:
-        status.set("interrupted", error="interrupted before the first step")
+        status.set("interrupted", error="interrupted outside the training loop (while setting up or saving)")
         raise
     except BaseException as e:
         status.set("failed", error=f"{type(e).__name__}: {e}"[:2000])

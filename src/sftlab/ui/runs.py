@@ -69,9 +69,7 @@ def _alive(pid) -> bool:
 
 def overview(name: str, run: Path) -> dict:
     """One row of the runs table."""
-    import yaml
-
-    config = _yaml(run / "config.yaml", yaml) or {}
+    config = _yaml(run / "config.yaml") or {}
     rows = read_metrics_from(run / "metrics.jsonl", 0)[0]
     last_loss = next((r["loss"] for r in reversed(rows) if "loss" in r), None)
     last_eval = next((r["eval_loss"] for r in reversed(rows) if "eval_loss" in r), None)
@@ -114,7 +112,9 @@ def _json(path: Path):
         return None
 
 
-def _yaml(path: Path, yaml):
+def _yaml(path: Path):
+    import yaml
+
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):

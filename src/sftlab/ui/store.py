@@ -100,18 +100,19 @@ class Store:
             db.execute("COMMIT")
         return study
 
-    def studies(self) -> list[dict]:
+    def studies(self, only: str | None = None) -> list[dict]:
+        """Every study (or the one with id `only`) with its item, rating and annotator counts."""
         with self.connect() as db:
             rows = db.execute(
                 "SELECT s.*, (SELECT COUNT(*) FROM items i WHERE i.study = s.id AND i.gold IS NULL) AS items, "
                 "(SELECT COUNT(*) FROM items i WHERE i.study = s.id AND i.gold IS NOT NULL) AS gold_items, "
                 "(SELECT COUNT(*) FROM ratings r WHERE r.study = s.id) AS ratings, "
                 "(SELECT COUNT(DISTINCT annotator) FROM ratings r WHERE r.study = s.id) AS annotators "
-                "FROM studies s ORDER BY s.created").fetchall()  # fmt: skip
+                "FROM studies s WHERE ? IS NULL OR s.id = ? ORDER BY s.created", (only, only)).fetchall()  # fmt: skip
         return [dict(r) for r in rows]
 
     def study(self, study: str) -> dict:
-        found = [s for s in self.studies() if s["id"] == study]
+        found = self.studies(only=study)
         if not found:
             raise UiError(404, f"no study {study!r}; the dashboard lists the studies")
         return found[0]
