@@ -100,9 +100,11 @@ def test_training_runs_in_train_mode_so_dropout_is_live(tiny_model_dir, tmp_path
     assert runs[0][2] != runs[1][2]
 
 
-@pytest.mark.parametrize("method", ["lora", "adalora"])  # adalora: its rank allocator's state is checkpointed too
+# adalora: its rank allocator's state is checkpointed too; full-bf16: fp32 master weights over a bf16 model
+@pytest.mark.parametrize("method", ["lora", "adalora", "full-bf16"])
 def test_resume_after_interrupt_reproduces_the_run(tiny_model_dir, tmp_path, monkeypatch, method):
-    extra = [f"train.method={method}", "lora.dropout=0.1", "train.max_steps=8", "train.eval_steps=4"]
+    extra = ["train.method=full", "train.precision=bf16"] if method == "full-bf16" else [f"train.method={method}"]
+    extra += ["lora.dropout=0.1", "train.max_steps=8", "train.eval_steps=4"]
     full = tiny_config(tiny_model_dir, tmp_path / "full", *extra, "data.eval=[" + str(FIXTURES / "train_small.jsonl") + "]")
     train(full, **QUIET)
 
@@ -120,6 +122,7 @@ def test_resume_after_interrupt_reproduces_the_run(tiny_model_dir, tmp_path, mon
     assert summary["outcome"] == "interrupted" and summary["steps"] == 3
     assert (tmp_path / "cut" / "checkpoints" / "step-0000003" / "state.json").is_file()
     assert not (tmp_path / "cut" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "cut" / "model.safetensors").exists()
     monkeypatch.setattr(train_mod, "train_step", real_step)
 
     resumed = train(cut, resume=True, **QUIET)
@@ -127,7 +130,8 @@ def test_resume_after_interrupt_reproduces_the_run(tiny_model_dir, tmp_path, mon
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # bit-exact, dropout included
     evals = lambda out: [(m["step"], m["eval_loss"]) for m in read_metrics(out / "metrics.jsonl") if "eval_loss" in m]
     assert evals(tmp_path / "cut") == evals(tmp_path / "full")
-    assert_equal_weights(final_weights(tmp_path / "cut", "lora"), final_weights(tmp_path / "full", "lora"))
+    kind = "full" if method == "full-bf16" else "lora"
+    assert_equal_weights(final_weights(tmp_path / "cut", kind), final_weights(tmp_path / "full", kind))
 
 
 def test_checkpoints_rotate_and_resume_refuses_a_changed_run(tiny_model_dir, tmp_path):

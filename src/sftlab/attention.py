@@ -24,7 +24,10 @@ def causal_attention(module, query, key, value, attention_mask, dropout: float =
         value = value.repeat_interleave(groups, dim=1)
     dropout = dropout if module.training else 0.0
     if cu_seq_lens_q is None:
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True)
+        if _short_kernel_wins(query, dropout):
+            out = ShortCausal.apply(query, key, value, scaling or query.shape[-1] ** -0.5)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True)
         return out.transpose(1, 2).contiguous(), None
     b, h, t, d = query.shape
     # Segments are given over the row-major flattening of the batch; every row ends on a boundary.
@@ -37,6 +40,49 @@ def causal_attention(module, query, key, value, attention_mask, dropout: float =
     ]
     out = torch.cat(pieces, dim=1).reshape(h, b, t, d).permute(1, 2, 0, 3)
     return out.contiguous(), None
+
+
+# PyTorch's CPU flash kernel is tuned for long rows: at 90 tokens its backward takes ~3x as long as
+# three bf16 batched matmuls and one softmax (benchmarks/RESULTS.md); beyond ~256 tokens it wins.
+SHORT_TOKENS = 256
+
+
+def _short_kernel_wins(query: torch.Tensor, dropout: float) -> bool:
+    return (query.device.type == "cpu" and query.dtype == torch.bfloat16 and query.shape[-2] <= SHORT_TOKENS
+            and dropout == 0.0)  # fmt: skip
+
+
+class ShortCausal(torch.autograd.Function):
+    """Causal attention for short rows: bf16 matmuls, fp32 softmax (as the models' own eager attention),
+    and like flash attention it saves only q, k and v, recomputing the probabilities in backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        ctx.save_for_backward(q, k, v)
+        ctx.scale = scale
+        p, (_, kc, vc), shape = ShortCausal._probs(q, k, v, scale)
+        return torch.bmm(p.to(q.dtype), vc).reshape(shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v = ctx.saved_tensors
+        p, (qs, kc, vc), shape = ShortCausal._probs(q, k, v, ctx.scale)
+        do = dout.reshape(qs.shape)
+        dv = torch.bmm(p.to(q.dtype).transpose(1, 2), do)
+        dp = torch.bmm(do, vc.transpose(1, 2)).to(p.dtype)
+        ds = torch._softmax_backward_data(dp, p, -1, p.dtype).to(q.dtype)
+        dq = torch.bmm(ds, kc).mul_(ctx.scale)
+        dk = torch.bmm(ds.transpose(1, 2), qs)
+        return dq.reshape(shape), dk.reshape(shape), dv.reshape(shape), None
+
+    @staticmethod
+    def _probs(q, k, v, scale):
+        b, h, t, d = q.shape
+        qs, kc, vc = (q * scale).reshape(b * h, t, d), k.reshape(b * h, t, d), v.reshape(b * h, t, d)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        causal = torch.full((t, t), float("-inf"), dtype=acc, device=q.device).triu_(1)
+        p = torch.softmax(torch.bmm(qs, kc.transpose(1, 2)).to(acc) + causal, -1)
+        return p, (qs, kc, vc), (b, h, t, d)
 
 
 def register() -> None:

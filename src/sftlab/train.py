@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from sftlab import attention, checkpoint
+from sftlab import attention, checkpoint, cpu, masters
 from sftlab.config import Config
 from sftlab.data.batching import plan_epoch, rows
 from sftlab.errors import SftlabError
@@ -74,11 +74,17 @@ class Run:
     lm: torch.nn.Module  # the bare (PEFT) model, for saving
     optimizer: torch.optim.Optimizer
     scheduler: object
+    masters: object  # sftlab.masters.MasterWeights when the model computes in bf16 over fp32 masters, else None
     total_steps: int
     precision: str
     params: tuple[int, int]
     collate: object  # rows -> model inputs (padded, or packed when data.packing)
     references: list  # eval prompts answered every eval.generate_every steps (evaluate.tasks.Item)
+
+    @property
+    def weights(self):
+        """What the optimizer steps and checkpoints hold: the fp32 masters, or the model's own trainable weights."""
+        return self.masters or self.lm
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print) -> dict:
@@ -93,7 +99,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print)
         status.set("running", total_steps=run.total_steps)
         state = RunState()
         if resume_from is not None:
-            state = RunState(**checkpoint.load(resume_from, run.lm, run.optimizer, run.scheduler))
+            state = RunState(**checkpoint.load(resume_from, run.weights, run.optimizer, run.scheduler))
+            if run.masters:
+                run.masters.sync()
             load_method_state(run.lm, cfg.train.method, checkpoint.load_method_state(resume_from))
             if run.accelerator.is_main_process:
                 say(f"resumed from {resume_from} at step {state.step}")
@@ -124,14 +132,16 @@ def setup(cfg: Config, out: Path, say) -> Run:
     from sftlab.optim import build_optimizer, build_scheduler
     from sftlab.task import get_task
 
-    # The cores this process may use (not the host's), shared by the processes launched on this machine.
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
+    cpu.use_cores()
+    if not torch.cuda.is_available():
+        cpu.keep_freed_memory()
     precision = resolve_precision(cfg.train.precision)
     # accelerate keeps one precision per process; let a second run in the same process (API use,
     # tests) choose its own. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not torch.cuda.is_available())
+    use_masters = masters.applies(cfg, precision, _single_process())
+    mixed = "no" if use_masters or precision == "fp32" else precision  # a bf16 model needs no autocast
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     task = get_task(cfg)
@@ -154,13 +164,14 @@ def setup(cfg: Config, out: Path, say) -> Run:
     if cfg.train.neftune_alpha > 0:
         lm.get_input_embeddings().register_forward_hook(neftune_hook(cfg.train.neftune_alpha))
     params = count_parameters(lm)
-    optimizer = build_optimizer(lm, cfg.train)
+    weights = masters.MasterWeights(lm) if use_masters else None
+    optimizer = build_optimizer(weights or lm, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total)
     model = task.loss_module(lm)
     model, optimizer = accelerator.prepare(model, optimizer)  # scheduler stepped by hand, once a step
     say = say if accelerator.is_main_process else (lambda *a, **k: None)
     say(f"{cfg.train.method}: {params[0]:,} trainable of {params[1]:,} parameters "
-        f"({100 * params[0] / params[1]:.2f}%); precision {precision}; attention "
+        f"({100 * params[0] / params[1]:.2f}%); precision {precision}{' (fp32 master weights)' if weights else ''}; attention "
         f"{attention.NAME if fused else lm.config._attn_implementation}; {len(train_data)} train examples, "
         f"{total} steps of {cfg.train.batch_size}x{cfg.train.grad_accum}x{accelerator.num_processes}")  # fmt: skip
     template = ChatTemplate(tokenizer, cfg.data.template).source if cfg.task == "causal_lm" else None
@@ -171,7 +182,14 @@ def setup(cfg: Config, out: Path, say) -> Run:
 
         references = reference_items(cfg, cfg.eval.generate_examples)
     return Run(cfg, out, task, accelerator, tokenizer, template, train_data, eval_data, model, lm,
-               optimizer, scheduler, total, precision, params, batcher, references)  # fmt: skip
+               optimizer, scheduler, weights, total, precision, params, batcher, references)  # fmt: skip
+
+
+def _single_process() -> bool:
+    from accelerate import PartialState
+
+    engines = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+    return PartialState().num_processes == 1 and not any(os.environ.get(e, "").lower() == "true" for e in engines)
 
 
 def loop(run: Run, state: RunState, log: MetricsLog, say) -> str:
@@ -190,7 +208,9 @@ def loop(run: Run, state: RunState, log: MetricsLog, say) -> str:
             for micro_batches in plan[state.step_in_epoch :]:
                 started = time.perf_counter()
                 record = train_step(run, micro_batches, state)
-                state.train_time += time.perf_counter() - started
+                elapsed = time.perf_counter() - started
+                state.train_time += elapsed
+                record["step_time_s"] = round(elapsed, 4)
                 state.step += 1
                 state.step_in_epoch += 1
                 record["epoch"] = round(state.epoch + state.step_in_epoch / len(plan), 4)
@@ -219,6 +239,8 @@ def train_step(run: Run, micro_batches: list[list[int]], state: RunState) -> dic
     adalora = cfg.method == "adalora"
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1
+        if run.masters:
+            run.masters.last_micro_batch = sync
         with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
             loss = model(**_to(batch, acc.device))
             objective = loss * scale
@@ -228,21 +250,12 @@ def train_step(run: Run, micro_batches: list[list[int]], state: RunState) -> dic
         loss_total += loss.detach().double()
     step_loss = acc.reduce(loss_total, "sum").item() / max(n_step, 1)
     lr = run.scheduler.get_last_lr()[0]
-    params = [p for p in model.parameters() if p.requires_grad]
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    norm = acc.clip_grad_norm_(params, max_norm)  # None under DeepSpeed, which clips inside its engine
-    grad_norm = float(norm) if norm is not None else float("nan")
-    skipped = not (math.isfinite(step_loss) and (norm is None or math.isfinite(grad_norm)))
-    if skipped and cfg.on_nonfinite == "error":
-        raise TrainError(
-            f"step {state.step + 1}: the loss is {step_loss} (grad norm {grad_norm}). Lower train.lr, keep "
-            "train.max_grad_norm > 0, try train.precision=fp32, or set train.on_nonfinite=skip to skip such steps."
-        )
-    if not skipped:
-        run.optimizer.step()
+    grad_norm, skipped = clip_and_step(run, step_loss, state.step + 1)
     if adalora:  # prune and reallocate ranks on the real step count (peft: after step, before zero_grad)
         run.lm.base_model.update_and_allocate(state.step + 1)
     run.optimizer.zero_grad(set_to_none=True)
+    if run.masters:
+        run.masters.zero_grad()
     run.scheduler.step()
     state.skipped_steps += skipped
     tokens = sum(run.task.row_tokens(x) for r in micro for x in r)
@@ -251,6 +264,32 @@ def train_step(run: Run, micro_batches: list[list[int]], state: RunState) -> dic
     record = {"step": state.step + 1, "loss": step_loss, "learning_rate": lr, "grad_norm": grad_norm,
               "tokens": state.tokens, "supervised_tokens": n_step}  # fmt: skip
     return record | ({"skipped": True} if skipped else {})
+
+
+def clip_and_step(run: Run, step_loss: float, step: int) -> tuple[float, bool]:
+    """Clip to train.max_grad_norm and take the optimizer step unless the step is not finite;
+    returns (gradient norm before clipping, skipped)."""
+    cfg, acc = run.cfg.train, run.accelerator
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    if run.masters:
+        norm = run.masters.grad_norm()
+    else:
+        params = [p for p in run.lm.parameters() if p.requires_grad]
+        norm = acc.clip_grad_norm_(params, max_norm)  # None under DeepSpeed, which clips inside its engine
+    grad_norm = float(norm) if norm is not None else float("nan")
+    skipped = not (math.isfinite(step_loss) and (norm is None or math.isfinite(grad_norm)))
+    if skipped and cfg.on_nonfinite == "error":
+        raise TrainError(
+            f"step {step}: the loss is {step_loss} (grad norm {grad_norm}). Lower train.lr, keep "
+            "train.max_grad_norm > 0, try train.precision=fp32, or set train.on_nonfinite=skip to skip such steps."
+        )
+    if skipped:
+        return grad_norm, True
+    if run.masters:  # the same clip factor as torch.nn.utils.clip_grad_norm_
+        run.masters.step(run.optimizer, min(1.0, max_norm / (grad_norm + 1e-6)))
+    else:
+        run.optimizer.step()
+    return grad_norm, False
 
 
 def _to(batch: dict, device) -> dict:
@@ -326,14 +365,14 @@ def _save_best(run: Run, state: RunState) -> None:
     from safetensors.torch import save_file
 
     with atomic_dir(run.out / "best", replace=True) as tmp:
-        save_file(checkpoint.trainable_state(run.lm), tmp / "trainable.safetensors")
+        save_file(checkpoint.trainable_state(run.weights), tmp / "trainable.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": state.step, "eval_loss": state.best_eval}))
 
 
 def save_checkpoint(run: Run, state: RunState) -> None:
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
-        checkpoint.save(run.out / "checkpoints", state.step, run.lm, run.optimizer, run.scheduler,
+        checkpoint.save(run.out / "checkpoints", state.step, run.weights, run.optimizer, run.scheduler,
                         asdict(state), run.cfg.to_yaml(), run.cfg.train.save_total_limit,
                         method_state(run.lm, run.cfg.train.method))  # fmt: skip
 
@@ -344,6 +383,9 @@ def finish(run: Run, state: RunState, outcome: str, say) -> dict:
     acc.wait_for_everyone()
     if not acc.is_main_process:
         return {}
+    if run.masters:  # the saved model carries the fp32 weights that were trained, not their bf16 rounding
+        run.masters.release()
+        run.masters = None
     if run.cfg.train.save_best and (run.out / "best").is_dir() and outcome != "interrupted":
         from safetensors.torch import load_file
 

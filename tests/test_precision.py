@@ -1,0 +1,109 @@
+"""bf16 compute with fp32 master weights, the short-row attention kernel and the CPU heap settings."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FIXTURES, tiny_config
+from safetensors.torch import load_file
+
+import sftlab.train as train_mod
+from sftlab import attention, cpu
+from sftlab.masters import MasterWeights
+from sftlab.tracking import read_metrics
+from sftlab.train import train
+
+QUIET = {"say": lambda *a, **k: None}
+
+
+def test_short_causal_attention_is_exact_in_float64_and_close_in_bf16():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, c: attention.ShortCausal.apply(a, b, c, 0.3), (q, k, v))
+    out = attention.ShortCausal.apply(q, k, v, 8**-0.5)
+    assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-12)
+
+    q, k, v = (torch.randn(4, 9, 90, 64, requires_grad=True) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), (q, k, v))
+    low = [x.detach().bfloat16().requires_grad_() for x in (q, k, v)]
+    assert attention._short_kernel_wins(low[0], 0.0) and not attention._short_kernel_wins(low[0], 0.1)
+    out = attention.ShortCausal.apply(*low, 64**-0.5)
+    grads = torch.autograd.grad(out.float().pow(2).sum(), low)
+    rel = lambda a, b: float((a.detach().float() - b.detach()).norm() / b.detach().norm())
+    assert rel(out, ref) < 1e-2  # bf16 rounding (SDPA's own bf16 flash kernel: ~3e-3)
+    assert all(rel(g, r) < 2e-2 for g, r in zip(grads, ref_grads))
+    long = torch.zeros(1, 1, attention.SHORT_TOKENS + 1, 8, dtype=torch.bfloat16)
+    assert not attention._short_kernel_wins(long, 0.0) and not attention._short_kernel_wins(q, 0.0)  # fp32: SDPA
+
+
+def test_master_weights_accumulate_clip_and_step_in_fp32():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    start = [p.detach().clone() for p in model.parameters()]
+    masters = MasterWeights(model)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(m.dtype == torch.float32 and torch.equal(m, s) for m, s in zip(masters.masters, start))
+    grads = []
+    for last, x in ((False, torch.randn(4, 8)), (True, torch.randn(4, 8))):
+        masters.last_micro_batch = last
+        model(x.bfloat16()).float().sum().backward()
+        grads.append([p.grad.float().clone() if p.grad is not None else None for p in model.parameters()])
+    assert grads[0] == [None] * 4  # earlier micro-batches go straight into the fp32 masters
+    assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters())  # the last one waits for the step
+    norm = masters.grad_norm()
+    total = [m.grad.clone() for m in masters.masters]  # fp32 sum of both micro-batches
+    assert norm == pytest.approx(float(torch.cat([g.flatten() for g in total]).norm()), rel=1e-6)
+    optimizer = torch.optim.SGD(masters.parameters(), lr=1.0)
+    masters.step(optimizer, 0.5)
+    for p, m, s, g in zip(model.parameters(), masters.masters, start, total):
+        assert torch.allclose(m, s - 0.5 * g, atol=1e-7)
+        assert torch.equal(p, m.bfloat16()) and p.grad is None and m.grad is None
+    masters.release()
+    assert all(p.dtype == torch.float32 and p is not m for p, m in zip(model.parameters(), masters.masters))
+    assert all(torch.equal(p, m) for p, m in zip(model.parameters(), masters.masters))
+
+
+def test_full_bf16_run_computes_in_bf16_and_saves_fp32_masters(tiny_model_dir, tmp_path, monkeypatch):
+    seen = []
+    real = train_mod.clip_and_step
+
+    def spy(run, loss, step):
+        seen.append((run.masters is not None, {p.dtype for p in run.lm.parameters()}))
+        return real(run, loss, step)
+
+    monkeypatch.setattr(train_mod, "clip_and_step", spy)
+    out = tmp_path / "bf16"
+    cfg = tiny_config(tiny_model_dir, out, "train.method=full", "train.precision=bf16", "train.grad_accum=2",
+                      "train.save_steps=3", "train.max_steps=3")  # fmt: skip
+    summary = train(cfg, **QUIET)
+    assert summary["precision"] == "bf16" and seen == [(True, {torch.bfloat16})] * 3
+    saved = load_file(out / "model.safetensors")
+    masters = load_file(out / "checkpoints" / "step-0000003" / "trainable.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    for name, tensor in masters.items():  # the final model is the fp32 masters, not their bf16 rounding
+        assert tensor.dtype == torch.float32
+        assert torch.equal(saved.get(name, saved.get(name.replace("model.embed_tokens", "lm_head"))), tensor), name
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in masters.values())
+    fp32 = tmp_path / "fp32"
+    train(tiny_config(tiny_model_dir, fp32, "train.method=full", "train.grad_accum=2", "train.max_steps=3"), **QUIET)
+    loss = lambda o: [m["loss"] for m in read_metrics(o / "metrics.jsonl") if "loss" in m]
+    assert loss(out) == pytest.approx(loss(fp32), rel=2e-2)  # bf16 compute tracks the fp32 run
+
+
+def test_masters_are_not_used_where_they_do_not_apply(tiny_model_dir):
+    from sftlab.masters import applies
+
+    cfg = tiny_config(tiny_model_dir, "/tmp/unused", "train.method=full")
+    assert applies(cfg, "bf16", True)
+    assert not applies(cfg, "bf16", False) and not applies(cfg, "fp32", True)
+    assert not applies(tiny_config(tiny_model_dir, "/tmp/unused", "train.method=freeze"), "bf16", True)
+    assert not applies(tiny_config(tiny_model_dir, "/tmp/unused", "train.method=lora"), "bf16", True)
+
+
+def test_heap_settings_apply_on_glibc():
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert cpu.keep_freed_memory()
+    assert cpu.use_cores() >= 1
