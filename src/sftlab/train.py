@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from sftlab import attention, checkpoint, cpu, masters
+from sftlab import attention, checkpoint, cpu, masters, rmsnorm
 from sftlab.config import Config
 from sftlab.data.batching import plan_epoch, rows
 from sftlab.errors import SftlabError
@@ -158,6 +158,8 @@ def setup(cfg: Config, out: Path, say) -> Run:
     # Virtual-token methods run the model's own forward and attention (their keys outnumber the queries).
     fused = (cfg.task == "causal_lm" and cfg.train.attention == "auto" and cfg.train.method not in PROMPT_LEARNING
              and attention.use_for_training(lm))  # fmt: skip
+    if cfg.task == "causal_lm":
+        rmsnorm.use_for_training(lm)
     lm = prepare_for_training(lm, cfg, precision, total)
     lm.config.use_cache = False
     lm.train()  # from_pretrained returns eval mode; do not rely on a wrapper to switch dropout back on
@@ -186,10 +188,11 @@ def setup(cfg: Config, out: Path, say) -> Run:
 
 
 def _single_process() -> bool:
-    from accelerate import PartialState
-
+    # From the launchers' environment: asking accelerate (PartialState) before the Accelerator exists
+    # would set up its process state without cpu=True.
     engines = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
-    return PartialState().num_processes == 1 and not any(os.environ.get(e, "").lower() == "true" for e in engines)
+    alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    return alone and not any(os.environ.get(e, "").lower() == "true" for e in engines)
 
 
 def loop(run: Run, state: RunState, log: MetricsLog, say) -> str:
