@@ -4,9 +4,10 @@ The model is built on the meta device (shapes only), wrapped by the chosen metho
 trains, then peak memory is the sum of:
 
     runtime       Python, torch, transformers, tokenizer and data (measured once per device kind)
-    weights       frozen parameters in their stored dtype (NF4: half a byte), trainable ones in fp32; on
-                  CPU at least the safetensors file's size (its pages are mapped and counted in RSS)
-    gradients     fp32, trainable parameters only
+    weights       frozen parameters in their stored dtype (NF4: half a byte), trainable ones in fp32
+                  (full bf16: a bf16 model beside fp32 masters); on CPU at least the safetensors
+                  file's size (its pages are mapped and counted in RSS)
+    gradients     fp32, trainable parameters only (full bf16: bf16, plus one fp32 chunk at the step)
     optimizer     AdamW: two fp32 moments per trainable parameter
     activations   saved per token per layer: (16 h + 5 i) values for a Llama-style block, in the
                   compute dtype; with gradient checkpointing one h per layer plus one block's worth
@@ -77,6 +78,7 @@ def estimate(cfg, batch_size: int | None = None, checkpointing: bool | None = No
              model_and_config=None) -> Estimate:  # fmt: skip
     import torch
 
+    from sftlab.masters import CHUNK_ELEMENTS
     from sftlab.methods import FROZEN_BASE
     from sftlab.models import count_parameters, resolve_precision
 
@@ -96,8 +98,9 @@ def estimate(cfg, batch_size: int | None = None, checkpointing: bool | None = No
         weight_bytes = frozen * (2 if method in FROZEN_BASE and half else 4)
         if device == "cpu":
             weight_bytes = max(weight_bytes, _file_bytes(cfg) * frozen // max(total, 1))
-    if method == "full" and half and device == "cpu":
-        weight_bytes += total * 2  # CPU autocast keeps a bf16 copy of every weight it casts
+    masters = method == "full" and precision == "bf16"  # sftlab.masters: a bf16 model over fp32 masters
+    if masters:
+        weight_bytes += total * 2
     weight_bytes += trainable * 4
     h = config.hidden_size
     inter = getattr(config, "intermediate_size", 4 * h)
@@ -111,7 +114,9 @@ def estimate(cfg, batch_size: int | None = None, checkpointing: bool | None = No
         acts = tokens * (layers * h * act_value + per_layer_token) if ckpt else tokens * layers * per_layer_token
     logit_rows = min(tokens, cfg.train.loss_chunk_tokens)
     loss = logit_rows * config.vocab_size * (6 if device == "cpu" else 12)  # fp32 logits, softmax, gradient
-    return Estimate(RUNTIME_BYTES[device], int(weight_bytes), trainable * 4, trainable * 8, int(acts), loss,
+    # Masters: bf16 gradients until the step, which converts one chunk at a time to fp32.
+    grads = trainable * 2 + min(trainable, CHUNK_ELEMENTS) * 4 if masters else trainable * 4
+    return Estimate(RUNTIME_BYTES[device], int(weight_bytes), grads, trainable * 8, int(acts), loss,
                     trainable, total)  # fmt: skip
 
 
