@@ -139,10 +139,12 @@ def run_trl(method, train_file, max_length, batch, steps, lr, out, opts) -> dict
 
     clock = StepClock()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if opts["packing"]:  # TRL's batch counts packed rows of max_length: keep the tokens per step equal
-        lengths = [min(max_length, len(tokenizer.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"]))
-                   for m in rows]  # fmt: skip
-        batch = max(1, round(batch * sum(lengths) / len(lengths) / max_length))
+    if opts["packing"]:  # TRL's batch counts packed rows: keep the tokens per step equal to the padded runs'
+        from trl.data_utils import pack_dataset
+
+        ids = [tokenizer.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"][:max_length] for m in rows]
+        packed = pack_dataset(Dataset.from_dict({"input_ids": ids}), max_length, strategy="bfd")
+        batch = max(1, round(batch * len(packed) / len(ids)))  # examples per step -> packed rows per step
     config = SFTConfig(
         output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=1, max_steps=steps,
         learning_rate=lr, lr_scheduler_type="cosine", weight_decay=0.0, max_grad_norm=1.0,
