@@ -4,10 +4,14 @@ Training batches are right-padded or packed, never left-padded, so a plain causa
 a real token never sees the padding to its right. That lets PyTorch pick its fused (flash) CPU and
 GPU kernels, which it refuses once an explicit mask is passed. Packed rows carry `cu_seq_lens_q`
 (the flash-attention varlen convention); each example then attends only within itself (GUIDE rule
-4) at the cost of its own length squared, not the packed row's.
+4) at the cost of its own length squared, not the packed row's: on CUDA in one flash-attention
+varlen call (PyTorch's own, no extra package), elsewhere one fused SDPA call per example.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -16,30 +20,71 @@ NAME = "sftlab_sdpa"
 
 
 def causal_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                     cu_seq_lens_q=None, **kwargs):  # fmt: skip
+                     cu_seq_lens_q=None, max_length_q=None, **kwargs):  # fmt: skip
     """query/key/value: [batch, heads, tokens, head_dim] -> output [batch, tokens, heads, head_dim]."""
     groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
+    dropout = dropout if module.training else 0.0
+    if cu_seq_lens_q is not None and dropout == 0.0 and _varlen_applies(query):
+        return _varlen(query, key, value, cu_seq_lens_q, max_length_q, scaling, groups), None
+    gqa = {"enable_gqa": True} if groups > 1 and query.is_cuda else {}  # CUDA kernels share k/v heads
+    if groups > 1 and not gqa:  # the CPU kernels want them repeated
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    dropout = dropout if module.training else 0.0
     if cu_seq_lens_q is None:
         if _short_kernel_wins(query, dropout):
             out = ShortCausal.apply(query, key, value, scaling or query.shape[-1] ** -0.5)
         else:
-            out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True)
+            out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True,
+                                                 **gqa)  # fmt: skip
         return out.transpose(1, 2).contiguous(), None
     b, h, t, d = query.shape
     # Segments are given over the row-major flattening of the batch; every row ends on a boundary.
-    flat = [x.transpose(0, 1).reshape(h, b * t, d) for x in (query, key, value)]
+    flat = [x.transpose(0, 1).reshape(x.shape[1], b * t, d) for x in (query, key, value)]
     bounds = cu_seq_lens_q.tolist()
     pieces = [
         F.scaled_dot_product_attention(*(x[:, s:e].unsqueeze(0) for x in flat), dropout_p=dropout,
-                                       scale=scaling, is_causal=True)[0]  # fmt: skip
+                                       scale=scaling, is_causal=True, **gqa)[0]  # fmt: skip
         for s, e in zip(bounds[:-1], bounds[1:])
     ]
     out = torch.cat(pieces, dim=1).reshape(h, b, t, d).permute(1, 2, 0, 3)
     return out.contiguous(), None
+
+
+@functools.cache
+def _varlen_kernel():
+    """PyTorch's own flash-attention varlen entry (torch >= 2.10), as (function, shares k/v heads),
+    or None. Its causal switch was renamed between releases."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    return functools.partial(varlen_attn, **causal), "enable_gqa" in params
+
+
+def _varlen_applies(query: torch.Tensor) -> bool:
+    return query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and _varlen_kernel() is not None
+
+
+def _varlen(query, key, value, cu_seq_lens, max_length, scaling, groups: int) -> torch.Tensor:
+    """Packed rows on CUDA: one flash-attention call over all segments, each attending only to itself."""
+    kernel, shares_heads = _varlen_kernel()
+    if groups > 1 and not shares_heads:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    b, _, t, d = query.shape
+    q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))
+    extra = {"enable_gqa": True} if groups > 1 and shares_heads else {}
+    cu = cu_seq_lens.to(device=query.device, dtype=torch.int32)
+    length = int(max_length) if max_length is not None else int((cu[1:] - cu[:-1]).max())
+    out = kernel(q, k, v, cu, cu, length, length, scale=scaling, **extra)
+    return out.reshape(b, t, out.shape[-2], d)
 
 
 # PyTorch's CPU flash kernel is tuned for long rows: at 90 tokens its backward takes ~3x as long as

@@ -166,6 +166,8 @@ def setup(cfg: Config, out: Path, say) -> Run:
     if cfg.train.neftune_alpha > 0:
         lm.get_input_embeddings().register_forward_hook(neftune_hook(cfg.train.neftune_alpha))
     params = count_parameters(lm)
+    if use_masters:  # the masters live beside the weights they update (prepare() would move only the model)
+        lm.to(accelerator.device)
     weights = masters.MasterWeights(lm) if use_masters else None
     optimizer = build_optimizer(weights or lm, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total)
