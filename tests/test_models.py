@@ -45,3 +45,17 @@ def test_a_gguf_file_is_converted_into_a_cache_dir_named_by_its_content(tmp_path
     assert [c[0] for c in calls] == [gguf, gguf]
     assert calls[0][1].parent == models.cache_root() / "models" and calls[0][1].name.startswith("My-Model.Q8_0-")
     assert first == str(calls[0][1]) and second != first  # new content, new conversion
+
+
+def test_parameters_are_counted_at_their_real_size_when_zero3_partitions_them():
+    import torch
+
+    from sftlab.models import count_parameters
+
+    model = torch.nn.Linear(4, 3)
+    assert count_parameters(model) == (15, 15)
+    for p in model.parameters():  # what deepspeed.zero.Init leaves on a rank: an empty tensor and its size
+        p.ds_numel = p.numel()
+        p.data = torch.empty(0)
+    model.bias.requires_grad_(False)
+    assert count_parameters(model) == (12, 15)

@@ -180,7 +180,7 @@ def test_saved_models_load_with_plain_transformers_and_peft_and_match(tiny_model
 
     captured = {}
     real_save = train_mod.save_model
-    monkeypatch.setattr(train_mod, "save_model", lambda run: (captured.update(lm=run.lm), real_save(run)))
+    monkeypatch.setattr(train_mod, "save_model", lambda run, *rest: (captured.update(lm=run.lm), real_save(run, *rest)))
     probe = torch.tensor([[1, 520, 9531, 198, 28120, 905, 2]])
     for method in ("lora", "full"):
         out = tmp_path / method

@@ -268,7 +268,9 @@ def count_parameters(model) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        n = p.numel() * (2 if hasattr(p, "quant_state") else 1)  # 4-bit weights pack two values per element
+        # 4-bit weights pack two values per element; DeepSpeed ZeRO-3 leaves an empty tensor and the
+        # parameter's real size in ds_numel.
+        n = getattr(p, "ds_numel", p.numel()) * (2 if hasattr(p, "quant_state") else 1)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

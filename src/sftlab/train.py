@@ -142,6 +142,7 @@ def setup(cfg: Config, out: Path, say) -> Run:
     use_masters = masters.applies(cfg, precision, _single_process())
     mixed = "no" if use_masters or precision == "fp32" else precision  # a bf16 model needs no autocast
     accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    _configure_engine(accelerator, cfg)
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     task = get_task(cfg)
@@ -187,6 +188,30 @@ def setup(cfg: Config, out: Path, say) -> Run:
         references = reference_items(cfg, cfg.eval.generate_examples)
     return Run(cfg, out, task, accelerator, tokenizer, template, train_data, eval_data, model, lm,
                optimizer, scheduler, weights, total, precision, params, batcher, references)  # fmt: skip
+
+
+def sharding_engine(accelerator) -> str | None:
+    """'fsdp' or 'deepspeed' when one shards the model (its parameters are not whole on any rank)."""
+    from accelerate.utils import DistributedType
+
+    return {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(accelerator.distributed_type)
+
+
+def _configure_engine(accelerator, cfg: Config) -> None:
+    engine = sharding_engine(accelerator)
+    if engine is None:
+        return
+    refused = [name for name, on in (("train.save_steps", cfg.train.save_steps > 0), ("train.save_best", cfg.train.save_best),
+                                     ("train.grad_accum > 1", engine == "deepspeed" and cfg.train.grad_accum > 1)) if on]  # fmt: skip
+    if refused:
+        raise TrainError(
+            f"{', '.join(refused)}: not available under {engine} yet (its checkpoints are sharded, and DeepSpeed "
+            "steps inside its engine at every backward); remove them, raise train.batch_size instead of "
+            "train.grad_accum, or train with DDP (examples/accelerate/ddp.yaml), which supports all of them."
+        )
+    if engine == "deepspeed":  # no dataloader goes through prepare(), so DeepSpeed is told the micro-batch
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=cfg.train.batch_size, gradient_accumulation_steps=1)
 
 
 def _single_process() -> bool:
@@ -375,6 +400,10 @@ def _save_best(run: Run, state: RunState) -> None:
 
 
 def save_checkpoint(run: Run, state: RunState) -> None:
+    if sharding_engine(run.accelerator):  # only an interrupt gets here (_configure_engine refuses save_steps)
+        if run.accelerator.is_main_process:
+            print(f"no checkpoint at step {state.step}: sharded FSDP/DeepSpeed checkpoints are not written yet")
+        return
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
         checkpoint.save(run.out / "checkpoints", state.step, run.weights, run.optimizer, run.scheduler,
@@ -386,6 +415,7 @@ def finish(run: Run, state: RunState, outcome: str, say) -> dict:
     """Write the final model (HF format), summary.json and loss.png; print the summary."""
     acc = run.accelerator
     acc.wait_for_everyone()
+    whole = _gathered_state(run) if outcome != "interrupted" else None  # a collective: every rank joins
     if not acc.is_main_process:
         return {}
     if run.masters:  # the saved model carries the fp32 weights that were trained, not their bf16 rounding
@@ -396,7 +426,7 @@ def finish(run: Run, state: RunState, outcome: str, say) -> dict:
 
         checkpoint.load_trainable(run.lm, load_file(run.out / "best" / "trainable.safetensors"))
     if outcome != "interrupted":
-        save_model(run)
+        save_model(run, whole)
         if run.cfg.task != "causal_lm" and run.eval_data is not None:
             _write_final_eval(run, restored_best=run.cfg.train.save_best and (run.out / "best").is_dir())
     summary = _summary(run, state, outcome)
@@ -407,14 +437,23 @@ def finish(run: Run, state: RunState, outcome: str, say) -> dict:
     return summary
 
 
-def save_model(run: Run) -> None:
-    """The final model (a PEFT adapter, bottleneck adapters or a full model), the tokenizer and the training template."""
+def _gathered_state(run: Run) -> dict | None:
+    """The whole model's state dict gathered from FSDP/DeepSpeed shards (on rank 0), else None."""
+    if sharding_engine(run.accelerator) is None:
+        return None
+    state = run.accelerator.get_state_dict(run.model)  # keys of the SupervisedLoss wrapper: "lm.<name>"
+    return {k.removeprefix("lm."): v for k, v in state.items()} if state is not None else None
+
+
+def save_model(run: Run, whole: dict | None = None) -> None:
+    """The final model (a PEFT adapter, bottleneck adapters or a full model), the tokenizer and the
+    training template. `whole`: the gathered state dict when an engine shards the model."""
     if run.cfg.train.method == "adapter":
         from sftlab.methods import save_bottleneck
 
         save_bottleneck(run.lm, run.out)
     else:
-        run.lm.save_pretrained(run.out, safe_serialization=True)
+        run.lm.save_pretrained(run.out, safe_serialization=True, **({"state_dict": whole} if whole else {}))
     if run.template_source is not None:
         run.tokenizer.chat_template = run.template_source  # inference renders exactly as training did
     run.tokenizer.save_pretrained(run.out)
