@@ -3,9 +3,12 @@
     pip install -e '.[bench]'          # adds trl
     python benchmarks/compare_trl.py   # all cases, ~40 min on 2 CPU cores
     python benchmarks/compare_trl.py --cases lora-short --steps 4   # one case, quick
+    python benchmarks/compare_trl.py --model-config benchmarks/llama-1b.json --cases full-long \
+        --batch 16 --steps 12 --runners sftlab,sftlab-packing,trl-bf16,trl-bf16-packing   # GPU, 1B-class
 
-Every run is a fresh subprocess (so its peak RSS is its own) on the same model (the embedded
-SmolLM2-135M-Instruct), data, max length, effective batch, learning rate, LoRA settings and number
+Every run is a fresh subprocess (so its peak memory is its own) on the same model (the embedded
+SmolLM2-135M-Instruct, or with --model-config an architecture given as a config.json with fresh
+weights, saved once so that every runner starts from the same ones), data, max length, effective batch, learning rate, LoRA settings and number
 of optimizer steps; runners alternate order from case to case. Both sides train on the last
 assistant turn (TRL's prompt-completion loss; sftlab `train_on: last`), and both final models are
 scored by the same evaluator (fp32, one example at a time, loss per supervised token).
@@ -15,6 +18,8 @@ loading and data preparation excluded on both sides). MFU = achieved model FLOP/
 matmul peak measured at the start of the run: per token 6N (full) or 4N (LoRA: no weight grads)
 for the transformer blocks, the same factor times the LM head for supervised tokens only (that is
 all sftlab computes; TRL computes more), plus causal attention 6*L*d*T (full) or 4*L*d*T (LoRA).
+On CUDA memory is `torch.cuda.max_memory_allocated` and MFU is also given against the H100's
+nominal dense bf16 peak (989 TFLOP/s).
 """
 
 from __future__ import annotations
@@ -44,7 +49,11 @@ RUNNERS = {  # name: (engine, options)
     "trl-default": ("trl", {"bf16": False, "packing": False}),
     "trl-bf16": ("trl", {"bf16": True, "packing": False}),
     "trl-bf16-packing": ("trl", {"bf16": True, "packing": True}),
+    "sftlab-packing": ("sftlab", {"data.packing": "true"}),
+    "sftlab-ckpt": ("sftlab", {"gradient_checkpointing": "true"}),
+    "trl-bf16-packing-nockpt": ("trl", {"bf16": True, "packing": True, "gradient_checkpointing": False}),
 }
+H100_BF16_TFLOPS = 989.0
 
 
 # --------------------------------------------------------------------------- data
@@ -74,34 +83,44 @@ def build_data(workdir: Path) -> dict[str, Path]:
 
 def worker(args) -> dict:
     method, long, batch, steps, lr = CASES[args.case]
+    batch = args.batch or batch
     engine, opts = RUNNERS[args.runner]
     prefix = "long" if long else "short"
     train_file, eval_file = Path(args.workdir) / f"{prefix}-train.jsonl", Path(args.workdir) / f"{prefix}-eval.jsonl"
     max_length = 1024 if long else 512
     out = Path(args.workdir) / f"{args.case}-{args.runner}"
-    run = (run_sftlab if engine == "sftlab" else run_trl)(method, train_file, max_length, batch, steps, lr, out, opts)
-    run["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # training's peak, before eval
-    run["eval_loss"] = common_eval_loss(run.pop("model"), eval_file, max_length)
+    model = args.model_dir
+    run = (run_sftlab if engine == "sftlab" else run_trl)(model, method, train_file, max_length, batch, steps, lr, out, opts)
+    run["peak_mb"] = peak_memory_mb()  # training's peak, before eval
+    run["eval_loss"] = common_eval_loss(run.pop("model"), model, eval_file, max_length)
     return run
 
 
-def run_sftlab(method, train_file, max_length, batch, steps, lr, out, opts) -> dict:
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_sftlab(model_dir, method, train_file, max_length, batch, steps, lr, out, opts) -> dict:
     from sftlab.config import load_config
     from sftlab.generate import load_for_inference
     from sftlab.tracking import read_metrics
     from sftlab.train import train
 
     cfg = load_config(None, [
-        f"data.train=[{train_file}]", f"data.max_length={max_length}", "data.train_on=last", "data.cache=false",
+        f"model.name={model_dir}", f"data.train=[{train_file}]", f"data.max_length={max_length}", "data.train_on=last", "data.cache=false",
         f"train.method={method}", f"train.batch_size={batch}", f"train.max_steps={steps}", f"train.lr={lr}",
         f"train.output_dir={out}", "train.report_to=[]", "lora.dropout=0.0",
-    ] + [f"train.{k}={v}" for k, v in opts.items()])  # fmt: skip
+    ] + [f"{k if '.' in k else 'train.' + k}={v}" for k, v in opts.items()])  # fmt: skip
     summary = train(cfg, overwrite=True, say=lambda *a: None)
     steps = [m for m in read_metrics(out / "metrics.jsonl") if "step_time_s" in m]
     step_times, first_step_tokens = [m["step_time_s"] for m in steps], steps[0]["tokens"]
     return {
         "tokens": summary["tokens"], "supervised_tokens": summary["supervised_tokens"], "steps": summary["steps"],
-        "train_time_s": summary["train_time_s"], "train_loss": summary["final_train_loss"],
+        "train_time_s": sum(step_times), "train_loss": summary["final_train_loss"],
         "model": _Lazy(lambda: load_for_inference(str(out)).model), "precision": summary["precision"],
         "step_times": step_times, "first_step_tokens": first_step_tokens,
     }  # fmt: skip
@@ -114,16 +133,13 @@ class _Lazy:
         self.load = load
 
 
-def run_trl(method, train_file, max_length, batch, steps, lr, out, opts) -> dict:
+def run_trl(model_dir, method, train_file, max_length, batch, steps, lr, out, opts) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from sftlab.models import resolve_model_dir
-
-    model_dir = resolve_model_dir("smollm2-135m-instruct")
     rows = [json.loads(line)["messages"] for line in train_file.read_text().splitlines()]
     dataset = Dataset.from_list([{"prompt": m[:-1], "completion": m[-1:]} for m in rows])
 
@@ -132,10 +148,14 @@ def run_trl(method, train_file, max_length, batch, steps, lr, out, opts) -> dict
             self.steps, self.started = [], None
 
         def on_step_begin(self, *a, **k):
+            sync()
             self.started = time.perf_counter()
 
         def on_step_end(self, *a, **k):
+            sync()  # the GPU's queued work belongs to this step (the Trainer syncs only when it logs, later)
             self.steps.append(time.perf_counter() - self.started)
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
     clock = StepClock()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -150,7 +170,7 @@ def run_trl(method, train_file, max_length, batch, steps, lr, out, opts) -> dict
         learning_rate=lr, lr_scheduler_type="cosine", weight_decay=0.0, max_grad_norm=1.0,
         logging_steps=1, save_strategy="no", report_to="none", max_length=max_length, bf16=opts["bf16"],
         packing=opts["packing"], use_cpu=not torch.cuda.is_available(), seed=42, dataloader_num_workers=0,
-        disable_tqdm=True,
+        disable_tqdm=True, gradient_checkpointing=opts.get("gradient_checkpointing", True),  # TRL's default: on
     )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
@@ -161,13 +181,13 @@ def run_trl(method, train_file, max_length, batch, steps, lr, out, opts) -> dict
     logs = [h for h in trainer.state.log_history if "loss" in h]
     return {
         "tokens": int(logs[-1].get("num_tokens", 0)), "supervised_tokens": None, "steps": trainer.state.global_step,
-        "train_time_s": round(sum(clock.steps), 1), "train_loss": logs[-1]["loss"], "model": trainer.model,
+        "train_time_s": round(sum(clock.steps), 3), "train_loss": logs[-1]["loss"], "model": trainer.model,
         "precision": "bf16" if opts["bf16"] else "fp32", "step_times": clock.steps, "rows_per_step": batch,
         "first_step_tokens": int(logs[0].get("num_tokens", 0)),
     }  # fmt: skip
 
 
-def common_eval_loss(model, eval_file: Path, max_length: int) -> float:
+def common_eval_loss(model, model_dir: str, eval_file: Path, max_length: int) -> float:
     """The same evaluator for every runner: fp32, one example at a time, loss per supervised token."""
     import torch
 
@@ -175,14 +195,15 @@ def common_eval_loss(model, eval_file: Path, max_length: int) -> float:
     from sftlab.data.dataset import load_split
     from sftlab.models import ModelConfig, load_tokenizer
 
-    tok = load_tokenizer(ModelConfig())
+    tok = load_tokenizer(ModelConfig(name=model_dir))
     data = load_split(DataConfig(eval=[DatasetSpec(path=str(eval_file))], max_length=max_length, train_on="last",
                                  cache=False), tok, "eval").dataset  # fmt: skip
-    model = (model.load() if isinstance(model, _Lazy) else model).float().eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = (model.load() if isinstance(model, _Lazy) else model).float().eval().to(device)
     total, count = 0.0, 0
     with torch.no_grad():
         for row in data:
-            ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
+            ids, labels = torch.tensor([row["input_ids"]], device=device), torch.tensor([row["labels"]], device=device)
             logits = model(input_ids=ids).logits[0, :-1]
             total += torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").item()
             count += int((labels[0, 1:] != -100).sum())
@@ -193,32 +214,57 @@ def common_eval_loss(model, eval_file: Path, max_length: int) -> float:
 
 
 def matmul_peak() -> dict:
-    """Measured GEMM throughput (GFLOP/s) for fp32 and bf16 on this machine, now."""
+    """Measured GEMM throughput (GFLOP/s) for fp32 and bf16 on this machine (its GPU if it has one), now."""
     import torch
 
-    peaks = {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 8192 if device == "cuda" else 2048
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    peaks = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
         for _ in range(3):
             a @ b
-        t, n = time.perf_counter(), 10
-        for _ in range(n):
+        sync()
+        t, reps = time.perf_counter(), 10
+        for _ in range(reps):
             a @ b
-        peaks[name] = 2 * 2048**3 * n / (time.perf_counter() - t) / 1e9
+        sync()
+        peaks[name] = 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
     return peaks
 
 
-def flops_per_token(method: str, avg_len: float, supervised_fraction: float) -> float:
+def flops_per_token(model_dir: str, method: str, avg_len: float, supervised_fraction: float) -> float:
     from transformers import AutoConfig
 
-    from sftlab.models import resolve_model_dir
-
-    c = AutoConfig.from_pretrained(resolve_model_dir("smollm2-135m-instruct"))
+    c = AutoConfig.from_pretrained(model_dir)
     d, layers, heads, kv = c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads
-    head_dim = d // heads
-    block = layers * (d * d * 2 + 2 * d * kv * head_dim + 3 * d * c.intermediate_size)  # attn + MLP matrices
+    head_dim = getattr(c, "head_dim", None) or d // heads
+    block = layers * (d * heads * head_dim * 2 + 2 * d * kv * head_dim + 3 * d * c.intermediate_size)
     factor = 6 if method == "full" else 4
     return factor * block + factor * d * c.vocab_size * supervised_fraction + factor * layers * d * avg_len
+
+
+def random_model(config_file: str, tokenizer_dir: str, out: Path) -> str:
+    """The architecture of `config_file` with fresh weights (seed 0) and the tokenizer of `tokenizer_dir`,
+    saved once so that every runner loads the same starting point."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    spec = json.loads(Path(config_file).read_text())
+    config = AutoConfig.for_model(**spec)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if config.vocab_size < len(tokenizer):
+        raise SystemExit(f"{config_file}: vocab_size {config.vocab_size} < the tokenizer's {len(tokenizer)}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model: {config_file} ({config.model_type}, {params / 1e9:.2f}B parameters, random init), "
+          f"tokenizer from {tokenizer_dir}")  # fmt: skip
+    return str(out)
 
 
 def main() -> None:
@@ -226,11 +272,15 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--runners", default="sftlab,trl-default,trl-bf16,trl-bf16-packing")
     parser.add_argument("--steps", type=int, help="override every case's step count")
+    parser.add_argument("--batch", type=int, help="override every case's examples per step")
+    parser.add_argument("--model-config", help="a config.json: train this architecture from fresh weights")
+    parser.add_argument("--tokenizer", help="tokenizer directory for --model-config (default: the embedded model's)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--runner", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         if args.steps:
@@ -238,14 +288,19 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args)))
         return
     peaks = matmul_peak()
-    print(f"matmul peak on this machine now: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    print(f"matmul peak on {peaks['device']} now: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
     results = []
     with tempfile.TemporaryDirectory() as workdir:
         build_data(Path(workdir))
+        from sftlab.models import resolve_model_dir
+
+        embedded = resolve_model_dir("smollm2-135m-instruct") if not (args.model_config and args.tokenizer) else None
+        model_dir = (random_model(args.model_config, args.tokenizer or embedded, Path(workdir) / "model")
+                     if args.model_config else embedded)  # fmt: skip
         for i, case in enumerate(args.cases.split(",")):
             runners = args.runners.split(",")
             for runner in runners if i % 2 == 0 else runners[::-1]:  # alternate who runs first
-                results.append(run_one(case, runner, workdir, args.steps, peaks))
+                results.append(run_one(case, runner, workdir, model_dir, args, peaks))
                 print(row_text(results[-1]), flush=True)
     print()
     print(markdown(results))
@@ -253,14 +308,16 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"peaks": peaks, "results": results}, indent=1))
 
 
-def run_one(case: str, runner: str, workdir: str, steps: int | None, peaks: dict) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--case", case, "--runner", runner, "--workdir", workdir]
-    cmd += ["--steps", str(steps)] if steps else []
+def run_one(case: str, runner: str, workdir: str, model_dir: str, args, peaks: dict) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--case", case, "--runner", runner, "--workdir", workdir,
+           "--model-dir", model_dir]  # fmt: skip
+    cmd += ["--steps", str(args.steps)] if args.steps else []
+    cmd += ["--batch", str(args.batch)] if args.batch else []
     env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not line:
-        return {"case": case, "runner": runner, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+        return {"case": case, "runner": runner, "error": (proc.stderr or proc.stdout).strip().splitlines()[-3:]}
     r = json.loads(line[-1][7:]) | {"case": case, "runner": runner}
     r["tokens_per_s"] = r["tokens"] / r["train_time_s"]
     r["step_s"] = r["train_time_s"] / r["steps"]
@@ -270,21 +327,26 @@ def run_one(case: str, runner: str, workdir: str, steps: int | None, peaks: dict
     method, long = CASES[case][0], CASES[case][1]
     avg_len = 700 if long else 62  # prompt + response tokens per example of the two data sets
     sup_frac = (r["supervised_tokens"] or 0) / r["tokens"] if r["supervised_tokens"] else 0.15
-    per_token = flops_per_token(method, avg_len, sup_frac) / (peaks["bf16"] * 1e9)
-    r["mfu_bf16"], r["steady_mfu_bf16"] = r["tokens_per_s"] * per_token, r["steady_tokens_per_s"] * per_token
+    per_token = flops_per_token(model_dir, method, avg_len, sup_frac)
+    r["mfu_bf16"], r["steady_mfu_bf16"] = (x * per_token / (peaks["bf16"] * 1e9) for x in
+                                           (r["tokens_per_s"], r["steady_tokens_per_s"]))  # fmt: skip
+    if peaks["device"] != "cpu":
+        r["steady_mfu_989"] = r["steady_tokens_per_s"] * per_token / (H100_BF16_TFLOPS * 1e12)
     return r
 
 
 def row_text(r: dict) -> str:
     if "error" in r:
         return f"{r['case']:11s} {r['runner']:17s} FAILED: {r['error']}"
+    nominal = f", {100 * r['steady_mfu_989']:.1f}% of 989 TFLOP/s" if "steady_mfu_989" in r else ""
     return (f"{r['case']:11s} {r['runner']:17s} {r['tokens_per_s']:7.1f} tok/s  {r['step_s']:6.2f} s/step  "
-            f"{r['tokens_per_step']:5.0f} tok/step  peak {r['peak_rss_mb']:6.0f} MB  train loss {r['train_loss']:.4f}  "
-            f"eval loss {r['eval_loss']:.4f}  MFU {100 * r['mfu_bf16']:.1f}% (after step 1: {100 * r['steady_mfu_bf16']:.1f}%)")  # fmt: skip
+            f"{r['tokens_per_step']:5.0f} tok/step  peak {r['peak_mb']:6.0f} MB  train loss {r['train_loss']:.4f}  "
+            f"eval loss {r['eval_loss']:.4f}  MFU {100 * r['mfu_bf16']:.1f}% (after step 1: "
+            f"{100 * r['steady_mfu_bf16']:.1f}%{nominal})")  # fmt: skip
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| case | runner | tokens/s | s/step | tokens/step | peak RSS MB | train loss | eval loss | MFU | MFU after step 1 | sftlab ÷ this |",
+    lines = ["| case | runner | tokens/s | s/step | tokens/step | peak MB | train loss | eval loss | MFU | MFU after step 1 | sftlab ÷ this |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     ours = {r["case"]: r for r in results if r["runner"] == "sftlab" and "error" not in r}
     for r in results:
@@ -293,7 +355,7 @@ def markdown(results: list[dict]) -> str:
             continue
         ratio = ours[r["case"]]["tokens_per_s"] / r["tokens_per_s"] if r["case"] in ours else float("nan")
         lines.append(f"| {r['case']} | {r['runner']} | {r['tokens_per_s']:.1f} | {r['step_s']:.2f} | {r['tokens_per_step']:.0f} "
-                     f"| {r['peak_rss_mb']:.0f} | {r['train_loss']:.4f} | {r['eval_loss']:.4f} | {100 * r['mfu_bf16']:.1f}% "
+                     f"| {r['peak_mb']:.0f} | {r['train_loss']:.4f} | {r['eval_loss']:.4f} | {100 * r['mfu_bf16']:.1f}% "
                      f"| {100 * r['steady_mfu_bf16']:.1f}% | {ratio:.2f}x |")  # fmt: skip
     return "\n".join(lines)
 
