@@ -71,3 +71,26 @@ def test_shipped_accelerate_configs_parse():
     assert {c.stem for c in configs} >= {"ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"}
     for path in configs:
         assert load_config_from_file(str(path)).num_processes >= 1
+
+
+def test_sharding_engines_refuse_what_they_cannot_checkpoint_and_deepspeed_learns_the_micro_batch(tmp_path):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from conftest import tiny_config
+
+    from sftlab.train import TrainError, _configure_engine
+
+    def fake(kind):
+        plugin = SimpleNamespace(deepspeed_config={"train_micro_batch_size_per_gpu": "auto"})
+        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    for kind, override, name in ((DistributedType.FSDP, "train.save_steps=10", "fsdp"),
+                                 (DistributedType.DEEPSPEED, "train.grad_accum=2", "deepspeed")):  # fmt: skip
+        with pytest.raises(TrainError, match=f"{override.split('=')[0]}.*under {name}.*DDP"):
+            _configure_engine(fake(kind), tiny_config("m", tmp_path, override))
+    ds = fake(DistributedType.DEEPSPEED)
+    _configure_engine(ds, tiny_config("m", tmp_path, "train.batch_size=6"))
+    assert ds.state.deepspeed_plugin.deepspeed_config == {"train_micro_batch_size_per_gpu": 6,
+                                                          "gradient_accumulation_steps": 1}  # fmt: skip
+    _configure_engine(fake(DistributedType.MULTI_GPU), tiny_config("m", tmp_path, "train.save_steps=10"))  # DDP: all fine
