@@ -51,6 +51,7 @@ RUNNERS = {  # name: (engine, options)
     "trl-bf16-packing": ("trl", {"bf16": True, "packing": True}),
     "sftlab-packing": ("sftlab", {"data.packing": "true"}),
     "sftlab-ckpt": ("sftlab", {"gradient_checkpointing": "true"}),
+    "sftlab-compile": ("sftlab", {"compile": "true"}),
     "trl-bf16-packing-nockpt": ("trl", {"bf16": True, "packing": True, "gradient_checkpointing": False}),
 }
 H100_BF16_TFLOPS = 989.0

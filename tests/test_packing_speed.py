@@ -136,3 +136,16 @@ def test_gradient_checkpointing_keeps_fewer_activations(tiny_model_dir):
             loss_sum(lm, collate(rows, 0))
         saved[on] = total[0]
     assert saved[True] < 0.5 * saved[False]
+
+
+def test_compiled_blocks_give_the_same_run(tiny_model_dir, tmp_path):
+    from sftlab.models import compile_blocks
+
+    runs = []
+    for name, extra in (("eager", []), ("compiled", ["train.compile=true"])):
+        train(tiny_config(tiny_model_dir, tmp_path / name, "train.method=full", "train.max_steps=3", *extra),
+              say=lambda *a: None)  # fmt: skip
+        runs.append([m["loss"] for m in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in m])
+    assert runs[1] == pytest.approx(runs[0], rel=1e-5)
+    with pytest.raises(Exception, match="train.compile: no transformer block"):
+        compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))

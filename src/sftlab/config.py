@@ -116,6 +116,8 @@ class TrainConfig:
     )
     report_to: list[str] = _f(factory=lambda: ["tensorboard"], help="extra loggers: tensorboard, or []")
     gradient_checkpointing: bool = _f(False, help="recompute activations in backward: less memory, ~30% slower")
+    compile: bool = _f(False, help="torch.compile each transformer block once (reused by every layer): "
+                                    "fused elementwise kernels for compile time at the start")
     loss_chunk_tokens: int = _f(512, help="supervised tokens per cross-entropy chunk (bounds logits memory)")
     neftune_alpha: float = _f(0.0, help="NEFTune noise on input embeddings while training (0: off; 5 is usual)")
 
