@@ -4,12 +4,12 @@
     python benchmarks/compare_trl.py   # all cases, ~40 min on 2 CPU cores
     python benchmarks/compare_trl.py --cases lora-short --steps 4   # one case, quick
     python benchmarks/compare_trl.py --model-config benchmarks/llama-1b.json --cases full-long \
-        --batch 16 --steps 12 --runners sftlab,sftlab-packing,trl-bf16,trl-bf16-packing   # GPU, 1B-class
+        --batch 32 --steps 12 --runners sftlab,sftlab-ckpt,trl-bf16-packing,trl-bf16-packing-nockpt  # GPU
 
 Every run is a fresh subprocess (so its peak memory is its own) on the same model (the embedded
 SmolLM2-135M-Instruct, or with --model-config an architecture given as a config.json with fresh
-weights, saved once so that every runner starts from the same ones), data, max length, effective batch, learning rate, LoRA settings and number
-of optimizer steps; runners alternate order from case to case. Both sides train on the last
+weights, saved once so that every runner starts from the same ones), data, max length, effective
+batch, learning rate, LoRA settings and number of optimizer steps; runners alternate order from case to case. Both sides train on the last
 assistant turn (TRL's prompt-completion loss; sftlab `train_on: last`), and both final models are
 scored by the same evaluator (fp32, one example at a time, loss per supervised token).
 
