@@ -97,6 +97,14 @@ def worker(args) -> dict:
     return run
 
 
+def sync() -> None:
+    """Wait for the GPU's queued work, so that a wall clock times it (nothing to wait for on CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def peak_memory_mb() -> float:
     import torch
 
@@ -155,8 +163,6 @@ def run_trl(model_dir, method, train_file, max_length, batch, steps, lr, out, op
         def on_step_end(self, *a, **k):
             sync()  # the GPU's queued work belongs to this step (the Trainer syncs only when it logs, later)
             self.steps.append(time.perf_counter() - self.started)
-
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
     clock = StepClock()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -220,7 +226,6 @@ def matmul_peak() -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     n = 8192 if device == "cuda" else 2048
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     peaks = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))

@@ -26,10 +26,7 @@ def causal_attention(module, query, key, value, attention_mask, dropout: float =
     dropout = dropout if module.training else 0.0
     if cu_seq_lens_q is not None and dropout == 0.0 and _varlen_applies(query):
         return _varlen(query, key, value, cu_seq_lens_q, max_length_q, scaling, groups), None
-    gqa = {"enable_gqa": True} if groups > 1 and query.is_cuda else {}  # CUDA kernels share k/v heads
-    if groups > 1 and not gqa:  # the CPU kernels want them repeated
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    key, value, gqa = _kv_heads(key, value, groups, shared=query.is_cuda)  # CPU kernels want them repeated
     if cu_seq_lens_q is None:
         if _short_kernel_wins(query, dropout):
             out = ShortCausal.apply(query, key, value, scaling or query.shape[-1] ** -0.5)
@@ -48,6 +45,16 @@ def causal_attention(module, query, key, value, attention_mask, dropout: float =
     ]
     out = torch.cat(pieces, dim=1).reshape(h, b, t, d).permute(1, 2, 0, 3)
     return out.contiguous(), None
+
+
+def _kv_heads(key, value, groups: int, shared: bool):
+    """k/v as a kernel takes them: shared by each group of query heads (the kernel's `enable_gqa`,
+    returned as its keyword) or repeated to one per query head."""
+    if groups == 1:
+        return key, value, {}
+    if shared:
+        return key, value, {"enable_gqa": True}
+    return key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1), {}
 
 
 @functools.cache
@@ -75,12 +82,9 @@ def _varlen_applies(query: torch.Tensor) -> bool:
 def _varlen(query, key, value, cu_seq_lens, max_length, scaling, groups: int) -> torch.Tensor:
     """Packed rows on CUDA: one flash-attention call over all segments, each attending only to itself."""
     kernel, shares_heads = _varlen_kernel()
-    if groups > 1 and not shares_heads:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    key, value, extra = _kv_heads(key, value, groups, shares_heads)
     b, _, t, d = query.shape
     q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))
-    extra = {"enable_gqa": True} if groups > 1 and shares_heads else {}
     cu = cu_seq_lens.to(device=query.device, dtype=torch.int32)
     length = int(max_length) if max_length is not None else int((cu[1:] - cu[:-1]).max())
     out = kernel(q, k, v, cu, cu, length, length, scale=scaling, **extra)
