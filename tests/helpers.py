@@ -1,9 +1,11 @@
-"""Shared test helpers: build conversations and read supervised spans back out of labels."""
+"""Shared test helpers: build conversations, read supervised spans back out of labels, read a run's
+losses, interrupt a run."""
 
 from sftlab.data.formats import Conversation, Message
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.tokenize import IGNORE, Encoder
 from sftlab.models import end_of_turn_ids
+from sftlab.tracking import read_metrics
 
 
 def conv(*pairs, system=None):
@@ -31,3 +33,27 @@ def supervised_runs(input_ids, labels):
 
 def decode(tok, ids):
     return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def losses(out, key: str = "loss") -> list[float]:
+    """A run's logged values of `key`, step by step, from its metrics.jsonl."""
+    return [m[key] for m in read_metrics(out / "metrics.jsonl") if key in m]
+
+
+def interrupt_during_step(monkeypatch, step: int) -> None:
+    """A real SIGINT during optimizer step `step`: the handler lets the step finish, then the run saves
+    a checkpoint and stops. `monkeypatch.undo()` lets later runs go on uninterrupted."""
+    import os
+    import signal
+
+    import sftlab.train as train_mod
+
+    real_step = train_mod.train_step
+
+    def step_then_signal(run, micro_batches, state):
+        record = real_step(run, micro_batches, state)
+        if state.step == step - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return record
+
+    monkeypatch.setattr(train_mod, "train_step", step_then_signal)

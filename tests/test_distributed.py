@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import FIXTURES, ROOT, tiny_config
+from helpers import losses as _losses
 
-from sftlab.tracking import read_metrics
 from sftlab.train import train
 
 
@@ -38,10 +38,6 @@ def _torchrun(config: Path, *extra: str) -> None:
                            str(config), *extra], capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("trainable of") == 1  # rank 0 alone reports
-
-
-def _losses(out: Path, key: str = "loss") -> list[float]:
-    return [m[key] for m in read_metrics(out / "metrics.jsonl") if key in m]
 
 
 @pytest.mark.slow

@@ -5,11 +5,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import tiny_config
+from helpers import interrupt_during_step, losses
 
 from sftlab import attention
 from sftlab.data.batching import collate, collate_packed
 from sftlab.loss import loss_sum
-from sftlab.tracking import read_metrics
 from sftlab.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -99,29 +99,15 @@ def test_gqa_attention_without_repeated_heads_equals_the_models_own_on_cuda(tiny
 
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 def test_full_bf16_training_on_cuda_over_fp32_masters_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch, packing):
-    import os
-    import signal
-
-    import sftlab.train as train_mod
-
     common = ["train.method=full", "train.precision=bf16", f"data.packing={str(packing).lower()}", "train.max_steps=6"]
     summary = train(tiny_config(tiny_model_dir, tmp_path / "full", *common), say=lambda *a: None)
     assert summary["precision"] == "bf16"
-    losses = lambda out: [m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
     full = losses(tmp_path / "full")
     assert all(x == x for x in full) and full[-1] < full[0]
-    real_step = train_mod.train_step
-
-    def step_then_signal(run, micro_batches, state):  # SIGINT during step 3: the step ends, then it saves
-        record = real_step(run, micro_batches, state)
-        if state.step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return record
-
-    monkeypatch.setattr(train_mod, "train_step", step_then_signal)
+    interrupt_during_step(monkeypatch, 3)
     cut = tiny_config(tiny_model_dir, tmp_path / "cut", *common)
     assert train(cut, say=lambda *a: None)["steps"] == 3
-    monkeypatch.setattr(train_mod, "train_step", real_step)
+    monkeypatch.undo()
     train(cut, resume=True, say=lambda *a: None)
     assert losses(tmp_path / "cut") == full  # bit for bit
 
@@ -130,8 +116,8 @@ def test_qlora_trains_on_cuda(tiny_model_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "qlora"
     train(tiny_config(tiny_model_dir, out, "train.method=qlora", "train.precision=bf16"), say=lambda *a: None)
-    losses = [m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
-    assert all(x == x for x in losses) and losses[-1] < losses[0]
+    run = losses(out)
+    assert all(x == x for x in run) and run[-1] < run[0]
     assert (out / "adapter_model.safetensors").is_file()
 
 
@@ -181,7 +167,6 @@ def test_sharding_engines_match_one_process_and_save_the_whole_model(tiny_model_
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = lambda d: [m["loss"] for m in read_metrics(d / "metrics.jsonl") if "loss" in m]
     assert losses(out) == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
     ours, ref = load_file(out / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     assert ours.keys() == ref.keys()

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import FIXTURES, tiny_config, write_jsonl
+from helpers import losses
 
 from sftlab.export import ExportError, merge
 from sftlab.generate import answer, load_for_inference
@@ -33,8 +34,8 @@ def test_method_trains_saves_reloads_and_merges_or_refuses(method, tiny_model_di
     cfg = tiny_config(tiny_model_dir, tmp_path / "run", f"train.method={method}", "train.max_steps=6",
                       "train.lr=1e-2", "peft.freeze_layers=1", data=same_example)  # fmt: skip
     summary = train(cfg, **QUIET)
-    losses = [m["loss"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
-    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    run = losses(tmp_path / "run")
+    assert all(torch.isfinite(torch.tensor(run))) and run[-1] < run[0]
     assert 0 < summary["trainable_params"] <= summary["total_params"]
     if method != "full":
         assert summary["trainable_params"] < summary["total_params"]

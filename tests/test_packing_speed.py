@@ -3,12 +3,12 @@
 import pytest
 import torch
 from conftest import tiny_config
+from helpers import losses
 from safetensors.torch import load_file
 
 from sftlab import attention
 from sftlab.data.batching import collate, collate_packed
 from sftlab.loss import chunked_cross_entropy, loss_sum
-from sftlab.tracking import read_metrics
 from sftlab.train import train
 
 ROWS = [{"input_ids": [1, 5, 9, 13, 2, 7, 8], "labels": [-100, -100, 9, 13, 2, -100, 8]},
@@ -70,8 +70,7 @@ def test_packed_training_equals_unpacked_training(tiny_model_dir, tmp_path):
                         "packed-model-attention": ["data.packing=true", "train.attention=model"]}.items():
         out = tmp_path / name
         train(tiny_config(tiny_model_dir, out, "train.method=full", *extra), say=lambda *a: None)
-        runs[name] = ([m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m],
-                      load_file(out / "model.safetensors"))
+        runs[name] = (losses(out), load_file(out / "model.safetensors"))
     for name in ("packed", "packed-model-attention"):
         assert runs[name][0] == pytest.approx(runs["padded"][0], rel=1e-5)
         a, b = runs[name][1], runs["padded"][1]
@@ -107,11 +106,11 @@ def test_lora_in_bf16_keeps_frozen_weights_in_bf16_and_trainable_in_fp32(tiny_mo
 
 
 def test_gradient_checkpointing_gives_the_same_run(tiny_model_dir, tmp_path):
-    losses = []
+    runs = []
     for name, extra in (("plain", []), ("ckpt", ["train.gradient_checkpointing=true"])):
         train(tiny_config(tiny_model_dir, tmp_path / name, *extra), say=lambda *a: None)
-        losses.append([m["loss"] for m in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in m])
-    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+        runs.append(losses(tmp_path / name))
+    assert runs[0] == pytest.approx(runs[1], rel=1e-6)
 
 
 def test_gradient_checkpointing_keeps_fewer_activations(tiny_model_dir):
@@ -145,7 +144,7 @@ def test_compiled_blocks_give_the_same_run(tiny_model_dir, tmp_path):
     for name, extra in (("eager", []), ("compiled", ["train.compile=true"])):
         train(tiny_config(tiny_model_dir, tmp_path / name, "train.method=full", "train.max_steps=3", *extra),
               say=lambda *a: None)  # fmt: skip
-        runs.append([m["loss"] for m in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in m])
+        runs.append(losses(tmp_path / name))
     assert runs[1] == pytest.approx(runs[0], rel=1e-5)
     with pytest.raises(Exception, match="train.compile: no transformer block"):
         compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))

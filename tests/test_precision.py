@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
+from helpers import losses
 from safetensors.torch import load_file
 
 import sftlab.train as train_mod
 from sftlab import attention, cpu
 from sftlab.masters import MasterWeights
-from sftlab.tracking import read_metrics
 from sftlab.train import train
 
 QUIET = {"say": lambda *a, **k: None}
@@ -86,8 +86,7 @@ def test_full_bf16_run_computes_in_bf16_and_saves_fp32_masters(tiny_model_dir, t
     assert any(not torch.equal(t, t.bfloat16().float()) for t in masters.values())
     fp32 = tmp_path / "fp32"
     train(tiny_config(tiny_model_dir, fp32, "train.method=full", "train.grad_accum=2", "train.max_steps=3"), **QUIET)
-    loss = lambda o: [m["loss"] for m in read_metrics(o / "metrics.jsonl") if "loss" in m]
-    assert loss(out) == pytest.approx(loss(fp32), rel=2e-2)  # bf16 compute tracks the fp32 run
+    assert losses(out) == pytest.approx(losses(fp32), rel=2e-2)  # bf16 compute tracks the fp32 run
 
 
 def test_masters_are_not_used_where_they_do_not_apply(tiny_model_dir):

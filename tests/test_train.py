@@ -1,12 +1,11 @@
 """The training loop: invariance (GUIDE rule 3), exact resume (rule 6), eval loss, outputs."""
 
 import json
-import os
-import signal
 
 import pytest
 import torch
 from conftest import FIXTURES, tiny_config
+from helpers import interrupt_during_step, losses
 from safetensors.torch import load_file
 
 import sftlab.train as train_mod
@@ -15,10 +14,6 @@ from sftlab.tracking import read_metrics
 from sftlab.train import train
 
 QUIET = {"say": lambda *a, **k: None}
-
-
-def losses(out):
-    return [m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
 
 
 def final_weights(out, method):
@@ -109,21 +104,13 @@ def test_resume_after_interrupt_reproduces_the_run(tiny_model_dir, tmp_path, mon
     train(full, **QUIET)
 
     cut = tiny_config(tiny_model_dir, tmp_path / "cut", *extra, "data.eval=[" + str(FIXTURES / "train_small.jsonl") + "]")
-    real_step = train_mod.train_step
-
-    def step_then_signal(run, micro_batches, state):
-        record = real_step(run, micro_batches, state)
-        if state.step == 2:  # a real SIGINT during step 3: the handler lets the step finish, then saves
-            os.kill(os.getpid(), signal.SIGINT)
-        return record
-
-    monkeypatch.setattr(train_mod, "train_step", step_then_signal)
+    interrupt_during_step(monkeypatch, 3)
     summary = train(cut, **QUIET)
     assert summary["outcome"] == "interrupted" and summary["steps"] == 3
     assert (tmp_path / "cut" / "checkpoints" / "step-0000003" / "state.json").is_file()
     assert not (tmp_path / "cut" / "adapter_model.safetensors").exists()
     assert not (tmp_path / "cut" / "model.safetensors").exists()
-    monkeypatch.setattr(train_mod, "train_step", real_step)
+    monkeypatch.undo()
 
     resumed = train(cut, resume=True, **QUIET)
     assert resumed["outcome"] == "completed" and resumed["steps"] == 8
