@@ -78,7 +78,7 @@ def estimate(cfg, batch_size: int | None = None, checkpointing: bool | None = No
              model_and_config=None) -> Estimate:  # fmt: skip
     import torch
 
-    from sftlab.masters import CHUNK_ELEMENTS
+    from sftlab.masters import CHUNK_ELEMENTS, applies
     from sftlab.methods import FROZEN_BASE
     from sftlab.models import count_parameters, resolve_precision
 
@@ -98,7 +98,7 @@ def estimate(cfg, batch_size: int | None = None, checkpointing: bool | None = No
         weight_bytes = frozen * (2 if method in FROZEN_BASE and half else 4)
         if device == "cpu":
             weight_bytes = max(weight_bytes, _file_bytes(cfg) * frozen // max(total, 1))
-    masters = method == "full" and precision == "bf16"  # sftlab.masters: a bf16 model over fp32 masters
+    masters = applies(cfg, precision, single_process=True)  # a bf16 model over fp32 masters, as training decides
     if masters:
         weight_bytes += total * 2
     weight_bytes += trainable * 4
