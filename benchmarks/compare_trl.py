@@ -9,7 +9,8 @@
 Every run is a fresh subprocess (so its peak memory is its own) on the same model (the embedded
 SmolLM2-135M-Instruct, or with --model-config an architecture given as a config.json with fresh
 weights, saved once so that every runner starts from the same ones), data, max length, effective
-batch, learning rate, LoRA settings and number of optimizer steps; runners alternate order from case to case. Both sides train on the last
+batch, learning rate, LoRA settings and number of optimizer steps; runners alternate order from
+case to case. Both sides train on the last
 assistant turn (TRL's prompt-completion loss; sftlab `train_on: last`), and both final models are
 scored by the same evaluator (fp32, one example at a time, loss per supervised token).
 
@@ -84,7 +85,7 @@ def build_data(workdir: Path) -> dict[str, Path]:
 
 def worker(args) -> dict:
     method, long, batch, steps, lr = CASES[args.case]
-    batch = args.batch or batch
+    batch, steps = args.batch or batch, args.steps or steps
     engine, opts = RUNNERS[args.runner]
     prefix = "long" if long else "short"
     train_file, eval_file = Path(args.workdir) / f"{prefix}-train.jsonl", Path(args.workdir) / f"{prefix}-eval.jsonl"
@@ -289,8 +290,6 @@ def main() -> None:
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        if args.steps:
-            CASES[args.case] = CASES[args.case][:3] + (args.steps,) + CASES[args.case][4:]
         print("RESULT " + json.dumps(worker(args)))
         return
     peaks = matmul_peak()
