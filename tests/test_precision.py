@@ -63,6 +63,16 @@ def test_master_weights_accumulate_clip_and_step_in_fp32():
     assert all(torch.equal(p, m) for p, m in zip(model.parameters(), masters.masters))
 
 
+def test_master_weights_grad_norm_of_bf16_gradients_is_the_fp32_norm():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1100, 1000), torch.nn.Linear(1000, 1))  # 1.1M weights: sliced
+    masters = MasterWeights(model)
+    model(torch.randn(3, 1100).bfloat16()).float().sum().backward()  # one micro-batch: gradients stay bf16
+    grads = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+    assert masters.grad_norm() == pytest.approx(float(grads.double().norm()), rel=1e-5)  # fp32 sums
+    assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters())
+
+
 def test_full_bf16_run_computes_in_bf16_and_saves_fp32_masters(tiny_model_dir, tmp_path, monkeypatch):
     seen = []
     real = train_mod.clip_and_step

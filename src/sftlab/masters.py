@@ -57,15 +57,15 @@ class MasterWeights:
 
     def grad_norm(self) -> float:
         """The L2 norm of the step's whole gradient, summed in fp32 (what clip_grad_norm_ would compute)."""
-        total = 0.0
+        squares = []
         for p, m in zip(self.params, self.masters):
             if m.grad is not None and p.grad is not None:  # accumulated micro-batches plus the last one
                 m.grad.add_(p.grad)
                 p.grad = None
             g = m.grad if m.grad is not None else p.grad
             if g is not None:
-                total += float(torch.linalg.vector_norm(g, dtype=torch.float32)) ** 2
-        return math.sqrt(total)
+                squares += [torch.linalg.vector_norm(s, dtype=torch.float32) ** 2 for s in _slices(g)]
+        return math.sqrt(float(torch.stack(squares).sum())) if squares else 0.0
 
     def step(self, optimizer, scale: float) -> None:
         """Apply the optimizer to the masters a chunk at a time (gradients times `scale`, the clip
@@ -111,6 +111,14 @@ class MasterWeights:
         for p, m in zip(self.params, self.masters):
             p.data = m.detach()
         self.hooks = []
+
+
+def _slices(grad: torch.Tensor) -> list[torch.Tensor]:
+    # On CPU vector_norm(dtype=float32) first converts a bf16 tensor whole, at a fraction of copy
+    # speed (~180 ms a step for SmolLM2-135M); cache-sized slices convert ~6x faster and allocate little.
+    if grad.device.type != "cpu" or grad.dtype == torch.float32:
+        return [grad]
+    return list(grad.reshape(-1).split(1 << 20))
 
 
 def applies(cfg, precision: str, single_process: bool) -> bool:
