@@ -16,9 +16,11 @@ scored by the same evaluator (fp32, one example at a time, loss per supervised t
 
 Throughput counts prompt and response tokens (not padding) per second of optimizer steps (model
 loading and data preparation excluded on both sides). MFU = achieved model FLOP/s over the bf16
-matmul peak measured at the start of the run: per token 6N (full) or 4N (LoRA: no weight grads)
-for the transformer blocks, the same factor times the LM head for supervised tokens only (that is
-all sftlab computes; TRL computes more), plus causal attention 6*L*d*T (full) or 4*L*d*T (LoRA).
+matmul peak measured beside each run (the higher of just before and just after it): per token 6N
+(full) or 4N (LoRA: no weight grads) for the transformer blocks, the same factor times the LM head
+for supervised tokens only (that is all sftlab computes; TRL computes more), plus causal attention
+6*L*d*T (full) or 4*L*d*T (LoRA), T the token-weighted mean example length of the training data
+(sum T^2 / sum T, with the model's chat template).
 On CUDA memory is `torch.cuda.max_memory_allocated` and MFU is also given against the H100's
 nominal dense bf16 peak (989 TFLOP/s).
 """
@@ -26,6 +28,7 @@ nominal dense bf16 peak (989 TFLOP/s).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -252,6 +255,19 @@ def flops_per_token(model_dir: str, method: str, avg_len: float, supervised_frac
     return factor * block + factor * d * c.vocab_size * supervised_fraction + factor * layers * d * avg_len
 
 
+@functools.lru_cache
+def attention_length(model_dir: str, train_file: str, max_length: int) -> float:
+    """The per-token average of the causal attention span: sum(T^2) / sum(T) over the examples, each
+    T tokens after the chat template and truncation (a token attends to T/2 positions on average)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lengths = [min(max_length, len(tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=True,
+                                                                 return_dict=True)["input_ids"]))
+               for line in Path(train_file).read_text().splitlines()]  # fmt: skip
+    return sum(t * t for t in lengths) / sum(lengths)
+
+
 def random_model(config_file: str, tokenizer_dir: str, out: Path) -> str:
     """The architecture of `config_file` with fresh weights (seed 0) and the tokenizer of `tokenizer_dir`,
     saved once so that every runner loads the same starting point."""
@@ -319,7 +335,11 @@ def run_one(case: str, runner: str, workdir: str, model_dir: str, args, peaks: d
     cmd += ["--steps", str(args.steps)] if args.steps else []
     cmd += ["--batch", str(args.batch)] if args.batch else []
     env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    before = matmul_peak()["bf16"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    # A shared machine's speed drifts (its bf16 peak read 314-412 GFLOP/s within an hour here): take
+    # the peak beside each run, the higher of before and after, so a slow spell cannot inflate MFU.
+    peak = max(before, matmul_peak()["bf16"])
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not line:
         return {"case": case, "runner": runner, "error": (proc.stderr or proc.stdout).strip().splitlines()[-3:]}
@@ -330,10 +350,13 @@ def run_one(case: str, runner: str, workdir: str, model_dir: str, args, peaks: d
     # After the first step, which also pays one-time costs (kernel selection, optimizer state, lazy imports).
     r["steady_tokens_per_s"] = (r["tokens"] - r["first_step_tokens"]) / sum(r["step_times"][1:])
     method, long = CASES[case][0], CASES[case][1]
-    avg_len = 700 if long else 62  # prompt + response tokens per example of the two data sets
+    prefix, max_length = ("long", 1024) if long else ("short", 512)
+    avg_len = attention_length(model_dir, str(Path(workdir) / f"{prefix}-train.jsonl"), max_length)
+    r["attention_length"] = round(avg_len, 1)
     sup_frac = (r["supervised_tokens"] or 0) / r["tokens"] if r["supervised_tokens"] else 0.15
     per_token = flops_per_token(model_dir, method, avg_len, sup_frac)
-    r["mfu_bf16"], r["steady_mfu_bf16"] = (x * per_token / (peaks["bf16"] * 1e9) for x in
+    r["bf16_peak_gflops"] = round(peak, 1)
+    r["mfu_bf16"], r["steady_mfu_bf16"] = (x * per_token / (peak * 1e9) for x in
                                            (r["tokens_per_s"], r["steady_tokens_per_s"]))  # fmt: skip
     if peaks["device"] != "cpu":
         r["steady_mfu_989"] = r["steady_tokens_per_s"] * per_token / (H100_BF16_TFLOPS * 1e12)
@@ -347,7 +370,7 @@ def row_text(r: dict) -> str:
     return (f"{r['case']:11s} {r['runner']:17s} {r['tokens_per_s']:7.1f} tok/s  {r['step_s']:6.2f} s/step  "
             f"{r['tokens_per_step']:5.0f} tok/step  peak {r['peak_mb']:6.0f} MB  train loss {r['train_loss']:.4f}  "
             f"eval loss {r['eval_loss']:.4f}  MFU {100 * r['mfu_bf16']:.1f}% (after step 1: "
-            f"{100 * r['steady_mfu_bf16']:.1f}%{nominal})")  # fmt: skip
+            f"{100 * r['steady_mfu_bf16']:.1f}%{nominal}; bf16 peak beside it {r['bf16_peak_gflops']:.0f} GFLOP/s)")  # fmt: skip
 
 
 def markdown(results: list[dict]) -> str:
