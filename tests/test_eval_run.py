@@ -87,7 +87,7 @@ def test_eval_cli_compares_with_the_base_and_writes_metrics_and_samples(tiny_mod
 
 
 def test_eval_of_a_config_with_only_model_and_tasks(tiny_model_dir, tmp_path):
-    gsm = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "2+2?", "answer": 4}])
+    write_jsonl(tmp_path / "gsm.jsonl", [{"question": "2+2?", "answer": 4}])
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(f"model: {{name: {tiny_model_dir}}}\neval:\n  tasks: [{{path: gsm.jsonl, type: exact_match}}]\n"
                    "  max_new_tokens: 4\n")  # fmt: skip

@@ -1,13 +1,12 @@
 """`sftlab report`: a self-contained HTML page that renders in headless Chromium, with text escaped."""
 
-import json
 import os
 import re
 import shutil
 import subprocess
 
 import pytest
-from conftest import FIXTURES, tiny_config, write_jsonl
+from conftest import tiny_config, write_jsonl
 
 from sftlab.cli import main
 from sftlab.evaluate.runner import write_results
