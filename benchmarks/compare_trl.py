@@ -90,15 +90,25 @@ def worker(args) -> dict:
     method, long, batch, steps, lr = CASES[args.case]
     batch, steps = args.batch or batch, args.steps or steps
     engine, opts = RUNNERS[args.runner]
-    prefix = "long" if long else "short"
-    train_file, eval_file = Path(args.workdir) / f"{prefix}-train.jsonl", Path(args.workdir) / f"{prefix}-eval.jsonl"
-    max_length = 1024 if long else 512
+    train_file, eval_file, max_length = case_data(args.workdir, long)
     out = Path(args.workdir) / f"{args.case}-{args.runner}"
     model = args.model_dir
     run = (run_sftlab if engine == "sftlab" else run_trl)(model, method, train_file, max_length, batch, steps, lr, out, opts)
     run["peak_mb"] = peak_memory_mb()  # training's peak, before eval
     run["eval_loss"] = common_eval_loss(run.pop("model"), model, eval_file, max_length)
     return run
+
+
+def case_data(workdir: str, long: bool) -> tuple[Path, Path, int]:
+    """A case's training file, eval file (written by build_data) and max length."""
+    prefix, max_length = ("long", 1024) if long else ("short", 512)
+    return Path(workdir) / f"{prefix}-train.jsonl", Path(workdir) / f"{prefix}-eval.jsonl", max_length
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def sync() -> None:
@@ -209,12 +219,12 @@ def common_eval_loss(model, model_dir: str, eval_file: Path, max_length: int) ->
     tok = load_tokenizer(ModelConfig(name=model_dir))
     data = load_split(DataConfig(eval=[DatasetSpec(path=str(eval_file))], max_length=max_length, train_on="last",
                                  cache=False), tok, "eval").dataset  # fmt: skip
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = (model.load() if isinstance(model, _Lazy) else model).float().eval().to(device)
+    dev = device()
+    model = (model.load() if isinstance(model, _Lazy) else model).float().eval().to(dev)
     total, count = 0.0, 0
     with torch.no_grad():
         for row in data:
-            ids, labels = torch.tensor([row["input_ids"]], device=device), torch.tensor([row["labels"]], device=device)
+            ids, labels = torch.tensor([row["input_ids"]], device=dev), torch.tensor([row["labels"]], device=dev)
             logits = model(input_ids=ids).logits[0, :-1]
             total += torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").item()
             count += int((labels[0, 1:] != -100).sum())
@@ -228,11 +238,11 @@ def matmul_peak() -> dict:
     """Measured GEMM throughput (GFLOP/s) for fp32 and bf16 on this machine (its GPU if it has one), now."""
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    n = 8192 if device == "cuda" else 2048
-    peaks = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+    dev = device()
+    n = 8192 if dev == "cuda" else 2048
+    peaks = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+        a, b = (torch.randn(n, n, dtype=dtype, device=dev) for _ in range(2))
         for _ in range(3):
             a @ b
         sync()
@@ -280,8 +290,7 @@ def random_model(config_file: str, tokenizer_dir: str, out: Path) -> str:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if config.vocab_size < len(tokenizer):
         raise SystemExit(f"{config_file}: vocab_size {config.vocab_size} < the tokenizer's {len(tokenizer)}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device())
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     params = sum(p.numel() for p in model.parameters())
@@ -350,8 +359,8 @@ def run_one(case: str, runner: str, workdir: str, model_dir: str, args, peaks: d
     # After the first step, which also pays one-time costs (kernel selection, optimizer state, lazy imports).
     r["steady_tokens_per_s"] = (r["tokens"] - r["first_step_tokens"]) / sum(r["step_times"][1:])
     method, long = CASES[case][0], CASES[case][1]
-    prefix, max_length = ("long", 1024) if long else ("short", 512)
-    avg_len = attention_length(model_dir, str(Path(workdir) / f"{prefix}-train.jsonl"), max_length)
+    train_file, _, max_length = case_data(workdir, long)
+    avg_len = attention_length(model_dir, str(train_file), max_length)
     r["attention_length"] = round(avg_len, 1)
     sup_frac = (r["supervised_tokens"] or 0) / r["tokens"] if r["supervised_tokens"] else 0.15
     per_token = flops_per_token(model_dir, method, avg_len, sup_frac)
