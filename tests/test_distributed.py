@@ -73,7 +73,6 @@ def test_sharding_engines_refuse_what_they_cannot_checkpoint_and_deepspeed_learn
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
-    from conftest import tiny_config
 
     from sftlab.train import TrainError, _configure_engine
 

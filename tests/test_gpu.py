@@ -10,7 +10,7 @@ from helpers import interrupt_during_step, losses
 from sftlab import attention
 from sftlab.data.batching import collate, collate_packed
 from sftlab.loss import loss_sum
-from sftlab.train import train
+from sftlab.train import _to, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -26,10 +26,6 @@ def cuda_model(model_dir, dtype):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).cuda()
     assert attention.use_for_training(model)
     return model
-
-
-def on_cuda(batch):
-    return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def grads(model):
@@ -77,7 +73,7 @@ def test_packed_training_batches_match_padded_ones_on_cuda(tiny_model_dir, monke
     results = []
     for batch in (collate(ROWS, 0), collate_packed(ROWS, max_length=24, pad_id=0)):
         model.zero_grad()
-        loss = loss_sum(model, on_cuda(batch))
+        loss = loss_sum(model, _to(batch, "cuda"))
         loss.backward()
         results.append((loss.item(), grads(model)))
     assert len(calls) == model.config.num_hidden_layers  # the packed pass only, one call a layer
@@ -92,7 +88,7 @@ def test_gqa_attention_without_repeated_heads_equals_the_models_own_on_cuda(tiny
     theirs = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).cuda()
     ours = cuda_model(tiny_model_dir, torch.float32)
     assert ours.config.num_key_value_heads < ours.config.num_attention_heads
-    batch = on_cuda(collate(ROWS, 0))
+    batch = _to(collate(ROWS, 0), "cuda")
     with torch.no_grad():
         assert loss_sum(ours, batch).item() == pytest.approx(loss_sum(theirs, batch).item(), rel=1e-5)
 

@@ -138,6 +138,7 @@ def test_gradient_checkpointing_keeps_fewer_activations(tiny_model_dir):
 
 
 def test_compiled_blocks_give_the_same_run(tiny_model_dir, tmp_path):
+    from sftlab.errors import ModelError
     from sftlab.models import compile_blocks
 
     runs = []
@@ -146,5 +147,5 @@ def test_compiled_blocks_give_the_same_run(tiny_model_dir, tmp_path):
               say=lambda *a: None)  # fmt: skip
         runs.append(losses(tmp_path / name))
     assert runs[1] == pytest.approx(runs[0], rel=1e-5)
-    with pytest.raises(Exception, match="train.compile: no transformer block"):
+    with pytest.raises(ModelError, match="train.compile: no transformer block"):
         compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
