@@ -9,7 +9,10 @@ from safetensors.torch import load_file
 
 import sftlab.train as train_mod
 from sftlab import attention, cpu
+from sftlab import masters as masters_mod
+from sftlab.config import TrainConfig
 from sftlab.masters import MasterWeights
+from sftlab.optim import build_optimizer
 from sftlab.train import train
 
 QUIET = {"say": lambda *a, **k: None}
@@ -36,7 +39,8 @@ def test_short_causal_attention_is_exact_in_float64_and_close_in_bf16():
     assert not attention._short_kernel_wins(long, 0.0) and not attention._short_kernel_wins(q, 0.0)  # fp32: SDPA
 
 
-def test_master_weights_accumulate_clip_and_step_in_fp32():
+def test_master_weights_accumulate_clip_and_step_in_fp32(monkeypatch):
+    monkeypatch.setattr(masters_mod, "PIECE_ELEMENTS", 24)  # the 64 weights are cut, the 8 biases batched
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
     start = [p.detach().clone() for p in model.parameters()]
@@ -53,11 +57,22 @@ def test_master_weights_accumulate_clip_and_step_in_fp32():
     norm = masters.grad_norm()
     total = [m.grad.clone() for m in masters.masters]  # fp32 sum of both micro-batches
     assert norm == pytest.approx(float(torch.cat([g.flatten() for g in total]).norm()), rel=1e-6)
-    optimizer = torch.optim.SGD(masters.parameters(), lr=1.0)
+
+    cfg = TrainConfig(lr=0.1, weight_decay=0.5)
+    reference = [torch.nn.Parameter(s.clone()) for s in start]
+    expected = build_optimizer(torch.nn.ParameterList(reference), cfg)  # torch's own fused AdamW, whole tensors
+    for r, g in zip(reference, total):
+        r.grad = g * 0.5
+    expected.step()
+    optimizer = build_optimizer(masters, cfg)
     masters.step(optimizer, 0.5)
-    for p, m, s, g in zip(model.parameters(), masters.masters, start, total):
-        assert torch.allclose(m, s - 0.5 * g, atol=1e-7)
+    for p, m, r, s in zip(model.parameters(), masters.masters, reference, start):
+        assert torch.equal(m, r) and not torch.equal(m, s)  # bit for bit torch's step
         assert torch.equal(p, m.bfloat16()) and p.grad is None and m.grad is None
+    for got, want in zip(optimizer.state_dict()["state"].values(), expected.state_dict()["state"].values()):
+        assert all(torch.equal(got[k], want[k]) for k in ("step", "exp_avg", "exp_avg_sq"))  # checkpoints match
+    with pytest.raises(ValueError, match="fused AdamW"):
+        masters.step(torch.optim.SGD(masters.parameters(), lr=1.0), 1.0)
     masters.release()
     assert all(p.dtype == torch.float32 and p is not m for p, m in zip(model.parameters(), masters.masters))
     assert all(torch.equal(p, m) for p, m in zip(model.parameters(), masters.masters))
@@ -73,6 +88,7 @@ def test_master_weights_grad_norm_of_bf16_gradients_is_the_fp32_norm():
     assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters())
 
 
+@pytest.mark.filterwarnings("error:Detected call of `lr_scheduler")  # the masters' step is a step
 def test_full_bf16_run_computes_in_bf16_and_saves_fp32_masters(tiny_model_dir, tmp_path, monkeypatch):
     seen = []
     real = train_mod.clip_and_step

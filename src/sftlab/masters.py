@@ -8,8 +8,8 @@ small updates are not lost to bf16 rounding.
 
 Gradients: the last micro-batch of a step leaves its bf16 gradients on the model; earlier ones
 (gradient accumulation) are added into fp32 as each is ready (a post-accumulate hook), so
-accumulation is fp32. The optimizer step then converts, clips and applies them a chunk of
-parameters at a time: fp32 gradients of the whole model never exist at once.
+accumulation is fp32. The optimizer step then converts, clips and applies them a cache-sized piece
+at a time: fp32 gradients of the whole model never exist at once.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import math
 
 import torch
 
-CHUNK_ELEMENTS = 32 << 20  # parameters converted and stepped together (128 MB of fp32 gradients)
+PIECE_ELEMENTS = 1 << 19  # on CPU: a 2 MB fp32 gradient piece, stepped while it and its master are in L2
+CHUNK_ELEMENTS = 32 << 20  # on GPU, where allocation is cached and launches cost: 128 MB of fp32 gradients
 
 
 class MasterWeights:
@@ -32,6 +33,7 @@ class MasterWeights:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.masters = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        self._param = {id(m): p for p, m in zip(self.params, self.masters)}
         self.last_micro_batch = True  # set by the loop before each backward
         self.hooks = [p.register_post_accumulate_grad_hook(self._hook(m)) for p, m in zip(self.params, self.masters)]
         for p in self.params:  # parameters only: buffers such as rotary frequencies stay fp32
@@ -67,36 +69,57 @@ class MasterWeights:
                 squares += [torch.linalg.vector_norm(s, dtype=torch.float32) ** 2 for s in _slices(g)]
         return math.sqrt(float(torch.stack(squares).sum())) if squares else 0.0
 
-    def step(self, optimizer, scale: float) -> None:
-        """Apply the optimizer to the masters a chunk at a time (gradients times `scale`, the clip
-        factor), then round the updated masters into the model's bf16 weights."""
-        for chunk in self._chunks():
-            for p, m in chunk:
-                if m.grad is None and p.grad is not None:
-                    m.grad = p.grad.float()
-                p.grad = None
-                if m.grad is not None and scale != 1.0:
-                    m.grad.mul_(scale)
-            optimizer.step()  # steps only the parameters that have a gradient: this chunk's
-            with torch.no_grad():
-                for p, m in chunk:
-                    m.grad = None
-                    p.copy_(m)
+    @torch.no_grad()
+    def step(self, optimizer: torch.optim.AdamW, scale: float) -> None:
+        """One fused AdamW step of the masters (gradients times `scale`, the clip factor), then the
+        updated masters rounded into the model's bf16 weights.
+
+        Written out because torch's optimizer steps whole parameters: the fp32 gradient it needs is a
+        fresh block per parameter (the embedding's: 113 MB, page-faulted in every step on CPU). Here each
+        piece of <= PIECE elements is converted into a small buffer that stays in cache, stepped by the
+        same fused kernel and copied back while hot. The state (step, exp_avg, exp_avg_sq) is torch's own,
+        so optimizer.state_dict() and checkpoints are unchanged."""
+        piece = PIECE_ELEMENTS if self.params[0].device.type == "cpu" else CHUNK_ELEMENTS
+        for group in optimizer.param_groups:
+            if not group.get("fused") or group.get("amsgrad") or group.get("maximize"):
+                raise ValueError("MasterWeights steps a fused AdamW without amsgrad or maximize (sftlab.optim)")
+            live = [(self._param[id(m)], m) for m in group["params"] if self._grad(m) is not None]
+            steps = [_state(optimizer, m)["step"] for _, m in live]
+            if steps:
+                torch._foreach_add_(steps, 1)
+            for batch in _batches(live, piece):
+                self._step_pieces(optimizer, group, batch, scale)
+        self.zero_grad()
+
+    def _step_pieces(self, optimizer, group, batch, scale: float) -> None:
+        buffer = torch.empty(sum(hi - lo for _, _, lo, hi in batch), dtype=torch.float32, device=batch[0][1].device)
+        masters, grads, avgs, squares, steps, at = [], [], [], [], [], 0
+        for p, m, lo, hi in batch:
+            state = optimizer.state[m]
+            grads.append(buffer[at : at + hi - lo])
+            grads[-1].copy_(self._grad(m).view(-1)[lo:hi])
+            at += hi - lo
+            masters.append(m.view(-1)[lo:hi])
+            avgs.append(state["exp_avg"].view(-1)[lo:hi])
+            squares.append(state["exp_avg_sq"].view(-1)[lo:hi])
+            steps.append(state["step"])
+        if scale != 1.0:
+            buffer.mul_(scale)
+        beta1, beta2 = group["betas"]
+        torch._fused_adamw_(
+            masters, grads, avgs, squares, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2,
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+        )
+        for (p, _, lo, hi), m in zip(batch, masters):
+            p.view(-1)[lo:hi].copy_(m)
+
+    def _grad(self, master: torch.Tensor) -> torch.Tensor | None:
+        """The step's gradient: fp32 on the master when micro-batches were accumulated, else bf16 on the model."""
+        return master.grad if master.grad is not None else self._param[id(master)].grad
 
     def zero_grad(self) -> None:
         for p, m in zip(self.params, self.masters):
             p.grad = m.grad = None
-
-    def _chunks(self):
-        chunk, size = [], 0
-        for pair in zip(self.params, self.masters):
-            chunk.append(pair)
-            size += pair[1].numel()
-            if size >= CHUNK_ELEMENTS:
-                yield chunk
-                chunk, size = [], 0
-        if chunk:
-            yield chunk
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -111,6 +134,32 @@ class MasterWeights:
         for p, m in zip(self.params, self.masters):
             p.data = m.detach()
         self.hooks = []
+
+
+def _state(optimizer, master: torch.Tensor) -> dict:
+    """The master's AdamW state, created as torch's fused AdamW creates it (so checkpoints match)."""
+    state = optimizer.state[master]
+    if not state:
+        state["step"] = torch.zeros((), dtype=torch.float32, device=master.device)
+        state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+    return state
+
+
+def _batches(live, piece: int):
+    """(param, master, lo, hi) flat ranges of at most `piece` elements, grouped into batches of about
+    `piece` elements: a large parameter is cut, small ones share one kernel call."""
+    batch, size = [], 0
+    for p, m in live:
+        for lo in range(0, m.numel(), piece):
+            hi = min(lo + piece, m.numel())
+            if batch and size + hi - lo > piece:
+                yield batch
+                batch, size = [], 0
+            batch.append((p, m, lo, hi))
+            size += hi - lo
+    if batch:
+        yield batch
 
 
 def _slices(grad: torch.Tensor) -> list[torch.Tensor]:

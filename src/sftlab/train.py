@@ -315,8 +315,10 @@ def clip_and_step(run: Run, step_loss: float, step: int) -> tuple[float, bool]:
         )
     if skipped:
         return grad_norm, True
-    if run.masters:  # the same clip factor as torch.nn.utils.clip_grad_norm_
-        run.masters.step(run.optimizer, min(1.0, max_norm / (grad_norm + 1e-6)))
+    if run.masters:
+        factor = min(1.0, max_norm / (grad_norm + 1e-6))  # the same clip factor as clip_grad_norm_
+        # The masters step as the optimizer's closure, so its hooks and the LR scheduler see a step.
+        run.optimizer.step(lambda: run.masters.step(run.optimizer, factor))
     else:
         run.optimizer.step()
     return grad_norm, False
