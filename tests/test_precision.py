@@ -78,6 +78,29 @@ def test_master_weights_accumulate_clip_and_step_in_fp32(monkeypatch):
     assert all(torch.equal(p, m) for p, m in zip(model.parameters(), masters.masters))
 
 
+def test_a_tied_embedding_gets_the_same_gradient_through_its_sparse_lookup(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 9, 5, 7, 5, 9, 11, 3]])  # repeated tokens: rows of the lookup's gradient add up
+
+    def embedding_grad(dtype, with_masters):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(torch.bfloat16).to(dtype)
+        masters = MasterWeights(model) if with_masters else None
+        assert model.get_input_embeddings().sparse == with_masters  # tied, on CPU: sparse lookup
+        model(input_ids=ids, labels=ids).loss.backward()
+        grad = model.get_input_embeddings().weight.grad
+        assert not grad.is_sparse  # summed into the LM head's dense gradient before the optimizer sees it
+        if masters:
+            masters.release()
+            assert not model.get_input_embeddings().sparse
+        return grad.float()
+
+    reference = embedding_grad(torch.float32, False)  # the same (bf16-rounded) weights, dense, in fp32
+    rel = lambda g: float((g - reference).norm() / reference.norm())
+    assert rel(embedding_grad(torch.bfloat16, True)) < 1e-2
+    assert rel(embedding_grad(torch.bfloat16, True)) <= 1.5 * rel(embedding_grad(torch.bfloat16, False)) + 1e-3
+
+
 def test_master_weights_grad_norm_of_bf16_gradients_is_the_fp32_norm():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(1100, 1000), torch.nn.Linear(1000, 1))  # 1.1M weights: sliced

@@ -38,6 +38,7 @@ class MasterWeights:
         self.hooks = [p.register_post_accumulate_grad_hook(self._hook(m)) for p, m in zip(self.params, self.masters)]
         for p in self.params:  # parameters only: buffers such as rotary frequencies stay fp32
             p.data = p.data.to(dtype)
+        self.sparse_lookup = _sparse_tied_lookup(model)
 
     def _hook(self, master: torch.Tensor):
         def accumulate(param: torch.Tensor) -> None:
@@ -131,9 +132,25 @@ class MasterWeights:
         """Put the fp32 masters back into the model as its weights (for saving the final model)."""
         for h in self.hooks:
             h.remove()
+        if self.sparse_lookup is not None:
+            self.sparse_lookup.sparse = False
         for p, m in zip(self.params, self.masters):
             p.data = m.detach()
         self.hooks = []
+
+
+def _sparse_tied_lookup(model: torch.nn.Module) -> torch.nn.Embedding | None:
+    """On CPU, let a tied input embedding return a sparse gradient: autograd then adds it in place into
+    the LM head's dense one, instead of zero-filling a (vocab x hidden) block for the lookup's gradient
+    and summing the two into a third (56 MB blocks for SmolLM2, above the mmap ceiling: their pages fault
+    in every step). Untied, the sparse gradient would reach the optimizer, which takes dense ones."""
+    lookup = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = isinstance(lookup, torch.nn.Embedding) and head is not None and head.weight is lookup.weight
+    if not tied or lookup.weight.device.type != "cpu" or not lookup.weight.requires_grad:
+        return None
+    lookup.sparse = True
+    return lookup
 
 
 def _state(optimizer, master: torch.Tensor) -> dict:
