@@ -18,7 +18,7 @@ import math
 
 import torch
 
-PIECE_ELEMENTS = 1 << 19  # on CPU: a 2 MB fp32 gradient piece, stepped while it and its master are in L2
+PIECE_ELEMENTS = 1 << 19  # on CPU: one 2 MB fp32 gradient buffer, reused from the heap while in cache
 CHUNK_ELEMENTS = 32 << 20  # on GPU, where allocation is cached and launches cost: 128 MB of fp32 gradients
 
 
