@@ -117,7 +117,8 @@ def test_full_bf16_run_computes_in_bf16_and_saves_fp32_masters(tiny_model_dir, t
     real = train_mod.clip_and_step
 
     def spy(run, loss, step):
-        seen.append((run.masters is not None, {p.dtype for p in run.lm.parameters()}))
+        state = bool(run.masters) and len(run.optimizer.state) == len(run.masters.masters)  # made before step 1
+        seen.append((run.masters is not None, {p.dtype for p in run.lm.parameters()}, state))
         return real(run, loss, step)
 
     monkeypatch.setattr(train_mod, "clip_and_step", spy)
@@ -125,7 +126,7 @@ def test_full_bf16_run_computes_in_bf16_and_saves_fp32_masters(tiny_model_dir, t
     cfg = tiny_config(tiny_model_dir, out, "train.method=full", "train.precision=bf16", "train.grad_accum=2",
                       "train.save_steps=3", "train.max_steps=3")  # fmt: skip
     summary = train(cfg, **QUIET)
-    assert summary["precision"] == "bf16" and seen == [(True, {torch.bfloat16})] * 3
+    assert summary["precision"] == "bf16" and seen == [(True, {torch.bfloat16}, True)] * 3
     saved = load_file(out / "model.safetensors")
     masters = load_file(out / "checkpoints" / "step-0000003" / "trainable.safetensors")
     assert {t.dtype for t in saved.values()} == {torch.float32}

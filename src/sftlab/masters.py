@@ -92,6 +92,13 @@ class MasterWeights:
                 self._step_pieces(optimizer, group, batch, scale)
         self.zero_grad()
 
+    def init_state(self, optimizer) -> None:
+        """Create the AdamW state now, before the first forward. Created in step 1 it takes the heap
+        space that step's activations left, and step 2's activations fault fresh pages in (1.3 GB,
+        ~2.5 s, for SmolLM2-135M at 4 x 800 tokens on this CPU)."""
+        for m in self.masters:
+            _state(optimizer, m)
+
     def _step_pieces(self, optimizer, group, batch, scale: float) -> None:
         buffer = torch.empty(sum(hi - lo for _, _, lo, hi in batch), dtype=torch.float32, device=batch[0][1].device)
         masters, grads, avgs, squares, steps, at = [], [], [], [], [], 0

@@ -171,6 +171,8 @@ def setup(cfg: Config, out: Path, say) -> Run:
         lm.to(accelerator.device)
     weights = masters.MasterWeights(lm) if use_masters else None
     optimizer = build_optimizer(weights or lm, cfg.train)
+    if weights:
+        weights.init_state(optimizer)
     scheduler = build_scheduler(optimizer, cfg.train, total)
     model = task.loss_module(lm)
     model, optimizer = accelerator.prepare(model, optimizer)  # scheduler stepped by hand, once a step
