@@ -7,7 +7,7 @@ trains, then peak memory is the sum of:
     weights       frozen parameters in their stored dtype (NF4: half a byte), trainable ones in fp32
                   (full bf16: a bf16 model beside fp32 masters); on CPU at least the safetensors
                   file's size (its pages are mapped and counted in RSS)
-    gradients     fp32, trainable parameters only (full bf16: bf16, plus one fp32 chunk at the step)
+    gradients     fp32, trainable parameters only (full bf16: bf16, plus one fp32 piece at the step)
     optimizer     AdamW: two fp32 moments per trainable parameter
     activations   saved per token per layer: (16 h + 5 i) values for a Llama-style block, in the
                   compute dtype; with gradient checkpointing one h per layer plus one block's worth
@@ -78,7 +78,7 @@ def estimate(cfg, batch_size: int | None = None, checkpointing: bool | None = No
              model_and_config=None) -> Estimate:  # fmt: skip
     import torch
 
-    from sftlab.masters import CHUNK_ELEMENTS, applies
+    from sftlab.masters import CHUNK_ELEMENTS, PIECE_ELEMENTS, applies
     from sftlab.methods import FROZEN_BASE
     from sftlab.models import count_parameters, resolve_precision
 
@@ -114,8 +114,9 @@ def estimate(cfg, batch_size: int | None = None, checkpointing: bool | None = No
         acts = tokens * (layers * h * act_value + per_layer_token) if ckpt else tokens * layers * per_layer_token
     logit_rows = min(tokens, cfg.train.loss_chunk_tokens)
     loss = logit_rows * config.vocab_size * (6 if device == "cpu" else 12)  # fp32 logits, softmax, gradient
-    # Masters: bf16 gradients until the step, which converts one chunk at a time to fp32.
-    grads = trainable * 2 + min(trainable, CHUNK_ELEMENTS) * 4 if masters else trainable * 4
+    # Masters: bf16 gradients until the step, which converts one piece (CPU) or chunk (GPU) at a time to fp32.
+    piece = PIECE_ELEMENTS if device == "cpu" else CHUNK_ELEMENTS
+    grads = trainable * 2 + min(trainable, piece) * 4 if masters else trainable * 4
     return Estimate(RUNTIME_BYTES[device], int(weight_bytes), grads, trainable * 8, int(acts), loss,
                     trainable, total)  # fmt: skip
 
