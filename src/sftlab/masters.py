@@ -80,7 +80,7 @@ class MasterWeights:
         piece of <= PIECE elements is converted into a small buffer that stays in cache, stepped by the
         same fused kernel and copied back while hot. The state (step, exp_avg, exp_avg_sq) is torch's own,
         so optimizer.state_dict() and checkpoints are unchanged."""
-        piece = PIECE_ELEMENTS if self.params[0].device.type == "cpu" else CHUNK_ELEMENTS
+        piece = step_elements(self.params[0].device.type)
         for group in optimizer.param_groups:
             if not group.get("fused") or group.get("amsgrad") or group.get("maximize"):
                 raise ValueError("MasterWeights steps a fused AdamW without amsgrad or maximize (sftlab.optim)")
@@ -102,7 +102,7 @@ class MasterWeights:
     def _step_pieces(self, optimizer, group, batch, scale: float) -> None:
         buffer = torch.empty(sum(hi - lo for _, _, lo, hi in batch), dtype=torch.float32, device=batch[0][1].device)
         masters, grads, avgs, squares, steps, at = [], [], [], [], [], 0
-        for p, m, lo, hi in batch:
+        for _, m, lo, hi in batch:
             state = optimizer.state[m]
             grads.append(buffer[at : at + hi - lo])
             grads[-1].copy_(self._grad(m).view(-1)[lo:hi])
@@ -144,6 +144,11 @@ class MasterWeights:
         for p, m in zip(self.params, self.masters):
             p.data = m.detach()
         self.hooks = []
+
+
+def step_elements(device_type: str) -> int:
+    """How many parameters the step converts to fp32 at a time on this device (the planner counts it too)."""
+    return PIECE_ELEMENTS if device_type == "cpu" else CHUNK_ELEMENTS
 
 
 def _sparse_tied_lookup(model: torch.nn.Module) -> torch.nn.Embedding | None:

@@ -78,7 +78,7 @@ def estimate(cfg, batch_size: int | None = None, checkpointing: bool | None = No
              model_and_config=None) -> Estimate:  # fmt: skip
     import torch
 
-    from sftlab.masters import CHUNK_ELEMENTS, PIECE_ELEMENTS, applies
+    from sftlab.masters import applies, step_elements
     from sftlab.methods import FROZEN_BASE
     from sftlab.models import count_parameters, resolve_precision
 
@@ -115,8 +115,7 @@ def estimate(cfg, batch_size: int | None = None, checkpointing: bool | None = No
     logit_rows = min(tokens, cfg.train.loss_chunk_tokens)
     loss = logit_rows * config.vocab_size * (6 if device == "cpu" else 12)  # fp32 logits, softmax, gradient
     # Masters: bf16 gradients until the step, which converts one piece (CPU) or chunk (GPU) at a time to fp32.
-    piece = PIECE_ELEMENTS if device == "cpu" else CHUNK_ELEMENTS
-    grads = trainable * 2 + min(trainable, piece) * 4 if masters else trainable * 4
+    grads = trainable * 2 + min(trainable, step_elements(device)) * 4 if masters else trainable * 4
     return Estimate(RUNTIME_BYTES[device], int(weight_bytes), grads, trainable * 8, int(acts), loss,
                     trainable, total)  # fmt: skip
 
