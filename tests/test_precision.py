@@ -20,13 +20,17 @@ QUIET = {"say": lambda *a, **k: None}
 
 def test_short_causal_attention_is_exact_in_float64_and_close_in_bf16():
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 17, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    assert torch.autograd.gradcheck(lambda a, b, c: attention.ShortCausal.apply(a, b, c, 0.3), (q, k, v))
-    out = attention.ShortCausal.apply(q, k, v, 8**-0.5)
-    assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-12)
+    for kv_heads in (3, 1):  # one key/value head per query head, and one shared by all three (GQA)
+        q = torch.randn(2, 3, 17, 8, dtype=torch.float64, requires_grad=True)
+        k, v = (torch.randn(2, kv_heads, 17, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        assert torch.autograd.gradcheck(lambda a, b, c: attention.ShortCausal.apply(a, b, c, 0.3), (q, k, v))
+        out = attention.ShortCausal.apply(q, k, v, 8**-0.5)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        assert torch.allclose(out, ref, atol=1e-12)
 
-    q, k, v = (torch.randn(4, 9, 90, 64, requires_grad=True) for _ in range(3))
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    q = torch.randn(4, 9, 90, 64, requires_grad=True)
+    k, v = (torch.randn(4, 3, 90, 64, requires_grad=True) for _ in range(2))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     ref_grads = torch.autograd.grad(ref.pow(2).sum(), (q, k, v))
     low = [x.detach().bfloat16().requires_grad_() for x in (q, k, v)]
     assert attention._short_kernel_wins(low[0], 0.0) and not attention._short_kernel_wins(low[0], 0.1)

@@ -26,13 +26,12 @@ def causal_attention(module, query, key, value, attention_mask, dropout: float =
     dropout = dropout if module.training else 0.0
     if cu_seq_lens_q is not None and dropout == 0.0 and _varlen_applies(query):
         return _varlen(query, key, value, cu_seq_lens_q, max_length_q, scaling, groups), None
+    if cu_seq_lens_q is None and _short_kernel_wins(query, dropout):
+        out = ShortCausal.apply(query, key, value, scaling or query.shape[-1] ** -0.5)
+        return out.transpose(1, 2).contiguous(), None
     key, value, gqa = _kv_heads(key, value, groups, shared=query.is_cuda)  # CPU kernels want them repeated
     if cu_seq_lens_q is None:
-        if _short_kernel_wins(query, dropout):
-            out = ShortCausal.apply(query, key, value, scaling or query.shape[-1] ** -0.5)
-        else:
-            out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True,
-                                                 **gqa)  # fmt: skip
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True, **gqa)
         return out.transpose(1, 2).contiguous(), None
     b, h, t, d = query.shape
     # Segments are given over the row-major flattening of the batch; every row ends on a boundary.
@@ -103,35 +102,39 @@ def _short_kernel_wins(query: torch.Tensor, dropout: float) -> bool:
 
 class ShortCausal(torch.autograd.Function):
     """Causal attention for short rows: bf16 matmuls, fp32 softmax (as the models' own eager attention),
-    and like flash attention it saves only q, k and v, recomputing the probabilities in backward."""
+    and like flash attention it saves only q, k and v, recomputing the probabilities in backward.
+    k and v keep their own heads: each one's group of query heads is one matmul against it, so they
+    are not repeated per query head and their gradients are summed over the group in fp32."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float):
         ctx.save_for_backward(q, k, v)
         ctx.scale = scale
-        p, (_, kc, vc), shape = ShortCausal._probs(q, k, v, scale)
-        return torch.bmm(p.to(q.dtype), vc).reshape(shape)
+        p, _, vc = ShortCausal._probs(q, k, v, scale)
+        return torch.bmm(p.to(q.dtype), vc).reshape(q.shape)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v = ctx.saved_tensors
-        p, (qs, kc, vc), shape = ShortCausal._probs(q, k, v, ctx.scale)
+        p, (qs, kc), vc = ShortCausal._probs(q, k, v, ctx.scale)
         do = dout.reshape(qs.shape)
         dv = torch.bmm(p.to(q.dtype).transpose(1, 2), do)
         dp = torch.bmm(do, vc.transpose(1, 2)).to(p.dtype)
         ds = torch._softmax_backward_data(dp, p, -1, p.dtype).to(q.dtype)
         dq = torch.bmm(ds, kc).mul_(ctx.scale)
         dk = torch.bmm(ds.transpose(1, 2), qs)
-        return dq.reshape(shape), dk.reshape(shape), dv.reshape(shape), None
+        return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), None
 
     @staticmethod
     def _probs(q, k, v, scale):
+        """Probabilities [batch * kv heads, group * t, t]: the rows of a group's query heads stacked."""
         b, h, t, d = q.shape
-        qs, kc, vc = (q * scale).reshape(b * h, t, d), k.reshape(b * h, t, d), v.reshape(b * h, t, d)
-        acc = torch.promote_types(q.dtype, torch.float32)
-        causal = torch.full((t, t), float("-inf"), dtype=acc, device=q.device).triu_(1)
-        p = torch.softmax(torch.bmm(qs, kc.transpose(1, 2)).to(acc) + causal, -1)
-        return p, (qs, kc, vc), (b, h, t, d)
+        kv = k.shape[1]
+        qs = (q * scale).reshape(b * kv, h // kv * t, d)
+        kc, vc = k.reshape(b * kv, t, d), v.reshape(b * kv, t, d)
+        causal = torch.full((t, t), float("-inf"), dtype=q.dtype, device=q.device).triu_(1).repeat(h // kv, 1)
+        scores = torch.baddbmm(causal, qs, kc.transpose(1, 2))  # + 0 or -inf: exact in any dtype
+        return torch.softmax(scores, -1, dtype=torch.promote_types(q.dtype, torch.float32)), (qs, kc), vc
 
 
 def register() -> None:
