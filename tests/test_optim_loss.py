@@ -1,10 +1,12 @@
+import copy
+
 import pytest
 import torch
 
 from sftlab.config import TrainConfig
 from sftlab.data.batching import collate
 from sftlab.loss import loss_sum
-from sftlab.optim import build_optimizer, build_scheduler
+from sftlab.optim import build_optimizer, build_scheduler, init_state
 
 
 def test_no_weight_decay_on_biases_and_norms(tiny_model_dir):
@@ -15,6 +17,24 @@ def test_no_weight_decay_on_biases_and_norms(tiny_model_dir):
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (p.ndim >= 2 and "norm" not in name), name
+
+
+def test_optimizer_state_made_before_the_first_step_is_torchs_own():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    early, late = (build_optimizer(m, TrainConfig(lr=0.1)) for m in (model, copy.deepcopy(model)))
+    init_state(early)
+    assert len(early.state) == 4 and len(late.state) == 0  # weights, bias, norm weight and bias
+    for _ in range(2):
+        for opt in (early, late):
+            opt.zero_grad()
+            group_params = [p for g in opt.param_groups for p in g["params"]]
+            sum(p.sum() for p in group_params).pow(2).backward()
+            opt.step()
+    got, want = early.state_dict(), late.state_dict()
+    assert got["param_groups"] == want["param_groups"]
+    for a, b in zip(got["state"].values(), want["state"].values()):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
 
 
 @pytest.mark.parametrize("name,last", [("cosine", 0.0), ("linear", 0.0), ("constant", 1.0), ("cosine_with_min_lr", 0.1)])

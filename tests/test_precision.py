@@ -121,7 +121,8 @@ def test_full_bf16_run_computes_in_bf16_and_saves_fp32_masters(tiny_model_dir, t
     real = train_mod.clip_and_step
 
     def spy(run, loss, step):
-        state = bool(run.masters) and len(run.optimizer.state) == len(run.masters.masters)  # made before step 1
+        trainable = [p for p in run.weights.parameters() if p.requires_grad]
+        state = len(run.optimizer.state) == len(trainable)  # made before step 1's forward, on either path
         seen.append((run.masters is not None, {p.dtype for p in run.lm.parameters()}, state))
         return real(run, loss, step)
 
@@ -139,7 +140,9 @@ def test_full_bf16_run_computes_in_bf16_and_saves_fp32_masters(tiny_model_dir, t
         assert torch.equal(saved.get(name, saved.get(name.replace("model.embed_tokens", "lm_head"))), tensor), name
     assert any(not torch.equal(t, t.bfloat16().float()) for t in masters.values())
     fp32 = tmp_path / "fp32"
+    seen.clear()
     train(tiny_config(tiny_model_dir, fp32, "train.method=full", "train.grad_accum=2", "train.max_steps=3"), **QUIET)
+    assert seen == [(False, {torch.float32}, True)] * 3
     assert losses(out) == pytest.approx(losses(fp32), rel=2e-2)  # bf16 compute tracks the fp32 run
 
 

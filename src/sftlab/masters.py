@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from sftlab.optim import adamw_state
+
 PIECE_ELEMENTS = 1 << 19  # on CPU: one 2 MB fp32 gradient buffer, reused from the heap while in cache
 CHUNK_ELEMENTS = 32 << 20  # on GPU, where allocation is cached and launches cost: 128 MB of fp32 gradients
 NORM_SLICE = 1 << 20  # on CPU: the gradient norm's fp32 slice (4 MB; 2^17-2^20 measured, the largest fastest)
@@ -86,19 +88,12 @@ class MasterWeights:
             if not group.get("fused") or group.get("amsgrad") or group.get("maximize"):
                 raise ValueError("MasterWeights steps a fused AdamW without amsgrad or maximize (sftlab.optim)")
             live = [(self._param[id(m)], m) for m in group["params"] if self._grad(m) is not None]
-            steps = [_state(optimizer, m)["step"] for _, m in live]
+            steps = [adamw_state(optimizer, m)["step"] for _, m in live]
             if steps:
                 torch._foreach_add_(steps, 1)
             for batch in _batches(live, piece):
                 self._step_pieces(optimizer, group, batch, scale)
         self.zero_grad()
-
-    def init_state(self, optimizer) -> None:
-        """Create the AdamW state now, before the first forward. Created in step 1 it takes the heap
-        space that step's activations left, and step 2's activations fault fresh pages in (1.3 GB,
-        ~2.5 s, for SmolLM2-135M at 4 x 800 tokens on this CPU)."""
-        for m in self.masters:
-            _state(optimizer, m)
 
     def _step_pieces(self, optimizer, group, batch, scale: float) -> None:
         buffer = torch.empty(sum(hi - lo for _, _, lo, hi in batch), dtype=torch.float32, device=batch[0][1].device)
@@ -164,16 +159,6 @@ def _sparse_tied_lookup(model: torch.nn.Module) -> torch.nn.Embedding | None:
         return None
     lookup.sparse = True
     return lookup
-
-
-def _state(optimizer, master: torch.Tensor) -> dict:
-    """The master's AdamW state, created as torch's fused AdamW creates it (so checkpoints match)."""
-    state = optimizer.state[master]
-    if not state:
-        state["step"] = torch.zeros((), dtype=torch.float32, device=master.device)
-        state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
-    return state
 
 
 def _batches(live, piece: int):

@@ -27,6 +27,29 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     )
 
 
+def init_state(optimizer) -> None:
+    """Create a fused AdamW's state now, before the first forward, as its first step would.
+
+    Made in step 1 (torch's way), the state (2x the trainable weights in fp32) takes the heap space
+    that step's activations left, and step 2's activations fault fresh pages in: on CPU, SmolLM2-135M
+    full fine-tuning over 4 x 800 tokens faulted 1.3 GB in step 2 (~2.5 s bf16, ~5 s fp32)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    for group in inner.param_groups:
+        if group.get("fused") and not group.get("amsgrad"):
+            for p in group["params"]:
+                adamw_state(inner, p)
+
+
+def adamw_state(optimizer: torch.optim.AdamW, p: torch.Tensor) -> dict:
+    """The parameter's state in a fused AdamW, created as torch creates it (so checkpoints match)."""
+    state = optimizer.state[p]
+    if not state:
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state
+
+
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     return cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
 

@@ -27,6 +27,7 @@ from sftlab.data.batching import plan_epoch, rows
 from sftlab.errors import SftlabError
 from sftlab.files import atomic_dir
 from sftlab.methods import adalora_regularizer, load_method_state, method_state
+from sftlab.optim import init_state
 from sftlab.tracking import MetricsLog, RunStatus, plot_curves, read_metrics
 
 # Keys that may change between a run and its resume without changing what was computed so far.
@@ -105,6 +106,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print)
             load_method_state(run.lm, cfg.train.method, checkpoint.load_method_state(resume_from))
             if run.accelerator.is_main_process:
                 say(f"resumed from {resume_from} at step {state.step}")
+        elif _single_process():  # FSDP and DeepSpeed lay their state out over their own flat shards
+            init_state(run.optimizer)
         log = MetricsLog(out, cfg.train.report_to, resume_step=state.step)
         try:
             outcome = loop(run, state, log, say)
@@ -171,8 +174,6 @@ def setup(cfg: Config, out: Path, say) -> Run:
         lm.to(accelerator.device)
     weights = masters.MasterWeights(lm) if use_masters else None
     optimizer = build_optimizer(weights or lm, cfg.train)
-    if weights:
-        weights.init_state(optimizer)
     scheduler = build_scheduler(optimizer, cfg.train, total)
     model = task.loss_module(lm)
     model, optimizer = accelerator.prepare(model, optimizer)  # scheduler stepped by hand, once a step
