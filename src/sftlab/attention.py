@@ -90,9 +90,9 @@ def _varlen(query, key, value, cu_seq_lens, max_length, scaling, groups: int) ->
     return out.reshape(b, t, out.shape[-2], d)
 
 
-# PyTorch's CPU flash kernel is tuned for long rows: at 90 tokens its backward takes ~3x as long as
-# three bf16 batched matmuls and one softmax (benchmarks/RESULTS.md); beyond ~256 tokens it wins.
-SHORT_TOKENS = 256
+# PyTorch's CPU flash kernel is tuned for long rows: at 96 tokens (SmolLM2's heads, 8 rows) forward and
+# backward take ~1.6x as long as this kernel's; from ~180 tokens it wins (benchmarks/RESULTS.md).
+SHORT_TOKENS = 176
 
 
 def _short_kernel_wins(query: torch.Tensor, dropout: float) -> bool:
