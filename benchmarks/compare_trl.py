@@ -54,8 +54,10 @@ RUNNERS = {  # name: (engine, options)
     "trl-bf16": ("trl", {"bf16": True, "packing": False}),
     "trl-bf16-packing": ("trl", {"bf16": True, "packing": True}),
     "sftlab-packing": ("sftlab", {"data.packing": "true"}),
+    "sftlab-padded": ("sftlab", {"data.padding_free": "false"}),  # the default elsewhere than CUDA
     "sftlab-ckpt": ("sftlab", {"gradient_checkpointing": "true"}),
     "sftlab-compile": ("sftlab", {"compile": "true"}),
+    "sftlab-compile-ckpt": ("sftlab", {"compile": "true", "gradient_checkpointing": "true"}),
     "trl-bf16-packing-nockpt": ("trl", {"bf16": True, "packing": True, "gradient_checkpointing": False}),
 }
 H100_BF16_TFLOPS = 989.0

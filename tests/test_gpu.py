@@ -93,10 +93,14 @@ def test_gqa_attention_without_repeated_heads_equals_the_models_own_on_cuda(tiny
         assert loss_sum(ours, batch).item() == pytest.approx(loss_sum(theirs, batch).item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
-def test_full_bf16_training_on_cuda_over_fp32_masters_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch, packing):
-    common = ["train.method=full", "train.precision=bf16", f"data.packing={str(packing).lower()}", "train.max_steps=6"]
-    summary = train(tiny_config(tiny_model_dir, tmp_path / "full", *common), say=lambda *a: None)
+@pytest.mark.parametrize("layout,expected", [(["data.padding_free=false"], "padded"), (["data.packing=true"], "packed"),
+                                             ([], "flat")], ids=["padded", "packed", "flat-by-default"])
+def test_full_bf16_training_on_cuda_over_fp32_masters_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch, layout,
+                                                                      expected):  # fmt: skip
+    common = ["train.method=full", "train.precision=bf16", "train.max_steps=6", *layout]
+    said = []
+    summary = train(tiny_config(tiny_model_dir, tmp_path / "full", *common), say=lambda *a, **k: said.append(str(a)))
+    assert any(f"batches {expected};" in x for x in said)
     assert summary["precision"] == "bf16"
     full = losses(tmp_path / "full")
     assert all(x == x for x in full) and full[-1] < full[0]

@@ -42,6 +42,40 @@ def test_packed_layout():
     assert (b["labels"][:, 1:] != -100).sum() == (collate(ROWS, 0)["labels"][:, 1:] != -100).sum()
 
 
+def test_padding_free_layout_is_one_row_of_the_real_tokens():
+    b = collate_packed(ROWS, max_length=None, pad_id=0)
+    assert b["input_ids"].shape == (1, 17)  # padded: 4 rows x 7
+    assert b["cu_seq_lens_q"].diff().tolist() == [7, 4, 3, 3]
+    assert (b["labels"][:, 1:] != -100).sum() == (collate(ROWS, 0)["labels"][:, 1:] != -100).sum()
+
+
+def test_batch_layout_is_flat_by_default_only_where_the_varlen_kernel_runs(monkeypatch):
+    from sftlab.config import load_config
+    from sftlab.train import batch_layout
+
+    default = load_config(None, [])
+    assert batch_layout(default, True, "cpu", "bf16") == "padded"
+    monkeypatch.setattr(attention, "varlen_runs", lambda device, dtype: dtype == torch.bfloat16)
+    assert batch_layout(default, True, "cuda", "bf16") == "flat"
+    assert batch_layout(default, True, "cuda", "fp32") == "padded"  # the varlen kernel is half precision only
+    assert batch_layout(default, False, "cuda", "bf16") == "padded"  # the model's own attention
+    assert batch_layout(load_config(None, ["data.padding_free=false"]), True, "cuda", "bf16") == "padded"
+    assert batch_layout(load_config(None, ["data.padding_free=true"]), True, "cpu", "fp32") == "flat"
+    assert batch_layout(load_config(None, ["data.packing=true"]), True, "cuda", "bf16") == "packed"
+
+
+def test_padding_free_refuses_what_would_join_or_ignore_it():
+    from sftlab.config import load_config
+    from sftlab.errors import ConfigError
+
+    for bad, match in ((["data.padding_free=true", "data.packing=true"], "choose one"),
+                       (["data.padding_free=true", "train.method=prefix"], "virtual tokens"),
+                       (["data.padding_free=true", "task=classification"], "causal_lm"),
+                       (["data.padding_free=maybe"], "padding_free")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, bad)
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["per-example-sdpa", "block-diagonal-mask"])
 def test_packed_loss_equals_padded_loss_and_examples_are_isolated(tiny_model_dir, fused):
     model = tiny(tiny_model_dir, fused)
@@ -66,12 +100,12 @@ def test_fused_causal_attention_equals_the_models_masked_attention_on_padded_bat
 
 def test_packed_training_equals_unpacked_training(tiny_model_dir, tmp_path):
     runs = {}
-    for name, extra in {"padded": [], "packed": ["data.packing=true"],
+    for name, extra in {"padded": [], "packed": ["data.packing=true"], "flat": ["data.padding_free=true"],
                         "packed-model-attention": ["data.packing=true", "train.attention=model"]}.items():
         out = tmp_path / name
         train(tiny_config(tiny_model_dir, out, "train.method=full", *extra), say=lambda *a: None)
         runs[name] = (losses(out), load_file(out / "model.safetensors"))
-    for name in ("packed", "packed-model-attention"):
+    for name in ("packed", "flat", "packed-model-attention"):
         assert runs[name][0] == pytest.approx(runs["padded"][0], rel=1e-5)
         a, b = runs[name][1], runs["padded"][1]
         diff = sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5

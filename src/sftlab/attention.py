@@ -75,7 +75,12 @@ def _varlen_kernel():
 
 
 def _varlen_applies(query: torch.Tensor) -> bool:
-    return query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and _varlen_kernel() is not None
+    return varlen_runs(query.device, query.dtype)
+
+
+def varlen_runs(device, dtype) -> bool:
+    """Whether packed rows on this device and dtype take the one flash-attention varlen call."""
+    return torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _varlen_kernel() is not None
 
 
 def _varlen(query, key, value, cu_seq_lens, max_length, scaling, groups: int) -> torch.Tensor:

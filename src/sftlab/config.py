@@ -74,6 +74,9 @@ class DataConfig:
     cache: bool = _f(True, help="cache tokenized datasets (keyed by data, tokenizer and settings)")
     eval_split: float = _f(0.0, help="fraction of train held out for eval when data.eval is empty")
     packing: bool = _f(False, help="pack each micro-batch into rows of max_length, examples isolated")
+    padding_free: bool | Literal["auto"] = _f(
+        "auto", help="each micro-batch as one unpadded row, examples isolated; auto: where flash-attention "
+                     "varlen runs (CUDA, bf16/fp16), whose cost is then the real tokens', not the padded rows'")
 
 
 @dataclass
@@ -407,6 +410,11 @@ def validate(cfg: Config) -> None:
         (cfg.peft.num_virtual_tokens >= 1 and cfg.peft.adapter_size >= 1, "peft sizes must be at least 1"),
         (not (cfg.data.packing and cfg.train.method in ("prefix", "ptuning", "prompt")),
          "data.packing does not combine with prefix/ptuning/prompt (virtual tokens would join packed examples)"),
+        (not (cfg.data.padding_free is True and cfg.train.method in ("prefix", "ptuning", "prompt")),
+         "data.padding_free does not combine with prefix/ptuning/prompt (virtual tokens would join the examples)"),
+        (not (cfg.data.padding_free is True and cfg.data.packing),
+         "data.packing and data.padding_free=true: choose one (packing fills rows of max_length, padding_free "
+         "makes one row of the whole micro-batch)"),
         (cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens must be at least 1"),
         (cfg.eval.temperature >= 0, "eval.temperature must be >= 0 (0 is greedy)"),
         (0 < cfg.eval.top_p <= 1, "eval.top_p must be in (0, 1]"),
@@ -437,7 +445,8 @@ def _task_checks(cfg: Config) -> list[tuple[bool, str]]:
     t = cfg.task
     return [
         (cfg.train.method in ("full", "lora"), f"task {t} trains with train.method full or lora (got {cfg.train.method})"),
-        (not cfg.data.packing, f"data.packing is for causal_lm; task {t} pads its batches"),
+        (not cfg.data.packing and cfg.data.padding_free is not True,
+         f"data.packing and data.padding_free are for causal_lm; task {t} pads its batches"),
         (not cfg.eval.generate_every, f"eval.generate_every is for causal_lm; task {t} reports its metrics at each eval"),
         (not cfg.eval.tasks, f"eval.tasks (benchmark files) are for causal_lm, not task {t}"),
         (cfg.seq2seq.max_target_length >= 1 and cfg.seq2seq.num_beams >= 1,

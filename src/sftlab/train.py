@@ -79,7 +79,7 @@ class Run:
     total_steps: int
     precision: str
     params: tuple[int, int]
-    collate: object  # rows -> model inputs (padded, or packed when data.packing)
+    collate: object  # rows -> model inputs (padded, packed or flat: batch_layout)
     references: list  # eval prompts answered every eval.generate_every steps (evaluate.tasks.Item)
 
     @property
@@ -178,12 +178,13 @@ def setup(cfg: Config, out: Path, say) -> Run:
     model = task.loss_module(lm)
     model, optimizer = accelerator.prepare(model, optimizer)  # scheduler stepped by hand, once a step
     say = say if accelerator.is_main_process else (lambda *a, **k: None)
+    layout = batch_layout(cfg, fused, accelerator.device, precision)
     say(f"{cfg.train.method}: {params[0]:,} trainable of {params[1]:,} parameters "
         f"({100 * params[0] / params[1]:.2f}%); precision {precision}{' (fp32 master weights)' if weights else ''}; attention "
-        f"{attention.NAME if fused else lm.config._attn_implementation}; {len(train_data)} train examples, "
+        f"{attention.NAME if fused else lm.config._attn_implementation}; batches {layout}; {len(train_data)} train examples, "
         f"{total} steps of {cfg.train.batch_size}x{cfg.train.grad_accum}x{accelerator.num_processes}")  # fmt: skip
     template = ChatTemplate(tokenizer, cfg.data.template).source if cfg.task == "causal_lm" else None
-    batcher = task.collate(tokenizer.pad_token_id, cfg.data.packing)
+    batcher = task.collate(tokenizer.pad_token_id, layout)
     references = []
     if cfg.eval.generate_every:
         from sftlab.evaluate.runner import reference_items
@@ -191,6 +192,20 @@ def setup(cfg: Config, out: Path, say) -> Run:
         references = reference_items(cfg, cfg.eval.generate_examples)
     return Run(cfg, out, task, accelerator, tokenizer, template, train_data, eval_data, model, lm,
                optimizer, scheduler, weights, total, precision, params, batcher, references)  # fmt: skip
+
+
+def batch_layout(cfg: Config, fused: bool, device, precision: str) -> str:
+    """'packed' (data.packing), 'flat' (one unpadded row a micro-batch) or 'padded'. Flat by default
+    where the varlen kernel runs: every matmul then costs the real tokens only, not the padding up to
+    the longest row. On CPU a padded batch keeps one batched attention call (and the short-row kernel)
+    where a flat row takes one call per example."""
+    if cfg.data.packing:
+        return "packed"
+    if cfg.data.padding_free == "auto":
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        on = fused and cfg.task == "causal_lm" and half is not None and attention.varlen_runs(device, half)
+        return "flat" if on else "padded"
+    return "flat" if cfg.data.padding_free else "padded"
 
 
 def sharding_engine(accelerator) -> str | None:

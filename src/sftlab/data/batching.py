@@ -68,10 +68,13 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def collate_packed(rows: list[dict], max_length: int, pad_id: int) -> dict:
-    """Best-fit-decreasing pack of the rows into bins of at most max_length tokens, without padding
-    inside a bin. Each example restarts its position ids and is its own attention segment; the
-    label of its first token is dropped, so no example learns to predict the next one."""
+def collate_packed(rows: list[dict], max_length: int | None, pad_id: int) -> dict:
+    """Best-fit-decreasing pack of the rows into bins of at most max_length tokens (None: one bin for
+    all, padding-free), without padding inside a bin. Each example restarts its position ids and is
+    its own attention segment; the label of its first token is dropped, so no example learns to
+    predict the next one."""
+    if max_length is None:
+        max_length = sum(len(r["input_ids"]) for r in rows)
     bins: list[list[dict]] = []
     room: list[int] = []
     for r in sorted(rows, key=lambda r: -len(r["input_ids"])):

@@ -37,13 +37,15 @@ class CausalLM:
 
         return SupervisedLoss(lm, self.cfg.train.loss_chunk_tokens)
 
-    def collate(self, pad_id: int, packing: bool = False):
+    def collate(self, pad_id: int, layout: str = "padded"):
         from functools import partial
 
         from sftlab.data.batching import collate, collate_packed
 
-        if packing:
+        if layout == "packed":
             return partial(collate_packed, max_length=self.cfg.data.max_length, pad_id=pad_id)
+        if layout == "flat":
+            return partial(collate_packed, max_length=None, pad_id=pad_id)
         return partial(collate, pad_id=pad_id)
 
     def count(self, batch: dict) -> int:

@@ -102,7 +102,7 @@ class Classification:
     def loss_module(self, lm) -> torch.nn.Module:
         return ClassificationLoss(lm, self.weights)
 
-    def collate(self, pad_id: int, packing: bool = False):
+    def collate(self, pad_id: int, layout: str = "padded"):
         return lambda rows: collate(rows, pad_id)
 
     def count(self, batch: dict) -> int:

@@ -75,7 +75,7 @@ class Seq2Seq:
     def loss_module(self, lm) -> torch.nn.Module:
         return Seq2SeqLoss(lm)
 
-    def collate(self, pad_id: int, packing: bool = False):
+    def collate(self, pad_id: int, layout: str = "padded"):
         return lambda rows: collate(rows, pad_id)
 
     def count(self, batch: dict) -> int:
