@@ -89,3 +89,26 @@ def test_sharding_engines_refuse_what_they_cannot_checkpoint_and_deepspeed_learn
     assert ds.state.deepspeed_plugin.deepspeed_config == {"train_micro_batch_size_per_gpu": 6,
                                                           "gradient_accumulation_steps": 1}  # fmt: skip
     _configure_engine(fake(DistributedType.MULTI_GPU), tiny_config("m", tmp_path, "train.save_steps=10"))  # DDP: all fine
+
+
+def test_a_gathered_state_saves_tied_weights_once_as_the_live_model_does(tiny_model_dir, tmp_path, monkeypatch):
+    """FSDP/DeepSpeed gather tied weights as separate copies; the saved model must not gain lm_head.weight."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import sftlab.train as train_mod
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert lm.config.tie_word_embeddings
+    gathered = {f"lm.{k}": v.clone() for k, v in lm.state_dict().items()}  # as get_state_dict returns them
+    accelerator = SimpleNamespace(get_state_dict=lambda model: gathered)
+    monkeypatch.setattr(train_mod, "sharding_engine", lambda acc: "fsdp")
+    run = SimpleNamespace(accelerator=accelerator, model=None, lm=lm, out=tmp_path / "sharded", template_source=None,
+                          cfg=tiny_config(tiny_model_dir, tmp_path / "x", "train.method=full"),
+                          tokenizer=SimpleNamespace(save_pretrained=lambda out: None),
+                          task=SimpleNamespace(save_extras=lambda out, tok: None))  # fmt: skip
+    train_mod.save_model(run, train_mod._gathered_state(run))
+    lm.save_pretrained(tmp_path / "plain")
+    assert load_file(run.out / "model.safetensors").keys() == load_file(tmp_path / "plain" / "model.safetensors").keys()

@@ -462,7 +462,14 @@ def _gathered_state(run: Run) -> dict | None:
     if sharding_engine(run.accelerator) is None:
         return None
     state = run.accelerator.get_state_dict(run.model)  # keys of the SupervisedLoss wrapper: "lm.<name>"
-    return {k.removeprefix("lm."): v for k, v in state.items()} if state is not None else None
+    if state is None:
+        return None
+    whole = {k.removeprefix("lm."): v for k, v in state.items()}
+    # Gathering copies tied weights apart; aliased again, save_pretrained drops them as it does the live model's.
+    for target, source in (getattr(run.lm, "all_tied_weights_keys", None) or {}).items():
+        if target in whole and source in whole:
+            whole[target] = whole[source]
+    return whole
 
 
 def save_model(run: Run, whole: dict | None = None) -> None:
