@@ -2,7 +2,7 @@
 
     python benchmarks/profile_steps.py --model-config benchmarks/llama-1b.json train.compile=true   # GPU
 
-Same model, data and settings as compare_trl.py's full-long case at batch 32 (a fresh-weights model
+Same model, data and settings as compare_trl.py's full-long (or lora-long) case at batch 32 (a fresh-weights model
 from --model-config, the embedded model's tokenizer); prints the step times and the ops sorted by
 their own device time (CPU time without a GPU). Extra arguments are sftlab overrides.
 """
@@ -23,6 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-config", required=True, help="a config.json: train this architecture from fresh weights")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the embedded model's)")
+    parser.add_argument("--method", default="full", choices=["full", "lora"])
     parser.add_argument("overrides", nargs="*", help="sftlab overrides, e.g. train.compile=true")
     args = parser.parse_args()
     opts = dict(o.split("=", 1) for o in args.overrides)
@@ -39,7 +40,8 @@ def main() -> None:
         prof = torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(wait=4, warmup=1, active=3))
         prof.start()
         register_optimizer_step_post_hook(lambda *a: prof.step())  # one profiler step per optimizer step
-        run = ct.run_sftlab(model, "full", files["long-train"], 1024, 32, 9, 3e-5, workdir / "out", opts)
+        lr = 3e-5 if args.method == "full" else 2e-4
+        run = ct.run_sftlab(model, args.method, files["long-train"], 1024, 32, 9, lr, workdir / "out", opts)
         prof.stop()
     print("step times", [round(t, 4) for t in run["step_times"]], "tokens", run["tokens"], "peak MB", ct.peak_memory_mb())
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"

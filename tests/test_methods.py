@@ -109,3 +109,59 @@ def test_prompt_methods_refuse_packing():
 
     with pytest.raises(ConfigError, match="packing"):
         load_config(None, ["train.method=prefix", "data.packing=true"])
+
+
+def _lora_pair(tiny_model_dir, *overrides):
+    """The tiny model with LoRA in float64 twice: sftlab's fused update, and peft's own forward."""
+    from transformers import AutoModelForCausalLM
+
+    from sftlab.config import load_config
+    from sftlab.models import prepare_for_training
+
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+        lm = prepare_for_training(lm, load_config(None, list(overrides)), "fp32", 10)
+        with torch.no_grad():  # peft starts B at zero, which would hide the update and A's gradient
+            for name, p in lm.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+        models.append(lm)
+    peft_own = [m for m in models[1].modules() if "forward" in vars(m) and hasattr(m, "lora_A")]
+    for m in peft_own:
+        del m.forward  # back to peft's class forward
+    return models[0], models[1], len(peft_own)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_lora_update_equals_peft_forward_and_gradients(tiny_model_dir, dropout):
+    fused, peft_own, count = _lora_pair(tiny_model_dir, f"lora.dropout={dropout}")
+    assert count == 2 * 7  # every linear layer of the two blocks
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7, 8, 4]])
+    results = []
+    for lm in (fused, peft_own):
+        lm.train()
+        torch.manual_seed(1)  # the same dropout masks
+        loss = lm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.item(), [p.grad for p in lm.parameters() if p.requires_grad]))
+    (a, ga), (b, gb) = results
+    assert a == pytest.approx(b, rel=1e-12)
+    assert all(torch.allclose(x, y, rtol=1e-10, atol=1e-14) for x, y in zip(ga, gb))
+    assert all(float(g.abs().sum()) > 0 for g in ga)  # A and B both learn: the check is not vacuous
+
+
+def test_fused_lora_keeps_peft_forward_for_disabled_adapters_and_dora(tiny_model_dir):
+    fused, peft_own, _ = _lora_pair(tiny_model_dir, "lora.dropout=0.0")
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        on = fused(input_ids=ids).logits
+        with fused.disable_adapter():
+            off = fused(input_ids=ids).logits
+        with peft_own.disable_adapter():
+            assert torch.equal(off, peft_own(input_ids=ids).logits)
+    assert not torch.allclose(on, off)
+    dora, dora_own, _ = _lora_pair(tiny_model_dir, "lora.dropout=0.0", "lora.use_dora=true")
+    with torch.no_grad():
+        assert torch.allclose(dora(input_ids=ids).logits, dora_own(input_ids=ids).logits, rtol=1e-12)

@@ -244,6 +244,10 @@ def prepare_for_training(lm, cfg, precision: str, total_steps: int):
             p.data = p.data.float()
     if cfg.train.method in FROZEN_BASE and half is not None:
         _keep_adapter_inputs_in_compute_dtype(lm)
+    if cfg.train.method in FROZEN_BASE:
+        from sftlab import lora_fused
+
+        lora_fused.use_for_training(lm)
     if cfg.train.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.train.method in FROZEN_BASE:
