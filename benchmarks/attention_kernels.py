@@ -15,8 +15,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sftlab import cpu
-from sftlab.attention import SHORT_TOKENS, ShortCausal
+from sftlab.speed import cpu
+from sftlab.speed.attention import SHORT_TOKENS, ShortCausal
 
 
 def inputs(rows: int, tokens: int, heads: int, kv_heads: int, head_dim: int):

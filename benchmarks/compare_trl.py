@@ -15,14 +15,15 @@ assistant turn (TRL's prompt-completion loss; sftlab `train_on: last`), and both
 scored by the same evaluator (fp32, one example at a time, loss per supervised token).
 
 Throughput counts prompt and response tokens (not padding) per second of optimizer steps (model
-loading and data preparation excluded on both sides). MFU = achieved model FLOP/s over the bf16
-matmul peak measured beside each run (the higher of just before and just after it): per token 6N
-(full) or 4N (LoRA: no weight grads) for the transformer blocks, the same factor times the LM head
-for supervised tokens only (that is all sftlab computes; TRL computes more), plus causal attention
-6*L*d*T (full) or 4*L*d*T (LoRA), T the token-weighted mean example length of the training data
-(sum T^2 / sum T, with the model's chat template).
-On CUDA memory is `torch.cuda.max_memory_allocated` and MFU is also given against the H100's
-nominal dense bf16 peak (989 TFLOP/s).
+loading and data preparation excluded on both sides). MFU = achieved model FLOP/s over the matmul
+peak of the precision the run trained in (fp32, bf16 or fp16), measured beside each run (the higher
+of just before and just after it): per token 6N (full) or 4N (LoRA: no weight grads) for the
+transformer blocks, the same factor times the LM head for supervised tokens only (that is all sftlab
+computes; TRL computes more), plus causal attention 6*L*d*T (full) or 4*L*d*T (LoRA), T the
+token-weighted mean example length of the training data (sum T^2 / sum T, with the model's chat
+template).
+On CUDA memory is `torch.cuda.max_memory_allocated` and the MFU of a bf16 or fp16 run is also given
+against the H100's nominal dense bf16/fp16 peak (989 TFLOP/s).
 """
 
 from __future__ import annotations
@@ -132,8 +133,8 @@ def peak_memory_mb() -> float:
 def run_sftlab(model_dir, method, train_file, max_length, batch, steps, lr, out, opts) -> dict:
     from sftlab.config import load_config
     from sftlab.generate import load_for_inference
-    from sftlab.tracking import read_metrics
-    from sftlab.train import train
+    from sftlab.loop.tracking import read_metrics
+    from sftlab.loop.train import train
 
     cfg = load_config(None, [
         f"model.name={model_dir}", f"data.train=[{train_file}]", f"data.max_length={max_length}", "data.train_on=last", "data.cache=false",
@@ -216,7 +217,7 @@ def common_eval_loss(model, model_dir: str, eval_file: Path, max_length: int) ->
 
     from sftlab.config import DataConfig, DatasetSpec
     from sftlab.data.dataset import load_split
-    from sftlab.models import ModelConfig, load_tokenizer
+    from sftlab.model.load import ModelConfig, load_tokenizer
 
     tok = load_tokenizer(ModelConfig(name=model_dir))
     data = load_split(DataConfig(eval=[DatasetSpec(path=str(eval_file))], max_length=max_length, train_on="last",
@@ -237,13 +238,15 @@ def common_eval_loss(model, model_dir: str, eval_file: Path, max_length: int) ->
 
 
 def matmul_peak() -> dict:
-    """Measured GEMM throughput (GFLOP/s) for fp32 and bf16 on this machine (its GPU if it has one), now."""
+    """Measured GEMM throughput (GFLOP/s) on this machine (its GPU if it has one), now, for each precision
+    a run can train in (fp16 only on CUDA: sftlab refuses it elsewhere)."""
     import torch
 
     dev = device()
     n = 8192 if dev == "cuda" else 2048
     peaks = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16} | ({"fp16": torch.float16} if dev == "cuda" else {})
+    for name, dtype in dtypes.items():
         a, b = (torch.randn(n, n, dtype=dtype, device=dev) for _ in range(2))
         for _ in range(3):
             a @ b
@@ -254,6 +257,15 @@ def matmul_peak() -> dict:
         sync()
         peaks[name] = 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
     return peaks
+
+
+def mfu(r: dict, per_token: float, peaks: dict) -> dict:
+    """MFU of run `r` against the matmul peak of the precision it trained in. A CPU without native bf16
+    emulates it at a fraction of its fp32 speed, so an fp32 run over the bf16 peak would read above 100%."""
+    peak = peaks[r["precision"]]
+    return {"peak_precision": r["precision"], "peak_gflops": round(peak, 1),
+            "mfu": r["tokens_per_s"] * per_token / (peak * 1e9),
+            "steady_mfu": r["steady_tokens_per_s"] * per_token / (peak * 1e9)}  # fmt: skip
 
 
 def flops_per_token(model_dir: str, method: str, avg_len: float, supervised_fraction: float) -> float:
@@ -320,11 +332,12 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args)))
         return
     peaks = matmul_peak()
-    print(f"matmul peak on {peaks['device']} now: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    measured = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items() if k != "device")
+    print(f"matmul peak on {peaks['device']} now: {measured}")
     results = []
     with tempfile.TemporaryDirectory() as workdir:
         build_data(Path(workdir))
-        from sftlab.models import resolve_model_dir
+        from sftlab.model.load import resolve_model_dir
 
         embedded = resolve_model_dir("smollm2-135m-instruct") if not (args.model_config and args.tokenizer) else None
         model_dir = (random_model(args.model_config, args.tokenizer or embedded, Path(workdir) / "model")
@@ -346,11 +359,12 @@ def run_one(case: str, runner: str, workdir: str, model_dir: str, args, peaks: d
     cmd += ["--steps", str(args.steps)] if args.steps else []
     cmd += ["--batch", str(args.batch)] if args.batch else []
     env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    before = matmul_peak()["bf16"]
+    before = matmul_peak()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     # A shared machine's speed drifts (its bf16 peak read 314-412 GFLOP/s within an hour here): take
-    # the peak beside each run, the higher of before and after, so a slow spell cannot inflate MFU.
-    peak = max(before, matmul_peak()["bf16"])
+    # the peaks beside each run, the higher of before and after, so a slow spell cannot inflate MFU.
+    after = matmul_peak()
+    beside = {k: max(v, after[k]) for k, v in before.items() if k != "device"}
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not line:
         return {"case": case, "runner": runner, "error": (proc.stderr or proc.stdout).strip().splitlines()[-3:]}
@@ -366,10 +380,8 @@ def run_one(case: str, runner: str, workdir: str, model_dir: str, args, peaks: d
     r["attention_length"] = round(avg_len, 1)
     sup_frac = (r["supervised_tokens"] or 0) / r["tokens"] if r["supervised_tokens"] else 0.15
     per_token = flops_per_token(model_dir, method, avg_len, sup_frac)
-    r["bf16_peak_gflops"] = round(peak, 1)
-    r["mfu_bf16"], r["steady_mfu_bf16"] = (x * per_token / (peak * 1e9) for x in
-                                           (r["tokens_per_s"], r["steady_tokens_per_s"]))  # fmt: skip
-    if peaks["device"] != "cpu":
+    r |= mfu(r, per_token, beside)
+    if peaks["device"] != "cpu" and r["precision"] != "fp32":  # 989 is the H100's bf16/fp16 figure
         r["steady_mfu_989"] = r["steady_tokens_per_s"] * per_token / (H100_BF16_TFLOPS * 1e12)
     return r
 
@@ -380,22 +392,22 @@ def row_text(r: dict) -> str:
     nominal = f", {100 * r['steady_mfu_989']:.1f}% of 989 TFLOP/s" if "steady_mfu_989" in r else ""
     return (f"{r['case']:11s} {r['runner']:17s} {r['tokens_per_s']:7.1f} tok/s  {r['step_s']:6.2f} s/step  "
             f"{r['tokens_per_step']:5.0f} tok/step  peak {r['peak_mb']:6.0f} MB  train loss {r['train_loss']:.4f}  "
-            f"eval loss {r['eval_loss']:.4f}  MFU {100 * r['mfu_bf16']:.1f}% (after step 1: "
-            f"{100 * r['steady_mfu_bf16']:.1f}%{nominal}; bf16 peak beside it {r['bf16_peak_gflops']:.0f} GFLOP/s)")  # fmt: skip
+            f"eval loss {r['eval_loss']:.4f}  MFU {100 * r['mfu']:.1f}% (after step 1: {100 * r['steady_mfu']:.1f}%"
+            f"{nominal}; {r['peak_precision']} peak beside it {r['peak_gflops']:.0f} GFLOP/s)")  # fmt: skip
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| case | runner | tokens/s | s/step | tokens/step | peak MB | train loss | eval loss | MFU | MFU after step 1 | sftlab ÷ this |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| case | runner | tokens/s | s/step | tokens/step | peak MB | train loss | eval loss | MFU | MFU after step 1 "
+             "| MFU against | sftlab ÷ this |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     ours = {r["case"]: r for r in results if r["runner"] == "sftlab" and "error" not in r}
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['runner']} | failed: {r['error']} | | | | | | | | |")
+            lines.append(f"| {r['case']} | {r['runner']} | failed: {r['error']} | | | | | | | | | |")
             continue
         ratio = ours[r["case"]]["tokens_per_s"] / r["tokens_per_s"] if r["case"] in ours else float("nan")
         lines.append(f"| {r['case']} | {r['runner']} | {r['tokens_per_s']:.1f} | {r['step_s']:.2f} | {r['tokens_per_step']:.0f} "
-                     f"| {r['peak_mb']:.0f} | {r['train_loss']:.4f} | {r['eval_loss']:.4f} | {100 * r['mfu_bf16']:.1f}% "
-                     f"| {100 * r['steady_mfu_bf16']:.1f}% | {ratio:.2f}x |")  # fmt: skip
+                     f"| {r['peak_mb']:.0f} | {r['train_loss']:.4f} | {r['eval_loss']:.4f} | {100 * r['mfu']:.1f}% "
+                     f"| {100 * r['steady_mfu']:.1f}% | {r['peak_precision']} {r['peak_gflops']:.0f} GFLOP/s | {ratio:.2f}x |")  # fmt: skip
     return "\n".join(lines)
 
 

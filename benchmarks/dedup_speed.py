@@ -11,8 +11,8 @@ import argparse
 import random
 import time
 
+from sftlab.curate.quality import CleanSettings, _jaccard, clean, dialogue_text, shingles
 from sftlab.data.formats import Conversation, Message
-from sftlab.data.quality import CleanSettings, _jaccard, clean, dialogue_text, shingles
 
 WORDS = ("alpha beta gamma delta river stone garden music cloud paper light happy fast slow north south east west "
          "red green blue small large quiet loud early late open closed warm cold").split()  # fmt: skip

@@ -20,9 +20,9 @@ import sys
 def worker(variant: str, length: int, batch: int, chunk_tokens: int) -> dict:
     import torch
 
-    import sftlab.loss as loss_mod
+    import sftlab.model.loss as loss_mod
     from sftlab.config import ModelConfig, load_config
-    from sftlab.models import load_model, prepare_for_training
+    from sftlab.model.load import load_model, prepare_for_training
 
     lm = prepare_for_training(load_model(ModelConfig()), load_config(None), "bf16", 1)
     torch.manual_seed(0)

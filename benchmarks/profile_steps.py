@@ -13,10 +13,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import compare_trl as ct
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
-
-import compare_trl as ct
 
 
 def main() -> None:
@@ -31,7 +30,7 @@ def main() -> None:
         workdir = Path(workdir)
         files = ct.build_data(workdir)
         if args.tokenizer is None:
-            from sftlab.models import resolve_model_dir
+            from sftlab.model.load import resolve_model_dir
 
             args.tokenizer = resolve_model_dir("smollm2-135m-instruct")
         model = ct.random_model(args.model_config, args.tokenizer, workdir / "model")

@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 def smol_tok():
     """The real SmolLM2-135M-Instruct tokenizer (ChatML template), from the embedded GGUF."""
     from sftlab.config import ModelConfig
-    from sftlab.models import load_tokenizer
+    from sftlab.model.load import load_tokenizer
 
     return load_tokenizer(ModelConfig(name="smollm2-135m-instruct"))
 

@@ -4,8 +4,8 @@ losses, interrupt a run."""
 from sftlab.data.formats import Conversation, Message
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.tokenize import IGNORE, Encoder
-from sftlab.models import end_of_turn_ids
-from sftlab.tracking import read_metrics
+from sftlab.loop.tracking import read_metrics
+from sftlab.model.load import end_of_turn_ids
 
 
 def conv(*pairs, system=None):
@@ -46,7 +46,7 @@ def interrupt_during_step(monkeypatch, step: int) -> None:
     import os
     import signal
 
-    import sftlab.train as train_mod
+    import sftlab.loop.train as train_mod
 
     real_step = train_mod.train_step
 

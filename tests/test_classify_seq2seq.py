@@ -11,7 +11,7 @@ import torch
 from sftlab.cli import main
 from sftlab.config import load_config
 from sftlab.errors import DataError
-from sftlab.train import train
+from sftlab.loop.train import train
 
 ROOT = Path(__file__).parents[1]
 
@@ -113,13 +113,13 @@ def test_integer_labels_stay_integers_and_lora_on_a_decoder_backbone_saves_its_h
 
 
 def test_class_weights_balance_an_imbalanced_set_and_change_the_loss(tmp_path, tiny_bert):
-    from sftlab.task.classification import ClassificationLoss, Classification, collate
+    from sftlab.task.classification import Classification, ClassificationLoss, collate
 
     rows = _sentiment(40, 3, labels=("pos", "pos", "pos", "neg"))  # 30 pos, 10 neg
     train_file = _write(tmp_path / "train.jsonl", rows)
     cfg = _cls_config(tiny_bert, tmp_path / "run", train_file, train_file, "classification.class_weights=balanced")
     task = Classification(cfg)
-    from sftlab.models import load_tokenizer
+    from sftlab.model.load import load_tokenizer
 
     tok = load_tokenizer(cfg.model)
     data, _, _ = task.load_data(tok, 0)

@@ -11,7 +11,7 @@ import yaml
 from conftest import FIXTURES, ROOT, tiny_config
 from helpers import losses as _losses
 
-from sftlab.train import train
+from sftlab.loop.train import train
 
 
 def _yaml(tiny_model_dir, out, tmp_path, **train_keys) -> Path:
@@ -74,7 +74,7 @@ def test_sharding_engines_refuse_what_they_cannot_checkpoint_and_deepspeed_learn
 
     from accelerate.utils import DistributedType
 
-    from sftlab.train import TrainError, _configure_engine
+    from sftlab.loop.train import TrainError, _configure_engine
 
     def fake(kind):
         plugin = SimpleNamespace(deepspeed_config={"train_micro_batch_size_per_gpu": "auto"})
@@ -98,7 +98,7 @@ def test_a_gathered_state_saves_tied_weights_once_as_the_live_model_does(tiny_mo
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    import sftlab.train as train_mod
+    import sftlab.loop.train as train_mod
 
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert lm.config.tie_word_embeddings

@@ -10,8 +10,8 @@ from sftlab.cli import main
 from sftlab.evaluate import tasks as T
 from sftlab.evaluate.runner import evaluate_model, prepare_inputs
 from sftlab.generate import Sampling, generate_answers, load_for_inference
-from sftlab.tracking import read_metrics
-from sftlab.train import train
+from sftlab.loop.tracking import read_metrics
+from sftlab.loop.train import train
 
 EVAL = FIXTURES / "train_small.jsonl"
 QUIET = dict(say=lambda *a, **k: None)

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_config
 
 from sftlab.cli import main
-from sftlab.train import train
+from sftlab.loop.train import train
 
 QUIET = {"say": lambda *a, **k: None}
 
@@ -42,7 +42,7 @@ def test_merge_exports_a_plain_model_with_the_adapters_logits(lora_run, tmp_path
 def test_merge_refuses_an_export_that_does_not_match(lora_run, tmp_path, monkeypatch):
     from peft.tuners.lora import LoraModel
 
-    from sftlab.export import ExportError, merge
+    from sftlab.export.merge import ExportError, merge
 
     real = LoraModel.merge_and_unload
 

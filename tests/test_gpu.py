@@ -7,10 +7,10 @@ import torch
 from conftest import tiny_config
 from helpers import interrupt_during_step, losses
 
-from sftlab import attention
 from sftlab.data.batching import collate, collate_packed
-from sftlab.loss import loss_sum
-from sftlab.train import _to, train
+from sftlab.loop.train import _to, train
+from sftlab.model.loss import loss_sum
+from sftlab.speed import attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -124,7 +124,7 @@ def test_qlora_trains_on_cuda(tiny_model_dir, tmp_path):
 def test_rmsnorm_on_cuda_uses_the_fused_kernel_and_matches_the_models_own():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from sftlab import rmsnorm
+    from sftlab.speed import rmsnorm
 
     torch.manual_seed(0)
     ours, theirs = LlamaRMSNorm(256).cuda().bfloat16(), LlamaRMSNorm(256).cuda().bfloat16()

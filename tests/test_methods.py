@@ -5,11 +5,11 @@ import torch
 from conftest import FIXTURES, tiny_config, write_jsonl
 from helpers import losses
 
-from sftlab.export import ExportError, merge
+from sftlab.export.merge import ExportError, merge
 from sftlab.generate import answer, load_for_inference
-from sftlab.methods import MERGEABLE
-from sftlab.tracking import read_metrics
-from sftlab.train import train
+from sftlab.loop.tracking import read_metrics
+from sftlab.loop.train import train
+from sftlab.model.methods import MERGEABLE
 
 METHODS = ["lora", "qlora", "adalora", "ia3", "prefix", "ptuning", "prompt", "adapter", "freeze", "full"]
 QUIET = dict(say=lambda *a, **k: None)
@@ -67,7 +67,7 @@ def test_method_trains_saves_reloads_and_merges_or_refuses(method, tiny_model_di
 
 def test_lora_variants_configure_peft(tiny_model_dir, tmp_path):
     from sftlab.config import load_config
-    from sftlab.methods import peft_config
+    from sftlab.model.methods import peft_config
 
     cfg = load_config(None, ["lora.use_dora=true", "lora.use_rslora=true", "lora.init=pissa"])
     pc = peft_config(cfg, 10)
@@ -81,7 +81,7 @@ def test_lora_variants_configure_peft(tiny_model_dir, tmp_path):
 def test_adalora_schedule_uses_the_real_step_count(tiny_model_dir):
     from sftlab.config import load_config
     from sftlab.errors import ModelError
-    from sftlab.methods import peft_config
+    from sftlab.model.methods import peft_config
 
     pc = peft_config(load_config(None, ["train.method=adalora"]), 200)
     assert (pc.total_step, pc.tinit, pc.tfinal) == (200, 20, 40)
@@ -116,7 +116,7 @@ def _lora_pair(tiny_model_dir, *overrides):
     from transformers import AutoModelForCausalLM
 
     from sftlab.config import load_config
-    from sftlab.models import prepare_for_training
+    from sftlab.model.load import prepare_for_training
 
     models = []
     for _ in range(2):

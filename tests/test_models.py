@@ -2,7 +2,7 @@ import pytest
 
 from sftlab.config import ModelConfig
 from sftlab.errors import ModelError
-from sftlab.models import end_of_turn_ids, load_tokenizer, resolve_model_dir
+from sftlab.model.load import end_of_turn_ids, load_tokenizer, resolve_model_dir
 
 
 def test_embedded_alias_is_converted_once_with_its_chat_template(smol_tok):
@@ -33,7 +33,7 @@ def test_missing_paths(tmp_path):
 
 
 def test_a_gguf_file_is_converted_into_a_cache_dir_named_by_its_content(tmp_path, monkeypatch):
-    import sftlab.models as models
+    import sftlab.model.load as models
 
     gguf = tmp_path / "My-Model.Q8_0.gguf"
     gguf.write_bytes(b"GGUF fake")
@@ -50,7 +50,7 @@ def test_a_gguf_file_is_converted_into_a_cache_dir_named_by_its_content(tmp_path
 def test_parameters_are_counted_at_their_real_size_when_zero3_partitions_them():
     import torch
 
-    from sftlab.models import count_parameters
+    from sftlab.model.load import count_parameters
 
     model = torch.nn.Linear(4, 3)
     assert count_parameters(model) == (15, 15)

@@ -5,8 +5,8 @@ import torch
 
 from sftlab.config import TrainConfig
 from sftlab.data.batching import collate
-from sftlab.loss import loss_sum
-from sftlab.optim import build_optimizer, build_scheduler, init_state
+from sftlab.loop.optim import build_optimizer, build_scheduler, init_state
+from sftlab.model.loss import loss_sum
 
 
 def test_no_weight_decay_on_biases_and_norms(tiny_model_dir):
@@ -54,7 +54,7 @@ def test_schedules_warm_up_then_follow_their_shape(name, last):
 
 
 def test_warmup_ratio(tiny_model_dir):
-    from sftlab.optim import warmup_steps
+    from sftlab.loop.optim import warmup_steps
 
     assert warmup_steps(TrainConfig(warmup_ratio=0.1), 95) == 10
     assert warmup_steps(TrainConfig(warmup_ratio=0.1, warmup_steps=3), 95) == 3
@@ -62,8 +62,9 @@ def test_warmup_ratio(tiny_model_dir):
 
 def test_supervised_only_head_equals_the_full_logits_loss(tiny_model_dir, monkeypatch):
     """The fast path (LM head only at supervised positions) gives the plain path's loss and grads."""
-    import sftlab.loss as loss_mod
     from transformers import AutoModelForCausalLM
+
+    import sftlab.model.loss as loss_mod
 
     rows = [{"input_ids": [1, 5, 9, 13, 2, 7], "labels": [-100, -100, 9, 13, 2, -100]},
             {"input_ids": [1, 4, 2], "labels": [-100, 4, 2]}]
@@ -88,6 +89,6 @@ def test_supervised_only_head_equals_the_full_logits_loss(tiny_model_dir, monkey
 def test_models_with_scaled_heads_take_the_full_path():
     from types import SimpleNamespace
 
-    from sftlab.loss import _plain_head
+    from sftlab.model.loss import _plain_head
 
     assert not _plain_head(SimpleNamespace(config=SimpleNamespace(final_logit_softcapping=30.0)))

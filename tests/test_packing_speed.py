@@ -6,10 +6,10 @@ from conftest import tiny_config
 from helpers import losses
 from safetensors.torch import load_file
 
-from sftlab import attention
 from sftlab.data.batching import collate, collate_packed
-from sftlab.loss import chunked_cross_entropy, loss_sum
-from sftlab.train import train
+from sftlab.loop.train import train
+from sftlab.model.loss import chunked_cross_entropy, loss_sum
+from sftlab.speed import attention
 
 ROWS = [{"input_ids": [1, 5, 9, 13, 2, 7, 8], "labels": [-100, -100, 9, 13, 2, -100, 8]},
         {"input_ids": [1, 4, 2], "labels": [-100, 4, 2]},
@@ -51,7 +51,7 @@ def test_padding_free_layout_is_one_row_of_the_real_tokens():
 
 def test_batch_layout_is_flat_by_default_only_where_the_varlen_kernel_runs(monkeypatch):
     from sftlab.config import load_config
-    from sftlab.train import batch_layout
+    from sftlab.loop.train import batch_layout
 
     default = load_config(None, [])
     assert batch_layout(default, True, "cpu", "bf16") == "padded"
@@ -129,9 +129,10 @@ def test_chunked_cross_entropy_equals_the_plain_one():
 
 
 def test_lora_in_bf16_keeps_frozen_weights_in_bf16_and_trainable_in_fp32(tiny_model_dir):
-    from sftlab.config import load_config
-    from sftlab.models import prepare_for_training
     from transformers import AutoModelForCausalLM
+
+    from sftlab.config import load_config
+    from sftlab.model.load import prepare_for_training
 
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     lm = prepare_for_training(lm, load_config(None, ["lora.modules_to_save=[lm_head]"]), "bf16", 10)
@@ -151,7 +152,7 @@ def test_gradient_checkpointing_keeps_fewer_activations(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     from sftlab.config import load_config
-    from sftlab.models import prepare_for_training
+    from sftlab.model.load import prepare_for_training
 
     rows = [{"input_ids": [1, 5, 9, 13, 2] * 100, "labels": [-100] * 499 + [2]}] * 8
     saved = {}
@@ -173,7 +174,7 @@ def test_gradient_checkpointing_keeps_fewer_activations(tiny_model_dir):
 
 def test_compiled_blocks_give_the_same_run(tiny_model_dir, tmp_path):
     from sftlab.errors import ModelError
-    from sftlab.models import compile_blocks
+    from sftlab.model.load import compile_blocks
 
     runs = []
     for name, extra in (("eager", []), ("compiled", ["train.compile=true"])):

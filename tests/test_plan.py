@@ -16,7 +16,7 @@ def test_parse_size():
 
 
 def test_counts_match_the_real_wrapped_model(tiny_model_dir, tmp_path):
-    from sftlab.models import count_parameters, load_base_for, prepare_for_training
+    from sftlab.model.load import count_parameters, load_base_for, prepare_for_training
 
     for method in ("lora", "full", "ia3", "adapter"):
         cfg = tiny_config(tiny_model_dir, tmp_path, f"train.method={method}")

@@ -7,13 +7,13 @@ from conftest import tiny_config
 from helpers import losses
 from safetensors.torch import load_file
 
-import sftlab.train as train_mod
-from sftlab import attention, cpu
-from sftlab import masters as masters_mod
+import sftlab.loop.train as train_mod
 from sftlab.config import TrainConfig
-from sftlab.masters import MasterWeights
-from sftlab.optim import build_optimizer
-from sftlab.train import train
+from sftlab.loop.optim import build_optimizer
+from sftlab.loop.train import train
+from sftlab.speed import attention, cpu
+from sftlab.speed import masters as masters_mod
+from sftlab.speed.masters import MasterWeights
 
 QUIET = {"say": lambda *a, **k: None}
 
@@ -147,7 +147,7 @@ def test_full_bf16_run_computes_in_bf16_and_saves_fp32_masters(tiny_model_dir, t
 
 
 def test_masters_are_not_used_where_they_do_not_apply(tiny_model_dir):
-    from sftlab.masters import applies
+    from sftlab.speed.masters import applies
 
     cfg = tiny_config(tiny_model_dir, "/tmp/unused", "train.method=full")
     assert applies(cfg, "bf16", True)
@@ -181,7 +181,7 @@ def test_lean_rmsnorm_matches_the_models_own_and_keeps_less(tiny_model_dir):
     from transformers import AutoModelForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from sftlab import rmsnorm
+    from sftlab.speed import rmsnorm
 
     norm = LlamaRMSNorm(16, eps=1e-5).double()
     with torch.no_grad():

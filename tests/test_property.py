@@ -2,9 +2,9 @@
 assistant contents, each followed by its end-of-turn token, for every template."""
 
 import pytest
+from helpers import decode, encoder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from helpers import decode, encoder
 
 from sftlab.data.formats import Conversation, Message
 from sftlab.data.tokenize import IGNORE

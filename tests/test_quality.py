@@ -7,8 +7,8 @@ import pytest
 from conftest import write_jsonl
 
 from sftlab.cli import main
+from sftlab.curate.quality import CleanSettings, clean, scrub
 from sftlab.data.formats import Conversation, Message
-from sftlab.data.quality import CleanSettings, clean, scrub
 
 SYSTEM = "You are a careful assistant. Answer briefly, cite nothing, and be polite to the user at all times."
 
@@ -163,7 +163,7 @@ def test_split_errors(tmp_path, capsys):
 
 
 def test_stats(tmp_path, smol_tok):
-    from sftlab.data.split import run_stats
+    from sftlab.curate.split import run_stats
 
     stats = run_stats([str(_split_data(tmp_path))], smol_tok, str(tmp_path / "s"), say=lambda *a: None)
     assert stats["records"] == 66 and stats["duplicate_rate"] == pytest.approx(6 / 66, abs=1e-3)
@@ -175,7 +175,7 @@ def test_a_run_records_the_manifest_of_its_cleaned_data(tmp_path, tiny_model_dir
     from conftest import tiny_config
 
     from sftlab.files import file_digest
-    from sftlab.train import train
+    from sftlab.loop.train import train
 
     assert main(["data", "clean", str(_split_data(tmp_path)), "--output", str(tmp_path / "clean")]) == 0
     cfg = tiny_config(tiny_model_dir, tmp_path / "run", "train.max_steps=1", data=tmp_path / "clean" / "kept.jsonl")

@@ -5,7 +5,7 @@ from conftest import ROOT
 
 from sftlab.config import load_config
 from sftlab.generate import answer, load_for_inference
-from sftlab.train import train
+from sftlab.loop.train import train
 
 
 @pytest.mark.slow

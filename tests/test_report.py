@@ -10,7 +10,7 @@ from conftest import tiny_config, write_jsonl
 
 from sftlab.cli import main
 from sftlab.evaluate.runner import write_results
-from sftlab.train import train
+from sftlab.loop.train import train
 
 EVIL = "<script>alert('x')</script><b>bold</b> & 你好"
 

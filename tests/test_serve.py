@@ -39,9 +39,9 @@ def _adapter(base_dir, out, seed):
 def live(tmp_path_factory, lively_model_dir):
     import uvicorn
 
+    from sftlab.serve.adapters import load_served
     from sftlab.serve.api import Limits, create_app
     from sftlab.serve.engine import Engine
-    from sftlab.serve.models import load_served
 
     tmp = tmp_path_factory.mktemp("serve")
     alpha = _adapter(lively_model_dir, tmp / "alpha", 1)
@@ -179,8 +179,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(live):
 
 
 def test_shutdown_finishes_in_flight_requests_and_refuses_new_ones(lively_model_dir):
+    from sftlab.serve.adapters import load_served
     from sftlab.serve.engine import Closing, Engine, Request
-    from sftlab.serve.models import load_served
 
     engine = Engine(load_served(str(lively_model_dir)))
 
@@ -264,8 +264,8 @@ def test_continuous_batching_gives_each_request_its_solo_answer(lively_model_dir
     """Requests joining a running batch (caches left-padded and joined) decode exactly as they do alone,
     and as transformers' generate() does."""
     from sftlab.generate import Sampling, generate_answers, load_for_inference
+    from sftlab.serve.adapters import load_served
     from sftlab.serve.engine import Engine
-    from sftlab.serve.models import load_served
 
     loaded = load_for_inference(str(lively_model_dir))
     convs = [[{"role": "user", "content": c}] for c in ("a long first question about rivers", "hi", "stone garden?")]
@@ -285,8 +285,8 @@ def test_continuous_batching_gives_each_request_its_solo_answer(lively_model_dir
 
 
 def test_a_failing_prefill_answers_with_an_error_and_the_engine_goes_on(lively_model_dir, monkeypatch):
+    from sftlab.serve.adapters import load_served
     from sftlab.serve.engine import Engine
-    from sftlab.serve.models import load_served
 
     engine = Engine(load_served(str(lively_model_dir)), max_batch=4)
     real = engine._admit
@@ -318,8 +318,8 @@ def test_a_failing_prefill_answers_with_an_error_and_the_engine_goes_on(lively_m
 
 
 def test_data_synth_endpoint_generator_talks_to_sftlab_serve(live):
-    from sftlab.data.generators import EndpointGenerator
-    from sftlab.data.synth import SynthSettings
+    from sftlab.curate.generators import EndpointGenerator
+    from sftlab.curate.synth import SynthSettings
 
     gen = EndpointGenerator(live["url"], api_key=KEY)  # no --endpoint-model: the server's first model
     outs = gen.complete(["Task 1\nInstruction:", "Task 2\nInstruction:"], seed=7, s=SynthSettings(num=1, max_new_tokens=8))

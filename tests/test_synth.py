@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sftlab.cli import main
-from sftlab.data.synth import (
+from sftlab.curate.synth import (
     Completion,
     SimilarityIndex,
     SynthSettings,
@@ -79,7 +79,7 @@ def test_parse_reads_numbered_and_bold_tasks_and_reports_the_rest():
 def test_every_filter_has_its_reason():
     s, index = _settings(), SimilarityIndex()
     index.add("Name the capital city of the given country.")
-    from sftlab.data.synth import _banned_pattern
+    from sftlab.curate.synth import _banned_pattern
 
     banned = _banned_pattern(s.banned)
 
@@ -98,7 +98,7 @@ def test_every_filter_has_its_reason():
 def test_similarity_equals_rouge_score_rougeL():
     from rouge_score import rouge_scorer
 
-    from sftlab.evaluate.metrics import MixedTokenizer
+    from sftlab.metrics.text import MixedTokenizer
 
     pool = [json.loads(line)["instruction"] for line in _lines(SEEDS)]
     index = SimilarityIndex()

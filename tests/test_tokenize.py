@@ -66,7 +66,7 @@ def test_pad_is_never_eos(smol_tok):
 def test_missing_end_of_turn_is_reported(smol_tok):
     from sftlab.data.templates import ChatTemplate
     from sftlab.data.tokenize import Encoder
-    from sftlab.models import end_of_turn_ids
+    from sftlab.model.load import end_of_turn_ids
 
     plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}" \
             "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"

@@ -8,10 +8,10 @@ from conftest import FIXTURES, tiny_config
 from helpers import interrupt_during_step, losses
 from safetensors.torch import load_file
 
-import sftlab.train as train_mod
+import sftlab.loop.train as train_mod
 from sftlab.errors import SftlabError
-from sftlab.tracking import read_metrics
-from sftlab.train import train
+from sftlab.loop.tracking import read_metrics
+from sftlab.loop.train import train
 
 QUIET = {"say": lambda *a, **k: None}
 
@@ -48,7 +48,7 @@ def test_batch8_accum1_equals_batch1_accum8(tiny_model_dir, tmp_path, method):
 def test_invariance_is_exact_up_to_rounding(tiny_model_dir, tmp_path, method, monkeypatch):
     """In float64 every tensor's update agrees to 1e-9: the fp32 gap above is summation order that
     Adam's per-element normalization carries forward, not a normalization error."""
-    import sftlab.models as models
+    import sftlab.model.load as models
 
     real = models.load_model
     monkeypatch.setattr(models, "load_model", lambda cfg, dtype=None: real(cfg).double())
@@ -64,8 +64,8 @@ def test_invariance_is_not_trivial(tiny_model_dir, tmp_path):
     """Control: a per-micro-batch mean (the common bug) would give a different loss for the same step."""
     from sftlab.data.batching import collate, plan_epoch, rows, supervised_count
     from sftlab.data.dataset import load_split
-    from sftlab.loss import loss_sum
-    from sftlab.models import load_model, load_tokenizer
+    from sftlab.model.load import load_model, load_tokenizer
+    from sftlab.model.loss import loss_sum
 
     cfg = tiny_config(tiny_model_dir, tmp_path / "x")
     tok = load_tokenizer(cfg.model)
@@ -139,7 +139,7 @@ def test_eval_loss_of_the_base_equals_an_independent_computation(tiny_model_dir,
     from transformers import AutoModelForCausalLM
 
     from sftlab.data.dataset import load_split
-    from sftlab.models import load_tokenizer
+    from sftlab.model.load import load_tokenizer
 
     data = FIXTURES / "train_small.jsonl"
     cfg = tiny_config(tiny_model_dir, tmp_path / "e", f"data.eval=[{data}]", "train.max_steps=1")
@@ -204,7 +204,7 @@ def test_run_directory_contents(tiny_model_dir, tmp_path):
 
 
 def test_nonfinite_loss_stops_with_the_step_or_skips(tiny_model_dir, tmp_path, monkeypatch):
-    import sftlab.loss as loss_mod
+    import sftlab.model.loss as loss_mod
 
     real = loss_mod.loss_sum
     calls = {"n": 0}

@@ -17,7 +17,7 @@ import pytest
 from conftest import FIXTURES, tiny_config, write_jsonl
 
 from sftlab.evaluate.runner import write_results
-from sftlab.train import train
+from sftlab.loop.train import train
 from sftlab.ui import stats
 from sftlab.ui.runs import overview
 from sftlab.ui.store import DIMENSIONS

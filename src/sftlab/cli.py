@@ -228,7 +228,7 @@ def _load(args):
     from sftlab.config import DatasetSpec, load_config
     from sftlab.data.dataset import load_split
     from sftlab.data.formats import SUFFIXES
-    from sftlab.models import load_tokenizer
+    from sftlab.model.load import load_tokenizer
 
     source = Path(args.config)
     if source.is_dir() or source.suffix in SUFFIXES or any(c in args.config for c in "*?["):
@@ -272,7 +272,7 @@ def cmd_data_tokenize(args) -> int:
 
 
 def cmd_data_clean(args) -> int:
-    from sftlab.data.quality import CleanSettings, run_clean
+    from sftlab.curate.quality import CleanSettings, run_clean
     from sftlab.errors import ConfigError
 
     settings = CleanSettings(near_threshold=args.near_threshold, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
@@ -281,7 +281,7 @@ def cmd_data_clean(args) -> int:
                              drop_languages=tuple(x for x in args.drop_lang.split(",") if x))  # fmt: skip
     if args.model:
         from sftlab.config import ModelConfig
-        from sftlab.models import load_tokenizer
+        from sftlab.model.load import load_tokenizer
 
         settings.tokenizer = load_tokenizer(ModelConfig(name=args.model))
     if not 0 < settings.near_threshold <= 1:
@@ -293,8 +293,8 @@ def cmd_data_clean(args) -> int:
 
 
 def cmd_data_synth(args) -> int:
-    from sftlab.data.generators import EndpointGenerator, LocalGenerator
-    from sftlab.data.synth import SynthSettings, load_seed_tasks, run_synth
+    from sftlab.curate.generators import EndpointGenerator, LocalGenerator
+    from sftlab.curate.synth import SynthSettings, load_seed_tasks, run_synth
     from sftlab.errors import ConfigError
 
     settings = SynthSettings(num=args.num, seed=args.seed, batch=args.batch, prompt_tasks=args.prompt_tasks,
@@ -380,7 +380,7 @@ def _input_records(path: str, field: str, optional: tuple[str, ...] = ()) -> lis
 
 
 def cmd_data_split(args) -> int:
-    from sftlab.data.split import run_split
+    from sftlab.curate.split import run_split
     from sftlab.errors import ConfigError
 
     try:
@@ -393,8 +393,8 @@ def cmd_data_split(args) -> int:
 
 def cmd_data_stats(args) -> int:
     from sftlab.config import ModelConfig
-    from sftlab.data.split import run_stats
-    from sftlab.models import load_tokenizer
+    from sftlab.curate.split import run_stats
+    from sftlab.model.load import load_tokenizer
 
     run_stats(args.inputs, load_tokenizer(ModelConfig(name=args.model)), args.output)
     return 0
@@ -402,7 +402,7 @@ def cmd_data_stats(args) -> int:
 
 def cmd_train(args) -> int:
     from sftlab.config import load_config
-    from sftlab.train import train
+    from sftlab.loop.train import train
 
     summary = train(load_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite)
     return 130 if summary.get("outcome") == "interrupted" else 0
@@ -489,9 +489,9 @@ def cmd_serve(args) -> int:
                           "(or SFTLAB_API_KEY), or bind 127.0.0.1")  # fmt: skip
     import uvicorn
 
+    from sftlab.serve.adapters import load_served
     from sftlab.serve.api import Limits, create_app
     from sftlab.serve.engine import Engine
-    from sftlab.serve.models import load_served
 
     served = load_served(args.source, args.adapter, args.precision)
     engine = Engine(served, max_batch=args.max_batch, max_queue=args.max_queue)
@@ -521,9 +521,9 @@ def cmd_ui(args) -> int:
     gold = [pair for f in args.gold for pair in load_gold(Path(f))]
     db = Path(args.db) if args.db else runs_dir / "ratings.sqlite"
     app = create_app(Settings(runs_dir, db, compare, gold, token))
-    import uvicorn
-
     import socket
+
+    import uvicorn
 
     shown = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
     print(f"sftlab ui on http://{shown}:{args.port}/{'?token=' + token if token else ''}  (ratings in {db})", flush=True)
@@ -563,7 +563,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from sftlab.export import merge
+    from sftlab.export.merge import merge
 
     diff = merge(args.run_dir, args.output)
     print(f"merged {args.run_dir} into {args.output}; reloaded export matches the adapter (max logit diff {diff:.2e})")

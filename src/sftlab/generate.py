@@ -25,8 +25,8 @@ def load_for_inference(source: str) -> Loaded:
     """A run directory (LoRA or full), an exported model directory, or anything model.name accepts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftlab.methods import ADAPTER_CONFIG, load_bottleneck
-    from sftlab.models import load_model, load_tokenizer
+    from sftlab.model.load import load_model, load_tokenizer
+    from sftlab.model.methods import ADAPTER_CONFIG, load_bottleneck
 
     path = Path(source)
     if (path / ADAPTER_CONFIG).is_file():  # bottleneck adapters (train.method=adapter)
@@ -52,7 +52,7 @@ def load_for_inference(source: str) -> Loaded:
 def _base_of(run_dir: Path) -> str:
     if (run_dir / "config.yaml").is_file():  # a run of ours: its config names the base as the user did
         return load_config(run_dir / "config.yaml").model.name
-    from sftlab.methods import ADAPTER_CONFIG
+    from sftlab.model.methods import ADAPTER_CONFIG
 
     if (run_dir / ADAPTER_CONFIG).is_file():
         return json.loads((run_dir / ADAPTER_CONFIG).read_text())["base"]
@@ -97,7 +97,7 @@ def complete_ids(model, tokenizer, prompts: list[list[int]], sampling: Sampling,
     stopped is False where the text ran into max_new_tokens instead of an end-of-turn token."""
     from tqdm.auto import tqdm
 
-    from sftlab.models import end_of_turn_ids
+    from sftlab.model.load import end_of_turn_ids
 
     stop = sorted(end_of_turn_ids(tokenizer))
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -132,13 +132,13 @@ def prompt_ids(tokenizer, messages: list[dict], chat_template: str | None = None
 def inference_mode(model):
     """Eval mode, KV cache on and the model's own (mask-aware) attention while generating; restored after.
 
-    Training may run a causal kernel that assumes right padding and whole sequences (sftlab.attention);
+    Training may run a causal kernel that assumes right padding and whole sequences (sftlab.speed.attention);
     generation has left padding and one query token against a cache, which needs the masked path.
     """
     config = model.config
     was_training, use_cache, impl = model.training, config.use_cache, config._attn_implementation
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    from sftlab import attention
+    from sftlab.speed import attention
 
     try:
         model.eval()

@@ -64,8 +64,8 @@ def shapes(cfg):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sftlab.methods import wrap
-    from sftlab.models import resolve_model_dir
+    from sftlab.model.load import resolve_model_dir
+    from sftlab.model.methods import wrap
 
     config = AutoConfig.from_pretrained(resolve_model_dir(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code)
     with torch.device("meta"):
@@ -78,9 +78,9 @@ def estimate(cfg, batch_size: int | None = None, checkpointing: bool | None = No
              model_and_config=None) -> Estimate:  # fmt: skip
     import torch
 
-    from sftlab.masters import applies, step_elements
-    from sftlab.methods import FROZEN_BASE
-    from sftlab.models import count_parameters, resolve_precision
+    from sftlab.model.load import count_parameters, resolve_precision
+    from sftlab.model.methods import FROZEN_BASE
+    from sftlab.speed.masters import applies, step_elements
 
     model, config = model_and_config or shapes(cfg)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -123,7 +123,7 @@ def estimate(cfg, batch_size: int | None = None, checkpointing: bool | None = No
 def _file_bytes(cfg) -> int:
     from pathlib import Path
 
-    from sftlab.models import resolve_model_dir
+    from sftlab.model.load import resolve_model_dir
 
     path = Path(resolve_model_dir(cfg.model.name))
     return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else 0
@@ -134,7 +134,7 @@ def longest_example(cfg) -> int:
     if not cfg.data.train:
         return cfg.data.max_length
     from sftlab.data.dataset import load_split
-    from sftlab.models import load_tokenizer
+    from sftlab.model.load import load_tokenizer
 
     split = load_split(cfg.data, load_tokenizer(cfg.model), "train")  # cached after the first time
     return max(len(x) for x in split.dataset["input_ids"])

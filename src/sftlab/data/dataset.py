@@ -18,7 +18,7 @@ from sftlab.data.templates import ChatTemplate
 from sftlab.data.tokenize import DatasetReport, Encoder, encode_dataset
 from sftlab.errors import DataError
 from sftlab.files import atomic_dir, file_digest
-from sftlab.models import cache_root, end_of_turn_ids
+from sftlab.model.load import cache_root, end_of_turn_ids
 
 CACHE_VERSION = 1  # bump when tokenization logic changes so old caches are not reused
 

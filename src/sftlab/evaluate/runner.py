@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sftlab.config import Config, TaskSpec, load_config
 from sftlab.errors import ConfigError, ModelError
-from sftlab.evaluate.tasks import Item
+from sftlab.evaluate.benchmarks import Item
 
 LOWER_IS_BETTER = ("/loss", "/ppl")
 
@@ -46,11 +46,11 @@ def resolve_target(target: str, overrides: list[str]) -> tuple[Config, str, Path
 
 
 def prepare_inputs(cfg: Config, tokenizer) -> EvalInputs:
-    from sftlab.evaluate.tasks import load_task
+    from sftlab.evaluate.benchmarks import load_task
 
     eval_data = None
     if cfg.data.eval or (cfg.data.train and cfg.data.eval_split > 0):
-        from sftlab.data.dataset import load_train_eval, load_split
+        from sftlab.data.dataset import load_split, load_train_eval
 
         if cfg.data.eval:
             eval_data = load_split(cfg.data, tokenizer, "eval").dataset
@@ -80,8 +80,8 @@ def reference_items(cfg: Config, limit: int = 0) -> list[Item]:
 def evaluate_model(model, inputs: EvalInputs, label: str, embedder=None) -> tuple[dict, dict]:
     """Flat metrics {"eval/loss": ..., "<task>/accuracy": ...} and answers {(source, index): text}."""
     from sftlab.evaluate import tasks as T
-    from sftlab.evaluate.metrics import numeric_match, text_metrics
     from sftlab.generate import Sampling, generate_answers
+    from sftlab.metrics.text import numeric_match, text_metrics
 
     cfg, tok = inputs.cfg.eval, inputs.tokenizer
     sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
@@ -93,8 +93,8 @@ def evaluate_model(model, inputs: EvalInputs, label: str, embedder=None) -> tupl
         return [out[i * n : (i + 1) * n] for i in range(len(items))]
 
     if inputs.eval_data is not None:
-        from sftlab.evaluate.loss import eval_loss
-        from sftlab.loss import SupervisedLoss
+        from sftlab.metrics.perplexity import eval_loss
+        from sftlab.model.loss import SupervisedLoss
 
         result = eval_loss(SupervisedLoss(model, inputs.cfg.train.loss_chunk_tokens), inputs.eval_data,
                            cfg.batch_size, tok.pad_token_id)  # fmt: skip

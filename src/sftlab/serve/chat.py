@@ -15,7 +15,7 @@ def chat_loop(loaded, system: str | None, max_new_tokens: int, temperature: floa
     from transformers import TextStreamer
 
     from sftlab.generate import Sampling, inference_mode
-    from sftlab.models import end_of_turn_ids
+    from sftlab.model.load import end_of_turn_ids
 
     tok, model = loaded.tokenizer, loaded.model
     sampling = Sampling(max_new_tokens, temperature, top_p)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import deque
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -138,7 +138,7 @@ def _left_pad(x: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
 class Engine:
     def __init__(self, served, max_batch: int = 16, max_queue: int = 128, batch_wait_s: float = 0.01,
                  switch_after_s: float = 0.5):  # fmt: skip
-        self.served = served  # sftlab.serve.models.Served
+        self.served = served  # sftlab.serve.adapters.Served
         self.max_batch, self.max_queue = max_batch, max_queue
         self.batch_wait_s = batch_wait_s  # a moment for concurrent requests to arrive before a new batch starts
         self.switch_after_s = switch_after_s  # a request for another model waits at most about this long

@@ -28,12 +28,12 @@ class CausalLM:
         return load_train_eval(self.cfg.data, tokenizer, seed)
 
     def load_model(self, precision: str, tokenizer):
-        from sftlab.models import load_base_for
+        from sftlab.model.load import load_base_for
 
         return load_base_for(self.cfg, precision)
 
     def loss_module(self, lm) -> torch.nn.Module:
-        from sftlab.loss import SupervisedLoss
+        from sftlab.model.loss import SupervisedLoss
 
         return SupervisedLoss(lm, self.cfg.train.loss_chunk_tokens)
 
@@ -139,7 +139,7 @@ def load_trained(run_dir: str, task: str):
 
     from sftlab.config import load_config
     from sftlab.errors import ModelError
-    from sftlab.models import load_model
+    from sftlab.model.load import load_model
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
@@ -190,7 +190,7 @@ def evaluate_run(run_dir: str, overrides: list[str] = (), output: str | None = N
 def evaluate(task, loss_module, lm, tokenizer, data, batch_size: int, out, accelerator=None) -> dict:
     """Eval loss (token- or example-weighted, every rank's share) and the task's metrics on rank 0,
     its files (confusion matrix, translations) under `out`."""
-    from sftlab.evaluate.loss import eval_loss
+    from sftlab.metrics.perplexity import eval_loss
 
     pad = tokenizer.pad_token_id
     record = eval_loss(loss_module, data, batch_size, pad, accelerator,

@@ -91,7 +91,7 @@ class Classification:
     def load_model(self, precision: str, tokenizer):
         from transformers import AutoModelForSequenceClassification
 
-        from sftlab.models import frozen_dtype, load_model
+        from sftlab.model.load import frozen_dtype, load_model
 
         lm = load_model(self.cfg.model, frozen_dtype(self.cfg.train.method, precision), AutoModelForSequenceClassification,
                         **label_kwargs(self.labels))  # fmt: skip

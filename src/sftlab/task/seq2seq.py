@@ -64,7 +64,7 @@ class Seq2Seq:
     def load_model(self, precision: str, tokenizer):
         from transformers import AutoModelForSeq2SeqLM
 
-        from sftlab.models import frozen_dtype, load_model
+        from sftlab.model.load import frozen_dtype, load_model
 
         lm = load_model(self.cfg.model, frozen_dtype(self.cfg.train.method, precision), AutoModelForSeq2SeqLM)
         if lm.config.decoder_start_token_id is None:
@@ -85,7 +85,7 @@ class Seq2Seq:
         return len(row["input_ids"]) + len(row["labels"])
 
     def metrics(self, model, tokenizer, eval_data, out: Path | None = None) -> dict:
-        from sftlab.evaluate.metrics import bleu, chrf
+        from sftlab.metrics.text import bleu, chrf
 
         limit = self.cfg.eval.max_examples or len(eval_data)
         sources, refs = eval_data["source"][:limit], eval_data["target"][:limit]

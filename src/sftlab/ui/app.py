@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from sftlab.auth import bearer, same_secret
 from sftlab.ui import runs as run_info
 from sftlab.ui import stats
-from sftlab.ui.store import SCORE_COLUMNS, Pair, UiError, Store
+from sftlab.ui.store import SCORE_COLUMNS, Pair, Store, UiError
 from sftlab.ui.studies import sync_studies
 
 STATIC = Path(__file__).parent / "static"

@@ -25,8 +25,7 @@ def merge(run_dir: str, output: str, atol: float = 1e-4) -> float:
     from transformers import AutoModelForCausalLM
 
     from sftlab.generate import load_for_inference
-
-    from sftlab.methods import is_prompt_learning
+    from sftlab.model.methods import is_prompt_learning
 
     loaded = load_for_inference(run_dir)
     if not loaded.is_adapter:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from sftlab.data.synth import Completion, SynthSettings
+from sftlab.curate.synth import Completion, SynthSettings
 from sftlab.errors import SftlabError
 
 

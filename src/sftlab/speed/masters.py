@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from sftlab.optim import adamw_state
+from sftlab.loop.optim import adamw_state
 
 PIECE_ELEMENTS = 1 << 19  # on CPU: one 2 MB fp32 gradient buffer, reused from the heap while in cache
 CHUNK_ELEMENTS = 32 << 20  # on GPU, where allocation is cached and launches cost: 128 MB of fp32 gradients
@@ -86,7 +86,7 @@ class MasterWeights:
         piece = step_elements(self.params[0].device.type)
         for group in optimizer.param_groups:
             if not group.get("fused") or group.get("amsgrad") or group.get("maximize"):
-                raise ValueError("MasterWeights steps a fused AdamW without amsgrad or maximize (sftlab.optim)")
+                raise ValueError("MasterWeights steps a fused AdamW without amsgrad or maximize (sftlab.loop.optim)")
             live = [(self._param[id(m)], m) for m in group["params"] if self._grad(m) is not None]
             steps = [adamw_state(optimizer, m)["step"] for _, m in live]
             if steps:

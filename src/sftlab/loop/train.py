@@ -21,14 +21,15 @@ from pathlib import Path
 
 import torch
 
-from sftlab import attention, checkpoint, cpu, masters, rmsnorm
 from sftlab.config import Config
 from sftlab.data.batching import plan_epoch, rows
 from sftlab.errors import SftlabError
 from sftlab.files import atomic_dir
-from sftlab.methods import adalora_regularizer, load_method_state, method_state
-from sftlab.optim import init_state
-from sftlab.tracking import MetricsLog, RunStatus, plot_curves, read_metrics
+from sftlab.loop import checkpoint
+from sftlab.loop.optim import init_state
+from sftlab.loop.tracking import MetricsLog, RunStatus, plot_curves, read_metrics
+from sftlab.model.methods import adalora_regularizer, load_method_state, method_state
+from sftlab.speed import attention, cpu, masters, rmsnorm
 
 # Keys that may change between a run and its resume without changing what was computed so far.
 RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.output_dir", "train.save_steps", "train.save_total_limit",
@@ -75,7 +76,7 @@ class Run:
     lm: torch.nn.Module  # the bare (PEFT) model, for saving
     optimizer: torch.optim.Optimizer
     scheduler: object
-    masters: object  # sftlab.masters.MasterWeights when the model computes in bf16 over fp32 masters, else None
+    masters: object  # sftlab.speed.masters.MasterWeights when the model computes in bf16 over fp32 masters, else None
     total_steps: int
     precision: str
     params: tuple[int, int]
@@ -130,9 +131,9 @@ def setup(cfg: Config, out: Path, say) -> Run:
     from accelerate.utils import set_seed
 
     from sftlab.data.templates import ChatTemplate
-    from sftlab.methods import PROMPT_LEARNING, neftune_hook
-    from sftlab.models import count_parameters, load_tokenizer, prepare_for_training, resolve_precision
-    from sftlab.optim import build_optimizer, build_scheduler
+    from sftlab.loop.optim import build_optimizer, build_scheduler
+    from sftlab.model.load import count_parameters, load_tokenizer, prepare_for_training, resolve_precision
+    from sftlab.model.methods import PROMPT_LEARNING, neftune_hook
     from sftlab.task import get_task
 
     cpu.use_cores()
@@ -380,8 +381,8 @@ def evaluate(run: Run) -> dict:
 def sample_answers(run: Run, step: int) -> dict:
     """Greedy answers to a few eval prompts, scored against their references and kept in generations.jsonl,
     so format drift and overfitting show up beside the eval loss."""
-    from sftlab.evaluate.metrics import text_metrics
     from sftlab.generate import Sampling, generate_answers
+    from sftlab.metrics.text import text_metrics
 
     rng = torch.get_rng_state()  # greedy decoding draws nothing; keep the run bit-exact regardless
     with run.accelerator.autocast():
@@ -476,7 +477,7 @@ def save_model(run: Run, whole: dict | None = None) -> None:
     """The final model (a PEFT adapter, bottleneck adapters or a full model), the tokenizer and the
     training template. `whole`: the gathered state dict when an engine shards the model."""
     if run.cfg.train.method == "adapter":
-        from sftlab.methods import save_bottleneck
+        from sftlab.model.methods import save_bottleneck
 
         save_bottleneck(run.lm, run.out)
     else:

@@ -208,7 +208,7 @@ def frozen_dtype(method: str, precision: str):
     """The dtype to load the base in: a frozen base can live in the compute dtype from the start."""
     import torch
 
-    from sftlab.methods import FROZEN_BASE
+    from sftlab.model.methods import FROZEN_BASE
 
     if method in FROZEN_BASE:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
@@ -221,7 +221,7 @@ def load_base_for(cfg, precision: str):
     from transformers import AutoModelForCausalLM
 
     if cfg.train.method == "qlora":
-        from sftlab.methods import quantization_config
+        from sftlab.model.methods import quantization_config
 
         return from_pretrained(AutoModelForCausalLM, cfg.model, dtype=torch.bfloat16,
                                quantization_config=quantization_config())  # fmt: skip
@@ -233,7 +233,7 @@ def prepare_for_training(lm, cfg, precision: str, total_steps: int):
     every op, half the memory); whatever trains keeps fp32 master weights."""
     import torch
 
-    from sftlab.methods import FROZEN_BASE, wrap
+    from sftlab.model.methods import FROZEN_BASE, wrap
 
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if cfg.train.method in FROZEN_BASE and cfg.train.method != "qlora" and half is not None:
@@ -245,7 +245,7 @@ def prepare_for_training(lm, cfg, precision: str, total_steps: int):
     if cfg.train.method in FROZEN_BASE and half is not None:
         _keep_adapter_inputs_in_compute_dtype(lm)
     if cfg.train.method in FROZEN_BASE:
-        from sftlab import lora_fused
+        from sftlab.speed import lora_fused
 
         lora_fused.use_for_training(lm)
     if cfg.train.gradient_checkpointing:

@@ -146,7 +146,7 @@ class SimilarityIndex:
     An upper bound from shared token counts skips most pairs before the quadratic LCS."""
 
     def __init__(self):
-        from sftlab.evaluate.metrics import MixedTokenizer
+        from sftlab.metrics.text import MixedTokenizer
 
         self._tokenize = MixedTokenizer().tokenize
         self._pool: list[tuple[list[str], Counter]] = []
@@ -170,7 +170,7 @@ class SimilarityIndex:
 
 
 def reject_reason(task: Task, s: SynthSettings, index: SimilarityIndex, banned_re: re.Pattern | None) -> str | None:
-    from sftlab.data.quality import tokens
+    from sftlab.curate.quality import tokens
 
     words = len(tokens(task.instruction))
     if words < s.min_words:

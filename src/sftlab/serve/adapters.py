@@ -44,9 +44,8 @@ def load_served(source: str, adapters: list[str] = (), precision: str = "fp32") 
     from transformers import AutoTokenizer
 
     from sftlab.generate import load_for_inference
-    from sftlab.models import end_of_turn_ids
-
-    from sftlab.methods import is_prompt_learning
+    from sftlab.model.load import end_of_turn_ids
+    from sftlab.model.methods import is_prompt_learning
 
     loaded = load_for_inference(source)
     model, tok = loaded.model, loaded.tokenizer
@@ -80,7 +79,7 @@ def load_served(source: str, adapters: list[str] = (), precision: str = "fp32") 
         templates[name] = AutoTokenizer.from_pretrained(path).chat_template
     import torch
 
-    from sftlab.models import resolve_precision
+    from sftlab.model.load import resolve_precision
 
     if precision == "auto" and not torch.cuda.is_available():
         precision = "fp32"

@@ -8,8 +8,8 @@ import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from sftlab.curate.quality import DuplicateIndex, dialogue_text, write_manifest
 from sftlab.data.formats import Conversation, expand_paths, load_conversations
-from sftlab.data.quality import DuplicateIndex, dialogue_text, write_manifest
 from sftlab.errors import ConfigError, DataError
 
 
@@ -95,7 +95,7 @@ def run_split(inputs: list[str], output: str, ratios: list[float], names: list[s
 def run_stats(inputs: list[str], tokenizer, output: str | None = None, say=print) -> dict:
     import langid
 
-    from sftlab.data.quality import tokens
+    from sftlab.curate.quality import tokens
 
     convs, _, _ = read_with_records(inputs)
     lengths = sorted(len(tokenizer(dialogue_text(c), add_special_tokens=False)["input_ids"]) for c in convs)

@@ -54,7 +54,7 @@ def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def _plain_head(model) -> bool:
-    from sftlab.methods import is_prompt_learning
+    from sftlab.model.methods import is_prompt_learning
 
     if is_prompt_learning(model):  # virtual tokens enter through peft's own forward
         return False

@@ -18,7 +18,7 @@ import torch
 from sftlab.config import TaskSpec
 from sftlab.data.formats import read_jsonl_objects
 from sftlab.errors import DataError
-from sftlab.evaluate.metrics import extract_number
+from sftlab.metrics.text import extract_number
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 CODE_INSTRUCTION = "Complete this Python function. Reply with the whole function in one ```python code block.\n\n"
