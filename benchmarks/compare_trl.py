@@ -132,9 +132,8 @@ def peak_memory_mb() -> float:
 
 def run_sftlab(model_dir, method, train_file, max_length, batch, steps, lr, out, opts) -> dict:
     from sftlab.config import load_config
-    from sftlab.generate import load_for_inference
-    from sftlab.loop.tracking import read_metrics
     from sftlab.loop.train import train
+    from sftlab.rundir import load_run, read_metrics
 
     cfg = load_config(None, [
         f"model.name={model_dir}", f"data.train=[{train_file}]", f"data.max_length={max_length}", "data.train_on=last", "data.cache=false",
@@ -147,7 +146,7 @@ def run_sftlab(model_dir, method, train_file, max_length, batch, steps, lr, out,
     return {
         "tokens": summary["tokens"], "supervised_tokens": summary["supervised_tokens"], "steps": summary["steps"],
         "train_time_s": sum(step_times), "train_loss": summary["final_train_loss"],
-        "model": _Lazy(lambda: load_for_inference(str(out)).model), "precision": summary["precision"],
+        "model": _Lazy(lambda: load_run(str(out)).model), "precision": summary["precision"],
         "step_times": step_times, "first_step_tokens": first_step_tokens,
     }  # fmt: skip
 

@@ -22,9 +22,9 @@ def worker(variant: str, length: int, batch: int, chunk_tokens: int) -> dict:
 
     import sftlab.model.loss as loss_mod
     from sftlab.config import ModelConfig, load_config
-    from sftlab.model.load import load_model, prepare_for_training
+    from sftlab.model.load import for_training, load_model
 
-    lm = prepare_for_training(load_model(ModelConfig()), load_config(None), "bf16", 1)
+    lm = for_training(load_model(ModelConfig()), load_config(None), "bf16", 1)
     torch.manual_seed(0)
     ids = torch.randint(100, 40000, (batch, length))
     batch_in = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}

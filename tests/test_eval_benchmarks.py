@@ -9,7 +9,7 @@ from conftest import ROOT, write_jsonl
 
 from sftlab.config import TaskSpec, load_config
 from sftlab.errors import ConfigError, DataError
-from sftlab.evaluate import tasks as T
+from sftlab.evaluate import benchmarks as B
 from sftlab.evaluate.sandbox import run_program
 
 TASKS = ROOT / "examples" / "tasks"
@@ -18,19 +18,19 @@ TASKS = ROOT / "examples" / "tasks"
 @pytest.mark.parametrize("n, c, k", [(3, 2, 1), (3, 2, 2), (5, 1, 2), (10, 3, 5), (4, 0, 1), (4, 4, 3)])
 def test_pass_at_k_is_the_unbiased_estimator(n, c, k):
     expected = 1 - math.comb(n - c, k) / math.comb(n, k)
-    assert T.pass_at_k(n, c, k) == pytest.approx(expected)
+    assert B.pass_at_k(n, c, k) == pytest.approx(expected)
 
 
 def test_bundled_task_files_load():
-    assert len(T.load_task(TaskSpec(str(TASKS / "mmlu_mini.jsonl"), "multiple_choice"))) == 20
-    gsm = T.load_task(TaskSpec(str(TASKS / "gsm_mini.jsonl"), "exact_match", limit=3))
+    assert len(B.load_benchmark(TaskSpec(str(TASKS / "mmlu_mini.jsonl"), "multiple_choice"))) == 20
+    gsm = B.load_benchmark(TaskSpec(str(TASKS / "gsm_mini.jsonl"), "exact_match", limit=3))
     assert len(gsm) == 3 and gsm[0].reference.endswith("#### 15")
-    code = T.load_task(TaskSpec(str(TASKS / "humaneval_mini.jsonl"), "code"))
+    code = B.load_benchmark(TaskSpec(str(TASKS / "humaneval_mini.jsonl"), "code"))
     assert code[0].code["entry_point"] == "add" and "```python" in code[0].messages[0]["content"]
 
 
 def _code_items():
-    return T.load_task(TaskSpec(str(TASKS / "humaneval_mini.jsonl"), "code"))[:3]
+    return B.load_benchmark(TaskSpec(str(TASKS / "humaneval_mini.jsonl"), "code"))[:3]
 
 
 def test_pass_at_k_on_known_correct_and_wrong_solutions():
@@ -42,7 +42,7 @@ def test_pass_at_k_on_known_correct_and_wrong_solutions():
         ["    return n % 2 == 1\n", "```python\ndef is_even(n):\n    return False\n```", "    return True\n"],  # 0 of 3
         [right_body[2]] * 3,  # 3 of 3
     ]
-    scores, statuses = T.code_scores(items, replies, [1, 2], timeout=10, memory_mb=512)
+    scores, statuses = B.code_scores(items, replies, [1, 2], timeout=10, memory_mb=512)
     assert statuses[0] == ["passed", "failed", "passed"] and statuses[2] == ["passed"] * 3
     assert scores["pass@1"] == pytest.approx(100 * (2 / 3 + 0 + 1) / 3)
     assert scores["pass@2"] == pytest.approx(100 * (1 + 0 + 1) / 3)
@@ -52,7 +52,7 @@ def test_runaway_candidates_are_stopped_and_counted_as_failed():
     items = _code_items()[:1]
     replies = [["    while True:\n        pass\n", "    x = bytearray(8 << 30)\n    return a + b\n",
                 "    return sum([a, b])\n"]]  # fmt: skip
-    scores, statuses = T.code_scores(items, replies, [1], timeout=2, memory_mb=256)
+    scores, statuses = B.code_scores(items, replies, [1], timeout=2, memory_mb=256)
     assert statuses[0][0] == "timeout" and statuses[0][1] == "failed" and statuses[0][2] == "passed"
     assert scores["pass@1"] == pytest.approx(100 / 3)
 
@@ -70,9 +70,9 @@ def test_sandbox_refuses_writes_outside_its_temp_dir_network_and_subprocesses(tm
 
 def test_build_program_takes_a_whole_function_or_a_body():
     item = _code_items()[0].code
-    whole = T.build_program(item, "```python\ndef add(a, b):\n    return a + b\n```")
+    whole = B.build_program(item, "```python\ndef add(a, b):\n    return a + b\n```")
     assert "def add(a, b)" in whole and whole.rstrip().endswith("check(add)")
-    body = T.build_program(item, "    return a + b\n")
+    body = B.build_program(item, "    return a + b\n")
     assert body.startswith(item["prompt"]) and run_program(body).passed
 
 
@@ -93,16 +93,16 @@ def test_malformed_task_files_name_file_and_line(tmp_path, kind, line, message):
                                                   "reference": "r"} if kind != "exact_match"
                                                  else {"question": "ok", "answer": "#### 1"}, line])  # fmt: skip
     with pytest.raises(DataError) as err:
-        T.load_task(TaskSpec(str(path), kind))
+        B.load_benchmark(TaskSpec(str(path), kind))
     assert f"{path}:2:" in str(err.value) and message in str(err.value)
 
 
 def test_empty_or_missing_task_file(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="no task items"):
-        T.load_task(TaskSpec(str(tmp_path / "empty.jsonl"), "generation"))
+        B.load_benchmark(TaskSpec(str(tmp_path / "empty.jsonl"), "generation"))
     with pytest.raises(DataError, match="not found"):
-        T.load_task(TaskSpec(str(tmp_path / "missing.jsonl"), "generation"))
+        B.load_benchmark(TaskSpec(str(tmp_path / "missing.jsonl"), "generation"))
 
 
 def test_task_config_keys_are_checked_and_paths_rebased(tmp_path):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from sftlab.evaluate import metrics as M
+from sftlab.metrics import text as M
 
 
 def test_exact_match_normalizes_case_width_space_and_final_period():

@@ -7,11 +7,11 @@ import torch
 from conftest import FIXTURES, ROOT, tiny_config, write_jsonl
 
 from sftlab.cli import main
-from sftlab.evaluate import tasks as T
-from sftlab.evaluate.runner import evaluate_model, prepare_inputs
-from sftlab.generate import Sampling, generate_answers, load_for_inference
-from sftlab.loop.tracking import read_metrics
+from sftlab.evaluate import benchmarks as B
+from sftlab.evaluate.runner import prepare_inputs, score_model
+from sftlab.generate import Sampling, generate_answers
 from sftlab.loop.train import train
+from sftlab.rundir import load_run, read_metrics
 
 EVAL = FIXTURES / "train_small.jsonl"
 QUIET = dict(say=lambda *a, **k: None)
@@ -24,9 +24,9 @@ def _eval_cfg(tiny_model_dir, tmp_path, *overrides):
 
 def test_perplexity_equals_an_independent_computation(tiny_model_dir, tmp_path):
     cfg = _eval_cfg(tiny_model_dir, tmp_path, "eval.max_examples=1")
-    loaded = load_for_inference(str(tiny_model_dir))
+    loaded = load_run(str(tiny_model_dir))
     inputs = prepare_inputs(cfg, loaded.tokenizer)
-    metrics, _ = evaluate_model(loaded.model, inputs, "model")
+    metrics, _ = score_model(loaded.model, inputs, "model")
     total, count = 0.0, 0
     with torch.no_grad():
         for row in inputs.eval_data:  # plain transformers: mean loss over shifted labels, one example at a time
@@ -39,7 +39,7 @@ def test_perplexity_equals_an_independent_computation(tiny_model_dir, tmp_path):
 
 
 def test_batched_left_padded_generation_equals_one_at_a_time(lively_model_dir):
-    loaded = load_for_inference(str(lively_model_dir))
+    loaded = load_run(str(lively_model_dir))
     convs = [[{"role": "user", "content": c}] for c in ("hi", "a much longer question about rivers and stone", "ok?")]
     sampling = Sampling(max_new_tokens=12)
     batched = generate_answers(loaded.model, loaded.tokenizer, convs, sampling, batch_size=3)
@@ -48,11 +48,11 @@ def test_batched_left_padded_generation_equals_one_at_a_time(lively_model_dir):
 
 
 def test_choice_logprobs_equal_a_full_forward(tiny_model_dir, tmp_path):
-    loaded, tok = load_for_inference(str(tiny_model_dir)), None
+    loaded, tok = load_run(str(tiny_model_dir)), None
     tok = loaded.tokenizer
     path = write_jsonl(tmp_path / "mc.jsonl", [{"question": "Sky colour?", "choices": ["blue", "green sea", "red"], "answer": 0}])
-    items = T.load_task(T.TaskSpec(str(path), "multiple_choice"))
-    scores = T.choice_logprobs(loaded.model, tok, items, batch_size=2)[0]
+    items = B.load_benchmark(B.TaskSpec(str(path), "multiple_choice"))
+    scores = B.choice_logprobs(loaded.model, tok, items, batch_size=2)[0]
     prompt = tok.apply_chat_template(items[0].messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     prompt = list(prompt["input_ids"]) if hasattr(prompt, "keys") else list(prompt)
     for choice, score in zip(items[0].choices, scores):
@@ -126,4 +126,4 @@ def test_quickstart_yaml_tasks_exist():
     cfg = load_config(ROOT / "examples" / "quickstart.yaml")
     assert [t.type for t in cfg.eval.tasks] == ["multiple_choice", "exact_match", "code"]
     for spec in cfg.eval.tasks:
-        assert T.load_task(spec)
+        assert B.load_benchmark(spec)

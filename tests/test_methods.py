@@ -5,11 +5,11 @@ import torch
 from conftest import FIXTURES, tiny_config, write_jsonl
 from helpers import losses
 
+from sftlab.config import MERGEABLE
 from sftlab.export.merge import ExportError, merge
-from sftlab.generate import answer, load_for_inference
-from sftlab.loop.tracking import read_metrics
+from sftlab.generate import answer
 from sftlab.loop.train import train
-from sftlab.model.methods import MERGEABLE
+from sftlab.rundir import load_run, read_metrics
 
 METHODS = ["lora", "qlora", "adalora", "ia3", "prefix", "ptuning", "prompt", "adapter", "freeze", "full"]
 QUIET = dict(say=lambda *a, **k: None)
@@ -40,7 +40,7 @@ def test_method_trains_saves_reloads_and_merges_or_refuses(method, tiny_model_di
     if method != "full":
         assert summary["trainable_params"] < summary["total_params"]
 
-    loaded = load_for_inference(str(tmp_path / "run"))
+    loaded = load_run(str(tmp_path / "run"))
     assert isinstance(answer(loaded, [{"role": "user", "content": "river stone"}], max_new_tokens=4), str)
     base = _base_state(tiny_model_dir)
     if method in ("full", "freeze"):
@@ -116,13 +116,15 @@ def _lora_pair(tiny_model_dir, *overrides):
     from transformers import AutoModelForCausalLM
 
     from sftlab.config import load_config
-    from sftlab.model.load import prepare_for_training
+    from sftlab.model.load import for_training
+    from sftlab.speed import lora_fused
 
     models = []
     for _ in range(2):
         torch.manual_seed(0)
         lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
-        lm = prepare_for_training(lm, load_config(None, list(overrides)), "fp32", 10)
+        lm = for_training(lm, load_config(None, list(overrides)), "fp32", 10)
+        lora_fused.use_for_training(lm)
         with torch.no_grad():  # peft starts B at zero, which would hide the update and A's gradient
             for name, p in lm.named_parameters():
                 if "lora_B" in name:

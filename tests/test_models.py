@@ -1,8 +1,9 @@
 import pytest
 
 from sftlab.config import ModelConfig
+from sftlab.data.templates import end_of_turn_ids
 from sftlab.errors import ModelError
-from sftlab.model.load import end_of_turn_ids, load_tokenizer, resolve_model_dir
+from sftlab.model.load import load_tokenizer, resolve_model_dir
 
 
 def test_embedded_alias_is_converted_once_with_its_chat_template(smol_tok):

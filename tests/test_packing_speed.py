@@ -1,9 +1,9 @@
-"""Packing (GUIDE rule 4), attention kernels, chunked loss, precision preparation."""
+"""Packing (docs/correctness.md rule 4), attention kernels, chunked loss, precision preparation."""
 
 import pytest
 import torch
 from conftest import tiny_config
-from helpers import losses
+from helpers import losses, training_model
 from safetensors.torch import load_file
 
 from sftlab.data.batching import collate, collate_packed
@@ -51,7 +51,7 @@ def test_padding_free_layout_is_one_row_of_the_real_tokens():
 
 def test_batch_layout_is_flat_by_default_only_where_the_varlen_kernel_runs(monkeypatch):
     from sftlab.config import load_config
-    from sftlab.loop.train import batch_layout
+    from sftlab.speed import batch_layout
 
     default = load_config(None, [])
     assert batch_layout(default, True, "cpu", "bf16") == "padded"
@@ -132,10 +132,10 @@ def test_lora_in_bf16_keeps_frozen_weights_in_bf16_and_trainable_in_fp32(tiny_mo
     from transformers import AutoModelForCausalLM
 
     from sftlab.config import load_config
-    from sftlab.model.load import prepare_for_training
+    from sftlab.model.load import for_training
 
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    lm = prepare_for_training(lm, load_config(None, ["lora.modules_to_save=[lm_head]"]), "bf16", 10)
+    lm = for_training(lm, load_config(None, ["lora.modules_to_save=[lm_head]"]), "bf16", 10)
     dtypes = {(p.requires_grad, p.dtype) for p in lm.parameters()}
     assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
 
@@ -152,13 +152,11 @@ def test_gradient_checkpointing_keeps_fewer_activations(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     from sftlab.config import load_config
-    from sftlab.model.load import prepare_for_training
-
     rows = [{"input_ids": [1, 5, 9, 13, 2] * 100, "labels": [-100] * 499 + [2]}] * 8
     saved = {}
     for on in (False, True):
-        lm = prepare_for_training(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                  load_config(None, [f"train.gradient_checkpointing={str(on).lower()}"]), "fp32", 10)
+        cfg = load_config(None, [f"train.gradient_checkpointing={str(on).lower()}"])
+        lm = training_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg, "fp32")
         lm.train()
         total = [0]
 
@@ -174,7 +172,7 @@ def test_gradient_checkpointing_keeps_fewer_activations(tiny_model_dir):
 
 def test_compiled_blocks_give_the_same_run(tiny_model_dir, tmp_path):
     from sftlab.errors import ModelError
-    from sftlab.model.load import compile_blocks
+    from sftlab.speed import compile_blocks
 
     runs = []
     for name, extra in (("eager", []), ("compiled", ["train.compile=true"])):

@@ -16,12 +16,12 @@ def test_parse_size():
 
 
 def test_counts_match_the_real_wrapped_model(tiny_model_dir, tmp_path):
-    from sftlab.model.load import count_parameters, load_base_for, prepare_for_training
+    from sftlab.model.load import count_parameters, for_training, load_base_for
 
     for method in ("lora", "full", "ia3", "adapter"):
         cfg = tiny_config(tiny_model_dir, tmp_path, f"train.method={method}")
         est = estimate(cfg)
-        real = count_parameters(prepare_for_training(load_base_for(cfg, "fp32"), cfg, "fp32", 10))
+        real = count_parameters(for_training(load_base_for(cfg, "fp32"), cfg, "fp32", 10))
         assert (est.trainable, est.total_params) == real
         assert est.optimizer == 8 * est.trainable and est.gradients == 4 * est.trainable
 

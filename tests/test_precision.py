@@ -123,7 +123,7 @@ def test_full_bf16_run_computes_in_bf16_and_saves_fp32_masters(tiny_model_dir, t
     def spy(run, loss, step):
         trainable = [p for p in run.weights.parameters() if p.requires_grad]
         state = len(run.optimizer.state) == len(trainable)  # made before step 1's forward, on either path
-        seen.append((run.masters is not None, {p.dtype for p in run.lm.parameters()}, state))
+        seen.append((run.speed.masters, {p.dtype for p in run.lm.parameters()}, state))
         return real(run, loss, step)
 
     monkeypatch.setattr(train_mod, "clip_and_step", spy)

@@ -1,4 +1,4 @@
-"""Property (GUIDE rule 1): for random conversations, the supervised tokens decode to exactly the
+"""Property (docs/correctness.md rule 1): for random conversations, the supervised tokens decode to exactly the
 assistant contents, each followed by its end-of-turn token, for every template."""
 
 import pytest

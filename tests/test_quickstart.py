@@ -4,8 +4,9 @@ import pytest
 from conftest import ROOT
 
 from sftlab.config import load_config
-from sftlab.generate import answer, load_for_inference
+from sftlab.generate import answer
 from sftlab.loop.train import train
+from sftlab.rundir import load_run
 
 
 @pytest.mark.slow
@@ -14,7 +15,7 @@ def test_quickstart_trains_and_the_tuned_model_answers(tmp_path):
     summary = train(cfg, say=lambda *a, **k: None)
     assert summary["outcome"] == "completed"
     assert summary["final_eval_loss"] < 0.8 * summary["first_eval_loss"]
-    tuned = load_for_inference(str(tmp_path / "qs"))
+    tuned = load_run(str(tmp_path / "qs"))
     assert answer(tuned, [{"role": "user", "content": "Convert 7 kilometers to meters."}]) == "7 kilometers is 7,000 meters."
     # After the quickstart, eval --compare and report show whether the tune helped (fewer prompts here).
     from sftlab.evaluate.report import write_report

@@ -210,10 +210,10 @@ def test_serve_refuses_a_public_bind_without_a_key(capsys, monkeypatch):
 
 
 def test_chat_keeps_history_and_handles_commands(lively_model_dir, monkeypatch):
-    from sftlab.generate import load_for_inference
+    from sftlab.rundir import load_run
     from sftlab.serve.chat import chat_loop
 
-    loaded = load_for_inference(str(lively_model_dir))
+    loaded = load_run(str(lively_model_dir))
     seen = []
     render = loaded.tokenizer.apply_chat_template
     monkeypatch.setattr(loaded.tokenizer, "apply_chat_template", lambda msgs, **kw: seen.append(list(msgs)) or render(msgs, **kw))
@@ -263,11 +263,12 @@ def _collect(engine, prompts, max_tokens=24, stagger=False):
 def test_continuous_batching_gives_each_request_its_solo_answer(lively_model_dir):
     """Requests joining a running batch (caches left-padded and joined) decode exactly as they do alone,
     and as transformers' generate() does."""
-    from sftlab.generate import Sampling, generate_answers, load_for_inference
+    from sftlab.generate import Sampling, generate_answers
+    from sftlab.rundir import load_run
     from sftlab.serve.adapters import load_served
     from sftlab.serve.engine import Engine
 
-    loaded = load_for_inference(str(lively_model_dir))
+    loaded = load_run(str(lively_model_dir))
     convs = [[{"role": "user", "content": c}] for c in ("a long first question about rivers", "hi", "stone garden?")]
     prompts = [list(loaded.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False))
                for c in convs]  # fmt: skip

@@ -1,4 +1,4 @@
-"""GUIDE rules 1 and 2 for every template: response-only masks, and training text == inference text."""
+"""docs/correctness.md rules 1 and 2 for every template: response-only masks, and training text == inference text."""
 
 import types
 

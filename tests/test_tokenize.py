@@ -1,4 +1,4 @@
-"""Length policy and report (GUIDE rule 7), text format, pad vs EOS (rule 5)."""
+"""Length policy and report (docs/correctness.md rule 7), text format, pad vs EOS (rule 5)."""
 
 import pytest
 from helpers import conv, decode, encoder, supervised_runs
@@ -64,9 +64,8 @@ def test_pad_is_never_eos(smol_tok):
 
 
 def test_missing_end_of_turn_is_reported(smol_tok):
-    from sftlab.data.templates import ChatTemplate
+    from sftlab.data.templates import ChatTemplate, end_of_turn_ids
     from sftlab.data.tokenize import Encoder
-    from sftlab.model.load import end_of_turn_ids
 
     plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}" \
             "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"

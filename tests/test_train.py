@@ -1,4 +1,4 @@
-"""The training loop: invariance (GUIDE rule 3), exact resume (rule 6), eval loss, outputs."""
+"""The training loop: invariance (docs/correctness.md rule 3), exact resume (rule 6), eval loss, outputs."""
 
 import json
 
@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 import sftlab.loop.train as train_mod
 from sftlab.errors import SftlabError
-from sftlab.loop.tracking import read_metrics
 from sftlab.loop.train import train
+from sftlab.rundir import read_metrics
 
 QUIET = {"say": lambda *a, **k: None}
 
@@ -224,11 +224,11 @@ def test_nonfinite_loss_stops_with_the_step_or_skips(tiny_model_dir, tmp_path, m
 
 
 def test_save_best_keeps_the_best_eval_weights(tiny_model_dir, tmp_path, monkeypatch):
-    from sftlab.evaluate import loss as eval_mod
+    from sftlab.metrics import perplexity as eval_mod
 
     scripted = iter([5.0, 3.0, 4.0, 4.5])  # best at the first eval after step 0, i.e. step 2
     real = eval_mod.eval_loss
-    monkeypatch.setattr(train_mod, "evaluate", lambda run: {**real(run.model, run.eval_data, 4, 0, run.accelerator),
+    monkeypatch.setattr(train_mod, "eval_now", lambda run: {**real(run.model, run.eval_data, 4, 0, run.accelerator),
                                                             "eval_loss": next(scripted)})
     cfg = tiny_config(tiny_model_dir, tmp_path / "b", "train.method=full", "data.eval_split=0.2",
                       "train.eval_steps=2", "train.save_best=true")
@@ -242,7 +242,7 @@ def test_save_best_keeps_the_best_eval_weights(tiny_model_dir, tmp_path, monkeyp
 
 def test_early_stopping(tiny_model_dir, tmp_path, monkeypatch):
     scripted = iter([5.0, 4.0, 4.5, 4.6, 9.9])
-    monkeypatch.setattr(train_mod, "evaluate", lambda run: {"eval_loss": next(scripted)})
+    monkeypatch.setattr(train_mod, "eval_now", lambda run: {"eval_loss": next(scripted)})
     cfg = tiny_config(tiny_model_dir, tmp_path / "s", "data.eval_split=0.2", "train.eval_steps=1",
                       "train.early_stopping_patience=2")
     summary = train(cfg, **QUIET)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -154,9 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="loss, generation metrics and benchmark tasks; --compare against the base")
     p.add_argument("config", help="run directory, or a YAML config (model + data.eval and/or eval.tasks)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (eval.*, data.*)")
+    # extend, not store: an override that --compare took (CompareAction) may be parsed before the positionals
+    p.add_argument("overrides", nargs="*", action="extend", metavar="key.sub=value",
+                   help="config overrides (eval.*, data.*)")
     p.add_argument("--output", help="directory for metrics.json and samples.jsonl (default: the run's eval/)")
-    p.add_argument("--compare", nargs="?", const="base", metavar="BASE",
+    p.add_argument("--compare", nargs="?", const="base", metavar="BASE", action=CompareAction,
                    help="also evaluate BASE (default: the run's base model) and print deltas")
     p.set_defaults(run=cmd_eval)
 
@@ -224,49 +226,37 @@ def _config_args(p: argparse.ArgumentParser, data_ok: bool = False) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
 
-def _load(args):
-    from sftlab.config import DatasetSpec, load_config
-    from sftlab.data.dataset import load_split
-    from sftlab.data.formats import SUFFIXES
-    from sftlab.model.load import load_tokenizer
+OVERRIDE = re.compile(r"^[a-z_]+(\.[a-z_]+)+=")  # key.sub=value: no model name or path starts like this
 
-    source = Path(args.config)
-    if source.is_dir() or source.suffix in SUFFIXES or any(c in args.config for c in "*?["):
-        # A data file, directory or glob instead of a run YAML: the default config on that data.
-        cfg = load_config(None, args.overrides)
-        setattr(cfg.data, args.split, [DatasetSpec(path=os.path.abspath(args.config))])
-    else:
-        cfg = load_config(args.config, args.overrides)
-    tok = load_tokenizer(cfg.model)
-    return cfg, tok, load_split(cfg.data, tok, args.split)
+
+class CompareAction(argparse.Action):
+    """`--compare [BASE]`. Its optional value would swallow an override that follows it
+    (`--compare data.eval=[x]`): such a value is an override, and the comparison is against the base."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if OVERRIDE.match(values):
+            namespace.overrides = [*(getattr(namespace, "overrides", None) or []), values]
+            values = self.const
+        setattr(namespace, self.dest, values)
 
 
 def cmd_data_inspect(args) -> int:
-    from sftlab.data.inspect import marked_example, print_report, report_console
+    from sftlab.data.inspect import load_for_inspection, report_console, show_split
+    from sftlab.model.load import load_tokenizer
 
     console = report_console(args.color)
-    cfg, tok, split = _load(args)
-    color = console.is_terminal and args.color != "never"
-    cached = f", {split.cache_hits} from cache" if split.cache_hits else ""
-    print_report(console, split.reports, f"data.{args.split}: {len(split.dataset)} examples{cached}")
-    legend = "supervised text in green" if color else "supervised text inside [[ ]]"
-    for i in range(min(args.num, len(split.dataset))):
-        row = split.dataset[i]
-        console.rule(f"example {i} ({len(row['input_ids'])} tokens; {legend})")
-        console.print(marked_example(tok, row["input_ids"], row["labels"], color))
+    _, tok, split = load_for_inspection(args.config, args.overrides, args.split, load_tokenizer)
+    show_split(console, split, tok, args.split, args.num, color=console.is_terminal and args.color != "never")
     return 0
 
 
 def cmd_data_tokenize(args) -> int:
-    cfg, tok, split = _load(args)
+    from sftlab.data.inspect import load_for_inspection, write_tokenized
+    from sftlab.model.load import load_tokenizer
+
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for row in split.dataset:
-            f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
-    report = out.with_suffix(".report.json")
-    report.write_text(json.dumps([r.to_dict() for r in split.reports], ensure_ascii=False, indent=1))
-    kept = sum(r.kept for r in split.reports)
+    _, _, split = load_for_inspection(args.config, args.overrides, args.split, load_tokenizer)
+    kept, report = write_tokenized(split, out)
     print(f"wrote {kept} examples to {out} (report: {report})")
     return 0
 
@@ -324,59 +314,19 @@ def _read_lines(option: str, path: str) -> tuple[str, ...]:
 
 
 def cmd_predict(args) -> int:
-    from sftlab.task import load_trained
-    from sftlab.task.classification import load_labels, predict_probs
+    from sftlab.task.classification import predict_file
 
-    model, tokenizer, cfg = load_trained(args.run_dir, "classification")
-    labels, label_type = load_labels(Path(args.run_dir))
-    records = _input_records(args.input, "text", ("text_pair",))
-    rows = []
-    for r in records:
-        enc = tokenizer(r["text"], r.get("text_pair"), truncation=True, max_length=cfg.data.max_length)
-        rows.append({k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc})
-    probs = predict_probs(model, rows, tokenizer.pad_token_id, args.batch_size)
-    with open(args.output, "w", encoding="utf-8") as f:
-        for p in probs.tolist():
-            best = labels[max(range(len(p)), key=p.__getitem__)]
-            label = int(best) if label_type == "int" else best
-            f.write(json.dumps({"label": label, "probs": {name: round(v, 6) for name, v in zip(labels, p)}},
-                               ensure_ascii=False) + "\n")  # fmt: skip
-    print(f"wrote {len(rows)} predictions to {args.output}")
+    count = predict_file(args.run_dir, args.input, args.output, args.batch_size)
+    print(f"wrote {count} predictions to {args.output}")
     return 0
 
 
 def cmd_translate(args) -> int:
-    from sftlab.task import load_trained
-    from sftlab.task.seq2seq import translate
+    from sftlab.task.seq2seq import translate_file
 
-    model, tokenizer, cfg = load_trained(args.run_dir, "seq2seq")
-    sources = [r["source"] for r in _input_records(args.input, "source")]
-    hyps = translate(model, tokenizer, [cfg.seq2seq.source_prefix + s for s in sources],
-                     args.max_new_tokens or cfg.seq2seq.max_target_length, args.num_beams or cfg.seq2seq.num_beams,
-                     args.batch_size)  # fmt: skip
-    if not args.output:
-        print("\n".join(hyps))
-        return 0
-    with open(args.output, "w", encoding="utf-8") as f:
-        for s, h in zip(sources, hyps):
-            f.write(json.dumps({"source": s, "translation": h}, ensure_ascii=False) + "\n")
-    print(f"wrote {len(hyps)} translations to {args.output}")
+    hyps = translate_file(args.run_dir, args.input, args.output, args.num_beams, args.max_new_tokens, args.batch_size)
+    print(f"wrote {len(hyps)} translations to {args.output}" if args.output else "\n".join(hyps))
     return 0
-
-
-def _input_records(path: str, field: str, optional: tuple[str, ...] = ()) -> list[dict]:
-    """predict/translate input: a .txt file (one `field` a line) or records with that field."""
-    from sftlab.data.formats import load_field_records
-    from sftlab.errors import DataError
-
-    if not Path(path).is_file():
-        raise DataError(f"--input {path}: no such file")
-    if path.endswith(".txt"):
-        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not lines:
-            raise DataError(f"--input {path}: no lines")
-        return [{field: line} for line in lines]
-    return [r for _, r in load_field_records(path, (field,), optional).records]
 
 
 def cmd_data_split(args) -> int:
@@ -409,55 +359,23 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from sftlab.errors import ConfigError
-    from sftlab.generate import answer, load_for_inference, read_prompts
+    from sftlab.generate import Sampling, answer_prompts, gather_conversations
+    from sftlab.rundir import load_run
 
-    conversations = [[{"role": "user", "content": p}] for p in args.prompt]
-    conversations += read_prompts(args.prompts) if args.prompts else []
-    if not conversations:
-        raise ConfigError("give at least one --prompt TEXT or --prompts FILE.jsonl")
-    if args.system:
-        conversations = [[{"role": "system", "content": args.system}] + c for c in conversations]
-    models = {"response": load_for_inference(args.source)}
+    conversations = gather_conversations(args.prompt, args.prompts, args.system)  # bad input fails before loading
+    models = {"response": load_run(args.source)}
     if args.base:
-        models["base_response"] = load_for_inference(models["response"].base_name)
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    results = []
-    for messages in conversations:
-        result = {"messages": messages}
-        print(f"### {messages[-1]['content']}")
-        for key, loaded in models.items():
-            result[key] = answer(loaded, messages, **sampling)
-            label = {"response": "tuned" if args.base else "answer", "base_response": "base"}[key]
-            print(f"[{label}] {result[key]}")
-        print()
-        results.append(result)
-    if args.output:
-        Path(args.output).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
+        models["base_response"] = load_run(models["response"].base_name)
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    answer_prompts(models, conversations, sampling, args.output)
     return 0
 
 
 def cmd_eval(args) -> int:
-    import re
-
-    from sftlab.config import load_config
     from sftlab.evaluate.runner import run_eval
 
-    if args.compare and re.match(r"^[a-z_]+(\.[a-z_]+)+=", args.compare):  # an override that --compare swallowed
-        args.overrides, args.compare = [args.compare, *args.overrides], "base"
-    run_yaml = Path(args.config) / "config.yaml"
-    if run_yaml.is_file() and load_config(run_yaml).task != "causal_lm":
-        from sftlab.task import evaluate_run
-
-        if args.compare:
-            raise SftlabError("--compare is for chat (causal_lm) runs; classification and seq2seq runs print their own metrics")
-        metrics = evaluate_run(args.config, args.overrides, args.output)
-        for key, value in metrics.items():
-            print(f"{key:22} {value:,.4f}" if isinstance(value, float) else f"{key:22} {value}")
-        return 0
     run_eval(args.config, args.overrides, args.output, args.compare)
     return 0
-
 
 
 def cmd_report(args) -> int:
@@ -469,10 +387,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from sftlab.generate import load_for_inference
+    from sftlab.rundir import load_run
     from sftlab.serve.chat import chat_loop
 
-    loaded = load_for_inference(args.source)
+    loaded = load_run(args.source)
     chat_loop(loaded, args.system, args.max_new_tokens, args.temperature, args.top_p)
     return 0
 
@@ -534,32 +452,14 @@ def cmd_ui(args) -> int:
 def cmd_plan(args) -> int:
     from sftlab.config import load_config
     from sftlab.errors import ConfigError
-    from sftlab.plan import available_memory, estimate, gib, parse_size, propose, shapes
+    from sftlab.plan import available_memory, parse_size, print_plan
 
     cfg = load_config(args.config, args.overrides)
     try:
         budget = parse_size(args.memory) if args.memory else available_memory()
     except ValueError as e:
         raise ConfigError(f"--memory: {e}") from None
-    model_and_config = shapes(cfg)
-    est = estimate(cfg, model_and_config=model_and_config)
-    ckpt = "on" if cfg.train.gradient_checkpointing else "off"
-    print(f"{cfg.model.name}, {cfg.train.method}: {est.trainable:,} trainable of {est.total_params:,} parameters; "
-          f"batch {cfg.train.batch_size} x accumulation {cfg.train.grad_accum}, checkpointing {ckpt}")  # fmt: skip
-    for name, value in est.rows():
-        print(f"  {name:18} {gib(value):>12}")
-    verdict = "fits" if est.total <= budget else "does NOT fit"
-    print(f"budget {gib(budget)}: the config as written {verdict}")
-    options = propose(cfg, budget, model_and_config)
-    if not options:
-        print("nothing fits, even batch 1 with checkpointing: try train.method=lora or qlora, a shorter "
-              "data.max_length, or train.precision=bf16")  # fmt: skip
-        return 1
-    batch, accum, ckpt_on, best = options[0]
-    print(f"proposed: train.batch_size={batch} train.grad_accum={accum} "
-          f"train.gradient_checkpointing={'true' if ckpt_on else 'false'}  (peak {gib(best.total)}, "
-          f"effective batch {batch * accum} unchanged)")  # fmt: skip
-    return 0
+    return 0 if print_plan(cfg, budget) else 1
 
 
 def cmd_merge(args) -> int:

@@ -21,6 +21,12 @@ from sftlab.errors import ConfigError
 
 Format = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"]
 
+# What each train.method is, written once (the model, loss, speed and serving code ask these).
+PEFT_METHODS = ("lora", "qlora", "adalora", "ia3", "prefix", "ptuning", "prompt")
+PROMPT_LEARNING = ("prefix", "ptuning", "prompt")  # virtual tokens: the model's own forward and attention
+FROZEN_BASE = PEFT_METHODS + ("adapter",)  # the base never trains: it can live in the compute dtype
+MERGEABLE = ("lora", "qlora", "adalora", "ia3")
+
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING):
     if factory is not dataclasses.MISSING:
@@ -408,9 +414,9 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
         (cfg.train.neftune_alpha >= 0, "train.neftune_alpha must be >= 0"),
         (cfg.peft.num_virtual_tokens >= 1 and cfg.peft.adapter_size >= 1, "peft sizes must be at least 1"),
-        (not (cfg.data.packing and cfg.train.method in ("prefix", "ptuning", "prompt")),
+        (not (cfg.data.packing and cfg.train.method in PROMPT_LEARNING),
          "data.packing does not combine with prefix/ptuning/prompt (virtual tokens would join packed examples)"),
-        (not (cfg.data.padding_free is True and cfg.train.method in ("prefix", "ptuning", "prompt")),
+        (not (cfg.data.padding_free is True and cfg.train.method in PROMPT_LEARNING),
          "data.padding_free does not combine with prefix/ptuning/prompt (virtual tokens would join the examples)"),
         (not (cfg.data.padding_free is True and cfg.data.packing),
          "data.packing and data.padding_free=true: choose one (packing fills rows of max_length, padding_free "

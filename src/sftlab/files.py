@@ -1,4 +1,4 @@
-"""File helpers shared by the model cache, the tokenization cache and checkpoints."""
+"""File helpers shared by the model cache, the tokenization cache and checkpoints, and where the cache lives."""
 
 from __future__ import annotations
 
@@ -8,6 +8,14 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def cache_root() -> Path:
+    base = os.environ.get("SFTLAB_CACHE")
+    if base:
+        return Path(base)
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(xdg) / "sftlab"
 
 
 def file_digest(path: Path) -> str:

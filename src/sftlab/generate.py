@@ -1,4 +1,4 @@
-"""Load what a run produced (adapter, full model, or any model.name) and answer with its chat template."""
+"""Answer conversations with a model and the chat template it was trained with (greedy or sampled)."""
 
 from __future__ import annotations
 
@@ -6,57 +6,11 @@ import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from sftlab.config import ModelConfig, load_config
-from sftlab.errors import DataError, ModelError
-
-
-@dataclass
-class Loaded:
-    model: torch.nn.Module
-    tokenizer: object
-    base_name: str  # model.name of the base, for --base comparisons
-    is_adapter: bool
-
-
-def load_for_inference(source: str) -> Loaded:
-    """A run directory (LoRA or full), an exported model directory, or anything model.name accepts."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sftlab.model.load import load_model, load_tokenizer
-    from sftlab.model.methods import ADAPTER_CONFIG, load_bottleneck
-
-    path = Path(source)
-    if (path / ADAPTER_CONFIG).is_file():  # bottleneck adapters (train.method=adapter)
-        base_name = _base_of(path)
-        model = load_bottleneck(load_model(ModelConfig(name=base_name)), path)
-        return Loaded(model.eval(), AutoTokenizer.from_pretrained(path), base_name, True)
-    if (path / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        base_name = _base_of(path)
-        model = PeftModel.from_pretrained(load_model(ModelConfig(name=base_name)), str(path))
-        return Loaded(model.eval(), AutoTokenizer.from_pretrained(path), base_name, True)
-    if (path / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        base = _base_of(path) if (path / "config.yaml").is_file() else str(path)
-        return Loaded(model.eval(), AutoTokenizer.from_pretrained(path), base, False)
-    if path.is_dir():
-        raise ModelError(f"{source}: neither a run directory (no adapter_config.json or config.json) nor a model")
-    cfg = ModelConfig(name=source)
-    return Loaded(load_model(cfg).eval(), load_tokenizer(cfg), source, False)
-
-
-def _base_of(run_dir: Path) -> str:
-    if (run_dir / "config.yaml").is_file():  # a run of ours: its config names the base as the user did
-        return load_config(run_dir / "config.yaml").model.name
-    from sftlab.model.methods import ADAPTER_CONFIG
-
-    if (run_dir / ADAPTER_CONFIG).is_file():
-        return json.loads((run_dir / ADAPTER_CONFIG).read_text())["base"]
-    return json.loads((run_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+from sftlab.errors import ConfigError, DataError
 
 
 @dataclass
@@ -72,11 +26,33 @@ class Sampling:
         return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
-def answer(loaded: Loaded, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
+def answer(loaded, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
            top_p: float = 1.0, seed: int | None = None) -> str:  # fmt: skip
-    """One reply to `messages`, rendered with the model's saved chat template (GUIDE rule 2)."""
+    """One reply to `messages`, rendered with the model's saved chat template (docs/correctness.md rule 2)."""
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
     return generate_answers(loaded.model, loaded.tokenizer, [messages], sampling)[0]
+
+
+def answer_prompts(models: dict[str, object], conversations: list[list[dict]], sampling: Sampling,
+                   output: str | None = None, say: Callable[..., None] = print) -> list[dict]:  # fmt: skip
+    """`sftlab generate`: every conversation answered by every model, each answer printed as it comes.
+
+    `models` maps a result field to a loaded model (sftlab.rundir.Loaded, loaded by the caller: rundir is
+    this module's layer): "response", and "base_response" for the base side by side. Returns one
+    {messages, response[, base_response]} row per conversation, also written as JSONL to `output`."""
+    labels = {"response": "tuned" if "base_response" in models else "answer", "base_response": "base"}
+    results = []
+    for messages in conversations:
+        result = {"messages": messages}
+        say(f"### {messages[-1]['content']}")
+        for key, loaded in models.items():
+            result[key] = generate_answers(loaded.model, loaded.tokenizer, [messages], sampling)[0]
+            say(f"[{labels[key]}] {result[key]}")
+        say()
+        results.append(result)
+    if output:
+        Path(output).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
+    return results
 
 
 def generate_answers(model, tokenizer, conversations: list[list[dict]], sampling: Sampling, batch_size: int = 8,
@@ -97,7 +73,7 @@ def complete_ids(model, tokenizer, prompts: list[list[int]], sampling: Sampling,
     stopped is False where the text ran into max_new_tokens instead of an end-of-turn token."""
     from tqdm.auto import tqdm
 
-    from sftlab.model.load import end_of_turn_ids
+    from sftlab.data.templates import end_of_turn_ids
 
     stop = sorted(end_of_turn_ids(tokenizer))
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -151,6 +127,18 @@ def inference_mode(model):
             base.set_attn_implementation(impl)
         config.use_cache = use_cache
         model.train(was_training)
+
+
+def gather_conversations(prompts: list[str], prompts_file: str | None, system: str | None) -> list[list[dict]]:
+    """`sftlab generate`'s conversations: each --prompt as a user turn, then those of --prompts, each
+    opened by the --system message when there is one."""
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    conversations += read_prompts(prompts_file) if prompts_file else []
+    if not conversations:
+        raise ConfigError("give at least one --prompt TEXT or --prompts FILE.jsonl")
+    if system:
+        conversations = [[{"role": "system", "content": system}] + c for c in conversations]
+    return conversations
 
 
 def read_prompts(path: str) -> list[list[dict]]:

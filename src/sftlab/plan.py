@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 RUNTIME_BYTES = {"cpu": 600 * 2**20, "cuda": 600 * 2**20}  # CUDA: context and allocator reserve on the GPU
 ACT_H, ACT_I = 16, 5  # saved values per token per layer, in units of hidden size and intermediate size
@@ -78,8 +79,9 @@ def estimate(cfg, batch_size: int | None = None, checkpointing: bool | None = No
              model_and_config=None) -> Estimate:  # fmt: skip
     import torch
 
-    from sftlab.model.load import count_parameters, resolve_precision
-    from sftlab.model.methods import FROZEN_BASE
+    from sftlab.config import FROZEN_BASE
+    from sftlab.model.load import count_parameters
+    from sftlab.model.precision import resolve_precision
     from sftlab.speed.masters import applies, step_elements
 
     model, config = model_and_config or shapes(cfg)
@@ -157,6 +159,30 @@ def propose(cfg, budget: int, model_and_config=None) -> list[tuple[int, int, boo
     # unless that would cut the micro-batch below a quarter of the checkpointed one.
     fitting.sort(key=lambda o: (-(o[0] * (0.75 if o[2] else 1.0)), o[2]))
     return fitting
+
+
+def print_plan(cfg, budget: int, say: Callable[[str], None] = print) -> bool:
+    """`sftlab plan`'s table: the estimate of the config as written against `budget`, then the best setting
+    that fits. False when nothing fits (the command then exits 1)."""
+    model_and_config = shapes(cfg)
+    est = estimate(cfg, model_and_config=model_and_config)
+    ckpt = "on" if cfg.train.gradient_checkpointing else "off"
+    say(f"{cfg.model.name}, {cfg.train.method}: {est.trainable:,} trainable of {est.total_params:,} parameters; "
+        f"batch {cfg.train.batch_size} x accumulation {cfg.train.grad_accum}, checkpointing {ckpt}")  # fmt: skip
+    for name, value in est.rows():
+        say(f"  {name:18} {gib(value):>12}")
+    verdict = "fits" if est.total <= budget else "does NOT fit"
+    say(f"budget {gib(budget)}: the config as written {verdict}")
+    options = propose(cfg, budget, model_and_config)
+    if not options:
+        say("nothing fits, even batch 1 with checkpointing: try train.method=lora or qlora, a shorter "
+            "data.max_length, or train.precision=bf16")  # fmt: skip
+        return False
+    batch, accum, ckpt_on, best = options[0]
+    say(f"proposed: train.batch_size={batch} train.grad_accum={accum} "
+        f"train.gradient_checkpointing={'true' if ckpt_on else 'false'}  (peak {gib(best.total)}, "
+        f"effective batch {batch * accum} unchanged)")  # fmt: skip
+    return True
 
 
 def gib(n: int) -> str:

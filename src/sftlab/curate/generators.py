@@ -13,10 +13,10 @@ class LocalGenerator:
     """A model loaded in this process (anything `sftlab generate` takes), prompts batched together."""
 
     def __init__(self, source: str):
-        from sftlab.generate import load_for_inference
+        from sftlab.rundir import load_run
 
         self.name = f"model {source}"
-        self.loaded = load_for_inference(source)
+        self.loaded = load_run(source)
 
     def complete(self, prompts: list[str], seed: int, s: SynthSettings) -> list[Completion]:
         from sftlab.generate import Sampling, complete_ids

@@ -54,17 +54,21 @@ def rows(data, idx: list[int]) -> list[dict]:
     return [dict(zip(cols, values)) for values in zip(*cols.values())]
 
 
-def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row; padding carries no loss and is masked from attention."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+def pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one padder: right-padded [B, T] ids and the attention mask (1 on real tokens)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.as_tensor(r["input_ids"])
-        labels[i, :n] = torch.as_tensor(r["labels"])
-        mask[i, :n] = 1
+        ids[i, : len(r)] = torch.as_tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row; padding carries no loss and is masked from attention."""
+    ids, mask = pad([r["input_ids"] for r in rows], pad_id)
+    labels, _ = pad([r["labels"] for r in rows], IGNORE)
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 

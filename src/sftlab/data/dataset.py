@@ -14,11 +14,10 @@ from pathlib import Path
 
 from sftlab.config import DataConfig, DatasetSpec
 from sftlab.data.formats import expand_paths, load_conversations
-from sftlab.data.templates import ChatTemplate
+from sftlab.data.templates import ChatTemplate, end_of_turn_ids
 from sftlab.data.tokenize import DatasetReport, Encoder, encode_dataset
 from sftlab.errors import DataError
-from sftlab.files import atomic_dir, file_digest
-from sftlab.model.load import cache_root, end_of_turn_ids
+from sftlab.files import atomic_dir, cache_root, file_digest
 
 CACHE_VERSION = 1  # bump when tokenization logic changes so old caches are not reused
 
@@ -67,11 +66,16 @@ def load_train_eval(cfg: DataConfig, tokenizer, seed: int):
         reports["eval"] = ev.reports
         return train.dataset, ev.dataset, reports
     if cfg.eval_split > 0:
-        if len(train.dataset) < 2:
-            raise DataError("data.eval_split needs at least 2 training examples")
-        parts = train.dataset.train_test_split(test_size=cfg.eval_split, seed=seed)
-        return parts["train"], parts["test"], reports
+        return *hold_out(train.dataset, cfg.eval_split, seed), reports
     return train.dataset, None, reports
+
+
+def hold_out(data, fraction: float, seed: int):
+    """(train, eval): the one eval split, a seeded data.eval_split share of the training examples."""
+    if len(data) < 2:
+        raise DataError("data.eval_split needs at least 2 training examples")
+    parts = data.train_test_split(test_size=fraction, seed=seed)
+    return parts["train"], parts["test"]
 
 
 def _tokenize_spec(spec: DatasetSpec, cfg: DataConfig, tokenizer, template: ChatTemplate):

@@ -1,14 +1,64 @@
-"""Human-readable views of a tokenized split: the report table and examples with the loss mask shown."""
+"""`sftlab data inspect` / `data tokenize`: a split tokenized as training would, shown (the report table,
+examples with the loss mask) or written out as input_ids/labels JSONL."""
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from sftlab.config import Config, DatasetSpec, ModelConfig, load_config
+from sftlab.data.dataset import TokenizedSplit, load_split
+from sftlab.data.formats import SUFFIXES
 from sftlab.data.tokenize import IGNORE, DatasetReport
 
 OPEN, CLOSE = "[[", "]]"  # marks supervised text when colour is off
+
+
+def inspection_config(source: str, overrides: list[str], split: str) -> Config:
+    """The run YAML `source`, or, for a data file, directory or glob, the default config with it as data.<split>."""
+    if Path(source).is_dir() or Path(source).suffix in SUFFIXES or any(c in source for c in "*?["):
+        cfg = load_config(None, overrides)
+        setattr(cfg.data, split, [DatasetSpec(path=os.path.abspath(source))])
+        return cfg
+    return load_config(source, overrides)
+
+
+def load_for_inspection(source: str, overrides: list[str], split: str,
+                        load_tokenizer: Callable[[ModelConfig], object]) -> tuple[Config, object, TokenizedSplit]:
+    """(config, tokenizer, data.<split> tokenized). The tokenizer loader is passed in: sftlab.model sits
+    above sftlab.data, so this module cannot import it."""
+    cfg = inspection_config(source, overrides, split)
+    tokenizer = load_tokenizer(cfg.model)
+    return cfg, tokenizer, load_split(cfg.data, tokenizer, split)
+
+
+def write_tokenized(split: TokenizedSplit, out: Path) -> tuple[int, Path]:
+    """OUT as {input_ids, labels} JSONL and the per-dataset report beside it: (examples kept, report path)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for row in split.dataset:
+            f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
+    report = out.with_suffix(".report.json")
+    report.write_text(json.dumps([r.to_dict() for r in split.reports], ensure_ascii=False, indent=1))
+    return sum(r.kept for r in split.reports), report
+
+
+def show_split(console: Console, split: TokenizedSplit, tokenizer, name: str, num: int, color: bool) -> None:
+    """The report table of data.<name>, then its first `num` examples with the supervised text marked."""
+    cached = f", {split.cache_hits} from cache" if split.cache_hits else ""
+    print_report(console, split.reports, f"data.{name}: {len(split.dataset)} examples{cached}")
+    legend = "supervised text in green" if color else "supervised text inside [[ ]]"
+    for i in range(min(num, len(split.dataset))):
+        row = split.dataset[i]
+        console.rule(f"example {i} ({len(row['input_ids'])} tokens; {legend})")
+        console.print(marked_example(tokenizer, row["input_ids"], row["labels"], color))
 
 
 def report_console(color: str = "auto") -> Console:

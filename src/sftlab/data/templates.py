@@ -126,3 +126,20 @@ def resolve_template(tokenizer, spec: str) -> tuple[str, str]:
         f"data.template: {spec!r} is not a template name (auto, {', '.join(BUILTIN)}), "
         "a Jinja string, or an existing template file"
     )
+
+
+# Special tokens that close a turn in the templates we know; the tokenizer's EOS is always one too.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+def end_of_turn_ids(tok) -> set[int]:
+    """Ids of special tokens that end an assistant turn: EOS plus known end-of-turn markers."""
+    ids = set()
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    special = set(tok.all_special_tokens) | {
+        t.content for t in tok.added_tokens_decoder.values() if t.special
+    }
+    for token in END_OF_TURN_TOKENS:
+        if token in special:
+            ids.add(tok.convert_tokens_to_ids(token))
+    return ids

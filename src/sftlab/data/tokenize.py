@@ -93,20 +93,31 @@ class Encoder:
         return ids[: last_eot + 1] + [IGNORE] * (len(ids) - last_eot - 1)
 
 
+# The drop reasons of the length policy, one set for every task (data reports count by these).
+DROP_TOO_LONG = "longer than max_length (overflow: drop)"
+DROP_NO_SUPERVISION = "prompt fills max_length (no supervised token left)"
+
+
+def length_outcome(n: int, max_length: int, overflow: str, origin: str, part: str = "example",
+                   key: str = "data.max_length") -> str:  # fmt: skip
+    """The one length policy: 'kept', 'truncate' or DROP_TOO_LONG for `part` of `n` tokens under
+    data.overflow; overflow=error raises, naming the record and the key to raise."""
+    if n <= max_length:
+        return "kept"
+    if overflow == "error":
+        raise DataError(f"{origin}: {part} has {n} tokens, more than {key}={max_length}. "
+                        f"Raise {key}, or set data.overflow to truncate or drop.")  # fmt: skip
+    return DROP_TOO_LONG if overflow == "drop" else "truncate"
+
+
 def apply_length_policy(enc: Encoded, max_length: int, overflow: str, origin: str) -> tuple[Encoded | None, str]:
     """Returns (example or None, outcome) with outcome 'kept' | 'truncated' | a drop reason."""
-    if len(enc.input_ids) <= max_length:
-        return enc, "kept"
-    if overflow == "error":
-        raise DataError(
-            f"{origin}: example has {len(enc.input_ids)} tokens, more than data.max_length={max_length}. "
-            "Raise data.max_length, or set data.overflow to truncate or drop."
-        )
-    if overflow == "drop":
-        return None, "longer than max_length (overflow: drop)"
+    outcome = length_outcome(len(enc.input_ids), max_length, overflow, origin)
+    if outcome != "truncate":
+        return (enc if outcome == "kept" else None), outcome
     cut = Encoded(enc.input_ids[:max_length], enc.labels[:max_length])
     if cut.supervised == 0:  # only prompt would remain: nothing to learn, so drop and count it
-        return None, "prompt fills max_length (no supervised token left)"
+        return None, DROP_NO_SUPERVISION
     return cut, "truncated"
 
 

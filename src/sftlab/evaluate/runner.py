@@ -11,9 +11,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sftlab import rundir
 from sftlab.config import Config, TaskSpec, load_config
-from sftlab.errors import ConfigError, ModelError
+from sftlab.errors import ConfigError, DataError, ModelError
 from sftlab.evaluate.benchmarks import Item
+from sftlab.rundir import load_run
+from sftlab.task import get_task
+from sftlab.task.base import score_eval
 
 LOWER_IS_BETTER = ("/loss", "/ppl")
 
@@ -31,22 +35,21 @@ def resolve_target(target: str, overrides: list[str]) -> tuple[Config, str, Path
     """(config, model source, default output dir) for a run directory or a run YAML."""
     path = Path(target)
     if path.is_dir():
-        if not (path / "config.yaml").is_file():
-            raise ConfigError(f"{path}: not a run directory (no config.yaml); pass a run directory or a YAML config")
-        if not any((path / f).is_file() for f in ("adapter_config.json", "config.json")):
+        if not rundir.is_run(path):
+            raise ConfigError(f"{path}: not a run directory (no {rundir.CONFIG}); pass a run directory or a YAML config")
+        if rundir.model_kind(path) is None:
             raise ModelError(f"{path}: the run has no final model yet (interrupted?); finish it with "
-                             f"`sftlab train {path / 'config.yaml'} --resume`")  # fmt: skip
-        return load_config(path / "config.yaml", overrides), str(path), path / "eval"
+                             f"`sftlab train {path / rundir.CONFIG} --resume`")  # fmt: skip
+        return rundir.read_config(path, overrides), str(path), path / rundir.EVAL
     if not path.is_file():
         raise ConfigError(f"{target}: no such run directory or config file")
     cfg = load_config(path, overrides)
     run = Path(cfg.train.output_dir)
-    trained = any((run / f).is_file() for f in ("adapter_config.json", "config.json"))
-    return cfg, str(run) if trained else cfg.model.name, run / "eval"
+    return cfg, str(run) if rundir.model_kind(run) else cfg.model.name, run / rundir.EVAL
 
 
 def prepare_inputs(cfg: Config, tokenizer) -> EvalInputs:
-    from sftlab.evaluate.benchmarks import load_task
+    from sftlab.evaluate.benchmarks import load_benchmark
 
     eval_data = None
     if cfg.data.eval or (cfg.data.train and cfg.data.eval_split > 0):
@@ -57,7 +60,7 @@ def prepare_inputs(cfg: Config, tokenizer) -> EvalInputs:
         else:
             eval_data = load_train_eval(cfg.data, tokenizer, cfg.train.seed)[1]
     references = reference_items(cfg, cfg.eval.max_examples)
-    tasks = [(spec, load_task(spec)) for spec in cfg.eval.tasks]
+    tasks = [(spec, load_benchmark(spec)) for spec in cfg.eval.tasks]
     if eval_data is None and not references and not tasks:
         raise ConfigError("nothing to evaluate: add data.eval (or data.eval_split) or eval.tasks to the config")
     return EvalInputs(cfg, tokenizer, eval_data, references, tasks)
@@ -77,9 +80,9 @@ def reference_items(cfg: Config, limit: int = 0) -> list[Item]:
     return items[:limit] if limit else items
 
 
-def evaluate_model(model, inputs: EvalInputs, label: str, embedder=None) -> tuple[dict, dict]:
+def score_model(model, inputs: EvalInputs, label: str, embedder=None) -> tuple[dict, dict]:
     """Flat metrics {"eval/loss": ..., "<task>/accuracy": ...} and answers {(source, index): text}."""
-    from sftlab.evaluate import tasks as T
+    from sftlab.evaluate import benchmarks as B
     from sftlab.generate import Sampling, generate_answers
     from sftlab.metrics.text import numeric_match, text_metrics
 
@@ -107,8 +110,8 @@ def evaluate_model(model, inputs: EvalInputs, label: str, embedder=None) -> tupl
     for spec, items in inputs.tasks:
         name = spec.label
         if spec.type == "multiple_choice":
-            scores = T.choice_logprobs(model, tok, items, cfg.batch_size)
-            metrics |= {f"{name}/{k}": v for k, v in T.multiple_choice_scores(items, scores).items()}
+            scores = B.choice_logprobs(model, tok, items, cfg.batch_size)
+            metrics |= {f"{name}/{k}": v for k, v in B.multiple_choice_scores(items, scores).items()}
             answers |= {(name, i): it.choices[max(range(len(s)), key=s.__getitem__)]
                         for i, (it, s) in enumerate(zip(items, scores))}  # fmt: skip
             continue
@@ -121,7 +124,7 @@ def evaluate_model(model, inputs: EvalInputs, label: str, embedder=None) -> tupl
         elif spec.type == "generation":
             metrics |= {f"{name}/{k}": v for k, v in text_metrics(first, refs, embedder).items()}
         else:
-            scores, _ = T.code_scores(items, replies, cfg.pass_k, cfg.code_timeout, cfg.code_memory_mb, progress=True)
+            scores, _ = B.code_scores(items, replies, cfg.pass_k, cfg.code_timeout, cfg.code_memory_mb, progress=True)
             metrics |= {f"{name}/{k}": v for k, v in scores.items()}
     return metrics, answers
 
@@ -129,16 +132,18 @@ def evaluate_model(model, inputs: EvalInputs, label: str, embedder=None) -> tupl
 def run_eval(target: str, overrides: list[str] = (), output: str | None = None, compare: str | None = None,
              say=print) -> dict:  # fmt: skip
     """Evaluate a run (and its base with compare="base", or any model.name); write metrics.json and samples.jsonl."""
-    from sftlab.generate import load_for_inference
-
     cfg, source, default_out = resolve_target(target, overrides)
     out = Path(output) if output else default_out
+    if cfg.task != "causal_lm":
+        if compare:
+            raise ConfigError("--compare is for chat (causal_lm) runs; classification and seq2seq runs print their own metrics")
+        return eval_task_run(source, cfg, out, say)
     started = time.perf_counter()
-    loaded = load_for_inference(source)
+    loaded = load_run(source)
     inputs = prepare_inputs(cfg, loaded.tokenizer)
     embedder = _embedder(cfg, say) if inputs.references or any(s.type == "generation" for s, _ in inputs.tasks) else None
     say(f"evaluating {source}")
-    results = {"model": evaluate_model(loaded.model, inputs, "model", embedder)}
+    results = {"model": score_model(loaded.model, inputs, "model", embedder)}
     base_source = None
     if compare:
         base_source = loaded.base_name if compare == "base" else compare
@@ -146,13 +151,31 @@ def run_eval(target: str, overrides: list[str] = (), output: str | None = None, 
             raise ConfigError(f"--compare {compare}: {source} is not a fine-tune of another model; name the base")
         del loaded
         say(f"evaluating the base {base_source}")
-        base = load_for_inference(base_source)
-        results["base"] = evaluate_model(base.model, inputs, "base", embedder)
+        base = load_run(base_source)
+        results["base"] = score_model(base.model, inputs, "base", embedder)
     record = _record(cfg, source, base_source, results, time.perf_counter() - started)
     write_results(out, record, _samples(inputs, results))
     say(format_table(record))
     say(f"wrote {out / 'metrics.json'} and {out / 'samples.jsonl'}")
     return record
+
+
+def eval_task_run(run_dir: str, cfg: Config, out: Path, say=print) -> dict:
+    """`sftlab eval` of a classification or seq2seq run: eval loss and the task's metrics on data.eval
+    (overrides may point it at other data), written as OUT/metrics.json in `sftlab eval`'s layout."""
+    loaded = load_run(run_dir, cfg.task)
+    task = get_task(cfg)
+    if cfg.task == "classification":  # the run's class order, whatever the data holds
+        task.labels = rundir.load_labels(Path(run_dir))[0]
+    _, eval_data, _ = task.load_data(loaded.tokenizer, cfg.train.seed)
+    if eval_data is None:
+        raise DataError(f"{run_dir}: the run has no eval data; name some: sftlab eval {run_dir} data.eval=[FILE]")
+    metrics = score_eval(task, task.loss_module(loaded.model), loaded.model, loaded.tokenizer, eval_data,
+                         cfg.train.batch_size, out)  # fmt: skip
+    rundir.write_eval(out, str(run_dir), metrics)
+    for key, value in metrics.items():
+        say(f"{key:22} {value:,.4f}" if isinstance(value, float) else f"{key:22} {value}")
+    return metrics
 
 
 def _embedder(cfg: Config, say):

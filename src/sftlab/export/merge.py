@@ -24,10 +24,10 @@ def merge(run_dir: str, output: str, atol: float = 1e-4) -> float:
     """Fold the adapter into the base weights, save, reload, and compare logits; returns the max diff."""
     from transformers import AutoModelForCausalLM
 
-    from sftlab.generate import load_for_inference
     from sftlab.model.methods import is_prompt_learning
+    from sftlab.rundir import load_run
 
-    loaded = load_for_inference(run_dir)
+    loaded = load_run(run_dir)
     if not loaded.is_adapter:
         raise ExportError(f"{run_dir} holds a full model already (no adapter_config.json); nothing to merge")
     if not hasattr(loaded.model, "merge_and_unload"):

@@ -8,6 +8,7 @@ import torch
 from transformers import get_scheduler
 
 from sftlab.config import TrainConfig
+from sftlab.speed.masters import adamw_state
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -18,8 +19,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
             continue
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel is ~8x faster than the default foreach one on CPU (measured: 1.2 s vs 9.6 s a
-    # step for 133M parameters); it needs floating-point parameters on CPU or CUDA.
+    # The fused kernel is much faster than the default foreach one on CPU (benchmarks/RESULTS.md); it
+    # needs floating-point parameters on CPU or CUDA.
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in decay + no_decay)
     return torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
@@ -31,23 +32,13 @@ def init_state(optimizer) -> None:
     """Create a fused AdamW's state now, before the first forward, as its first step would.
 
     Made in step 1 (torch's way), the state (2x the trainable weights in fp32) takes the heap space
-    that step's activations left, and step 2's activations fault fresh pages in: on CPU, SmolLM2-135M
-    full fine-tuning over 4 x 800 tokens faulted 1.3 GB in step 2 (~2.5 s bf16, ~5 s fp32)."""
+    that step's activations left, and step 2's activations fault fresh pages in, which slows step 2
+    on CPU (benchmarks/RESULTS.md)."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
     for group in inner.param_groups:
         if group.get("fused") and not group.get("amsgrad"):
             for p in group["params"]:
                 adamw_state(inner, p)
-
-
-def adamw_state(optimizer: torch.optim.AdamW, p: torch.Tensor) -> dict:
-    """The parameter's state in a fused AdamW, created as torch creates it (so checkpoints match)."""
-    state = optimizer.state[p]
-    if not state:
-        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    return state
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:

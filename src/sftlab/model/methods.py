@@ -20,10 +20,8 @@ import torch
 
 from sftlab.errors import ModelError
 
-PEFT_METHODS = ("lora", "qlora", "adalora", "ia3", "prefix", "ptuning", "prompt")
-PROMPT_LEARNING = ("prefix", "ptuning", "prompt")  # virtual tokens: the model's own forward and attention
-FROZEN_BASE = PEFT_METHODS + ("adapter",)  # the base never trains: it can live in the compute dtype
-MERGEABLE = ("lora", "qlora", "adalora", "ia3")
+# peft's task_type for each sftlab task (SEQ_CLS also trains and saves the new head)
+PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
 ADAPTER_FILE, ADAPTER_CONFIG = "bottleneck_adapters.safetensors", "bottleneck_config.json"
 
 
@@ -48,9 +46,7 @@ def peft_config(cfg, total_steps: int):
     import peft
 
     method, lora, p = cfg.train.method, cfg.lora, cfg.peft
-    from sftlab.task import PEFT_TASK_TYPES
-
-    common = {"task_type": PEFT_TASK_TYPES[cfg.task]}  # SEQ_CLS also trains and saves the new head
+    common = {"task_type": PEFT_TASK_TYPES[cfg.task]}
     if method in ("lora", "qlora"):
         init = {"default": True}.get(lora.init, lora.init)
         return peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -172,6 +168,15 @@ def add_bottleneck_adapters(model, size: int):
     return model
 
 
+def save_trained(model, out: Path, whole: dict | None = None) -> None:
+    """The trained model as its method saves it: bottleneck adapters, a peft adapter or a full model.
+    `whole`: the state dict gathered from FSDP/DeepSpeed shards, when an engine shards the model."""
+    if getattr(model.config, "sftlab_bottleneck", None):
+        save_bottleneck(model, out)
+    else:
+        model.save_pretrained(out, safe_serialization=True, **({"state_dict": whole} if whole else {}))
+
+
 def save_bottleneck(model, out: Path) -> None:
     from safetensors.torch import save_file
 
@@ -196,17 +201,6 @@ def _is_adapter_key(key: str) -> bool:
     return ".down." in key or ".up." in key or key.endswith((".down.weight", ".up.weight"))
 
 
-def adalora_regularizer(model) -> torch.Tensor | None:
-    """AdaLoRA's orthogonality penalty on P and Q (peft adds it only inside its own forward's loss)."""
-    config = next(iter(model.peft_config.values()))
-    terms = []
-    for name, p in model.named_parameters():
-        if p.requires_grad and ("lora_A" in name or "lora_B" in name):
-            cov = p @ p.T if "lora_A" in name else p.T @ p
-            terms.append(torch.linalg.matrix_norm(cov - torch.eye(*cov.shape, device=cov.device, dtype=cov.dtype)))
-    return config.orth_reg_weight * torch.stack(terms).mean() if terms else None
-
-
 def neftune_hook(alpha: float):
     """NEFTune (Jain et al. 2023): uniform noise of scale alpha/sqrt(length*dim) on input embeddings,
     in training mode only, so evaluation and generation see the clean embeddings."""
@@ -220,19 +214,58 @@ def neftune_hook(alpha: float):
     return hook
 
 
-def method_state(model, method: str) -> dict | None:
-    """State a resumed run needs beyond weights and optimizer: AdaLoRA's importance averages and rank pattern."""
-    if method != "adalora":
+# --------------------------------------------------------------------------- what a method adds to the step
+
+
+class StepHooks:
+    """What a method adds to the optimizer step beyond its forward; most methods add nothing."""
+
+    def penalty(self, model) -> torch.Tensor | None:
+        """A term added to the objective of the step's last micro-batch (once a step, on every rank)."""
         return None
-    allocator = model.base_model.rankallocator
-    config = next(iter(model.peft_config.values()))
-    return {"ipt": allocator.ipt, "exp_avg_ipt": allocator.exp_avg_ipt, "exp_avg_unc": allocator.exp_avg_unc,
-            "rank_pattern": config.rank_pattern}  # fmt: skip
+
+    def after_step(self, model, step: int) -> None:
+        """Called after the optimizer step, before gradients are zeroed."""
+
+    def state(self, model) -> dict | None:
+        """What a resumed run needs beyond weights and optimizer (saved in the checkpoint)."""
+        return None
+
+    def load_state(self, model, state: dict | None) -> None:
+        pass
 
 
-def load_method_state(model, method: str, state: dict | None) -> None:
-    if method != "adalora" or state is None:
-        return
-    allocator = model.base_model.rankallocator
-    allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = state["ipt"], state["exp_avg_ipt"], state["exp_avg_unc"]
-    next(iter(model.peft_config.values())).rank_pattern = state["rank_pattern"]
+class AdaLoraHooks(StepHooks):
+    """AdaLoRA: its orthogonality penalty (peft adds it only inside its own forward's loss), rank
+    pruning on the run's real step count (peft: after the step, before zero_grad), and its importance
+    averages and rank pattern in checkpoints, so resume is exact."""
+
+    def penalty(self, model) -> torch.Tensor | None:
+        config = next(iter(model.peft_config.values()))
+        terms = []
+        for name, p in model.named_parameters():
+            if p.requires_grad and ("lora_A" in name or "lora_B" in name):
+                cov = p @ p.T if "lora_A" in name else p.T @ p
+                eye = torch.eye(*cov.shape, device=cov.device, dtype=cov.dtype)
+                terms.append(torch.linalg.matrix_norm(cov - eye))
+        return config.orth_reg_weight * torch.stack(terms).mean() if terms else None
+
+    def after_step(self, model, step: int) -> None:
+        model.base_model.update_and_allocate(step)
+
+    def state(self, model) -> dict | None:
+        allocator = model.base_model.rankallocator
+        config = next(iter(model.peft_config.values()))
+        return {"ipt": allocator.ipt, "exp_avg_ipt": allocator.exp_avg_ipt, "exp_avg_unc": allocator.exp_avg_unc,
+                "rank_pattern": config.rank_pattern}  # fmt: skip
+
+    def load_state(self, model, state: dict | None) -> None:
+        if state is None:
+            return
+        allocator = model.base_model.rankallocator
+        allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = state["ipt"], state["exp_avg_ipt"], state["exp_avg_unc"]
+        next(iter(model.peft_config.values())).rank_pattern = state["rank_pattern"]
+
+
+def step_hooks(method: str) -> StepHooks:
+    return AdaLoraHooks() if method == "adalora" else StepHooks()

@@ -6,6 +6,7 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from sftlab import rundir
 from sftlab.errors import ModelError
 
 
@@ -38,16 +39,16 @@ class Served:
 def load_served(source: str, adapters: list[str] = (), precision: str = "fp32") -> Served:
     """`source` as `sftlab generate` takes it; each of `adapters` is RUN_DIR or NAME=RUN_DIR of a LoRA run.
 
-    precision: fp32 | bf16 | fp16 | auto: the GPU's half type, fp32 on CPU (measured on 2 avx512_bf16
-    cores: bf16 decoding is no faster at batch 1 and 35% slower with unmerged LoRA adapters)."""
+    precision: fp32 | bf16 | fp16 | auto: the GPU's half type, fp32 on CPU (on CPU bf16 decoding is no
+    faster, and slower with unmerged LoRA adapters; benchmarks/RESULTS.md)."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from sftlab.generate import load_for_inference
-    from sftlab.model.load import end_of_turn_ids
+    from sftlab.data.templates import end_of_turn_ids
     from sftlab.model.methods import is_prompt_learning
+    from sftlab.rundir import load_run
 
-    loaded = load_for_inference(source)
+    loaded = load_run(source)
     model, tok = loaded.model, loaded.tokenizer
     if is_prompt_learning(model):
         raise ModelError(f"{source}: prefix/ptuning/prompt runs are not served (their virtual tokens need peft's own "
@@ -66,8 +67,8 @@ def load_served(source: str, adapters: list[str] = (), precision: str = "fp32") 
     for spec in adapters:
         name, _, path = spec.rpartition("=")
         name = name or _model_id(path)
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise ModelError(f"--adapter {spec}: {path} is not a LoRA run (no adapter_config.json)")
+        if rundir.model_kind(Path(path)) != "peft":
+            raise ModelError(f"--adapter {spec}: {path} is not a LoRA run (no {rundir.PEFT_CONFIG})")
         if name in ids:
             raise ModelError(f"--adapter {spec}: the model id {name!r} is already served; name it: --adapter NAME={path}")
         if isinstance(model, PeftModel):
@@ -79,11 +80,11 @@ def load_served(source: str, adapters: list[str] = (), precision: str = "fp32") 
         templates[name] = AutoTokenizer.from_pretrained(path).chat_template
     import torch
 
-    from sftlab.model.load import resolve_precision
+    from sftlab.model.precision import dtype_of, resolve_precision
 
     if precision == "auto" and not torch.cuda.is_available():
         precision = "fp32"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[resolve_precision(precision)]
+    dtype = dtype_of(resolve_precision(precision))
     if torch.cuda.is_available():
         model = model.cuda()
     model = model.to(dtype).eval()

@@ -14,8 +14,8 @@ def chat_loop(loaded, system: str | None, max_new_tokens: int, temperature: floa
     """Read user turns until /exit or end of input; returns the number of replies given."""
     from transformers import TextStreamer
 
+    from sftlab.data.templates import end_of_turn_ids
     from sftlab.generate import Sampling, inference_mode
-    from sftlab.model.load import end_of_turn_ids
 
     tok, model = loaded.tokenizer, loaded.model
     sampling = Sampling(max_new_tokens, temperature, top_p)

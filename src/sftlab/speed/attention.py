@@ -3,9 +3,10 @@
 Training batches are right-padded or packed, never left-padded, so a plain causal kernel is exact:
 a real token never sees the padding to its right. That lets PyTorch pick its fused (flash) CPU and
 GPU kernels, which it refuses once an explicit mask is passed. Packed rows carry `cu_seq_lens_q`
-(the flash-attention varlen convention); each example then attends only within itself (GUIDE rule
-4) at the cost of its own length squared, not the packed row's: on CUDA in one flash-attention
-varlen call (PyTorch's own, no extra package), elsewhere one fused SDPA call per example.
+(the flash-attention varlen convention); each example then attends only within itself
+(docs/correctness.md rule 4) at the cost of its own length squared, not the packed row's: on CUDA in
+one flash-attention varlen call (PyTorch's own, no extra package), elsewhere one fused SDPA call per
+example.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+
+from sftlab.model.precision import is_half
 
 NAME = "sftlab_sdpa"
 
@@ -80,7 +83,7 @@ def _varlen_applies(query: torch.Tensor) -> bool:
 
 def varlen_runs(device, dtype) -> bool:
     """Whether packed rows on this device and dtype take the one flash-attention varlen call."""
-    return torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _varlen_kernel() is not None
+    return torch.device(device).type == "cuda" and is_half(dtype) and _varlen_kernel() is not None
 
 
 def _varlen(query, key, value, cu_seq_lens, max_length, scaling, groups: int) -> torch.Tensor:
@@ -95,8 +98,8 @@ def _varlen(query, key, value, cu_seq_lens, max_length, scaling, groups: int) ->
     return out.reshape(b, t, out.shape[-2], d)
 
 
-# PyTorch's CPU flash kernel is tuned for long rows: at 96 tokens (SmolLM2's heads, 8 rows) forward and
-# backward take ~1.6x as long as this kernel's; from ~180 tokens it wins (benchmarks/RESULTS.md).
+# PyTorch's CPU flash kernel is tuned for long rows and slower than this kernel on short ones;
+# SHORT_TOKENS is about where the two cross, measured forward and backward (benchmarks/RESULTS.md).
 SHORT_TOKENS = 176
 
 

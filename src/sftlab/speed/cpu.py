@@ -2,8 +2,8 @@
 
 A training step allocates and frees the same few GB every step (activations, gradients, logits
 chunks). glibc hands large blocks back to the kernel on free and the next step faults every page
-in again (~130k page faults and ~0.5 s of system time a step for SmolLM2-135M full fine-tuning);
-keeping freed memory in the heap for reuse removes most of them (benchmarks/RESULTS.md).
+in again, which costs system time every step; keeping freed memory in the heap for reuse removes
+most of those faults (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ peft computes `result + lora_B(lora_A(dropout(x))) * scaling`: the product, its 
 sum are three tensors of the layer's full output size, written and read again, for every adapted
 linear layer and again in backward. `addmm(result, h, B^T, alpha=scaling)` does the scaling and
 the sum in the matmul's epilogue, one pass, one rounding; its backward scales only the rank-sized
-gradients. On an H100 a 1B model's LoRA step (r=16 on every linear layer, 15.9k tokens) went from
-0.253 to 0.236 s (benchmarks/RESULTS.md). Plain LoRA on nn.Linear only: DoRA and the other
-variants, biased or disabled adapters and several active adapters keep peft's own forward.
+gradients, which shortens a LoRA step on GPU (benchmarks/RESULTS.md). Plain LoRA on nn.Linear only:
+DoRA and the other variants, biased or disabled adapters and several active adapters keep peft's
+own forward.
 """
 
 from __future__ import annotations

@@ -18,11 +18,9 @@ import math
 
 import torch
 
-from sftlab.loop.optim import adamw_state
-
 PIECE_ELEMENTS = 1 << 19  # on CPU: one 2 MB fp32 gradient buffer, reused from the heap while in cache
 CHUNK_ELEMENTS = 32 << 20  # on GPU, where allocation is cached and launches cost: 128 MB of fp32 gradients
-NORM_SLICE = 1 << 20  # on CPU: the gradient norm's fp32 slice (4 MB; 2^17-2^20 measured, the largest fastest)
+NORM_SLICE = 1 << 20  # on CPU: the gradient norm's fp32 slice (4 MB), the fastest size measured (benchmarks/RESULTS.md)
 
 
 class MasterWeights:
@@ -55,6 +53,24 @@ class MasterWeights:
 
         return accumulate
 
+    # The loop's calls (sftlab.speed.weights names them all).
+
+    def begin_micro_batch(self, last: bool) -> None:
+        self.last_micro_batch = last
+
+    def clip(self, max_norm: float) -> float:
+        """The step's gradient norm; the step then scales by the clip factor clip_grad_norm_ would use."""
+        norm = self.grad_norm()
+        self._clip_factor = min(1.0, max_norm / (norm + 1e-6))
+        return norm
+
+    def optimizer_step(self, optimizer) -> None:
+        # The masters step as the optimizer's closure, so its hooks and the LR scheduler see a step.
+        optimizer.step(lambda: self.step(optimizer, self._clip_factor))
+
+    def after_load(self) -> None:
+        self.sync()
+
     def named_parameters(self):
         return zip(self.names, self.masters)
 
@@ -79,7 +95,8 @@ class MasterWeights:
         updated masters rounded into the model's bf16 weights.
 
         Written out because torch's optimizer steps whole parameters: the fp32 gradient it needs is a
-        fresh block per parameter (the embedding's: 113 MB, page-faulted in every step on CPU). Here each
+        fresh block per parameter (on CPU a large one, such as the embedding's, is mmapped and its pages
+        fault in every step; benchmarks/RESULTS.md). Here each
         piece of <= PIECE elements is converted into a small buffer that stays in cache, stepped by the
         same fused kernel and copied back while hot. The state (step, exp_avg, exp_avg_sq) is torch's own,
         so optimizer.state_dict() and checkpoints are unchanged."""
@@ -150,8 +167,8 @@ def step_elements(device_type: str) -> int:
 def _sparse_tied_lookup(model: torch.nn.Module) -> torch.nn.Embedding | None:
     """On CPU, let a tied input embedding return a sparse gradient: autograd then adds it in place into
     the LM head's dense one, instead of zero-filling a (vocab x hidden) block for the lookup's gradient
-    and summing the two into a third (56 MB blocks for SmolLM2, above the mmap ceiling: their pages fault
-    in every step). Untied, the sparse gradient would reach the optimizer, which takes dense ones."""
+    and summing the two into a third (blocks above the mmap ceiling, whose pages fault in every step;
+    benchmarks/RESULTS.md). Untied, the sparse gradient would reach the optimizer, which takes dense ones."""
     lookup = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = isinstance(lookup, torch.nn.Embedding) and head is not None and head.weight is lookup.weight
@@ -181,8 +198,8 @@ def _squares(grad: torch.Tensor, buffer: torch.Tensor) -> list[torch.Tensor]:
     """The gradient's squared L2 norm in fp32, in one or more partial sums."""
     if grad.device.type != "cpu" or grad.dtype == torch.float32:
         return [torch.linalg.vector_norm(grad, dtype=torch.float32) ** 2]
-    # On CPU vector_norm(dtype=float32) of bf16 converts at a fraction of copy speed (~200 ms a step for
-    # SmolLM2-135M whole, 30-50 ms in slices): a cache-sized fp32 copy and a dot take ~20 ms.
+    # On CPU vector_norm(dtype=float32) of bf16 converts at a fraction of copy speed, even in slices;
+    # a cache-sized fp32 copy and a dot are faster (benchmarks/RESULTS.md).
     sums = []
     for piece in grad.reshape(-1).split(NORM_SLICE):
         f = buffer[: piece.numel()].copy_(piece)
@@ -195,3 +212,13 @@ def applies(cfg, precision: str, single_process: bool) -> bool:
     bf16 base; `freeze` would round its frozen layers to bf16 in the saved model, having no masters
     for them; DDP/FSDP/DeepSpeed own their gradients and mixed precision."""
     return cfg.task == "causal_lm" and precision == "bf16" and cfg.train.method == "full" and single_process
+
+
+def adamw_state(optimizer: torch.optim.AdamW, p: torch.Tensor) -> dict:
+    """The parameter's state in a fused AdamW, created as torch creates it (so checkpoints match)."""
+    state = optimizer.state[p]
+    if not state:
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state

@@ -2,9 +2,10 @@
 
 The models' own RMSNorm (Llama and the many "copied from Llama") upcasts its input to fp32 and
 autograd then keeps that fp32 copy and the normalized bf16 output: 3x the input's size per norm,
-two norms a layer, ~18% of a bf16 block's activations. This one recomputes the normalized input
-in backward instead. It replaces a norm's forward only where that forward is Llama's, line for line.
-On CUDA PyTorch's fused RMSNorm kernel does the same in one pass each way.
+two norms a layer, a sizeable share of a bf16 block's activations (benchmarks/RESULTS.md). This one
+recomputes the normalized input in backward instead. It replaces a norm's forward only where that
+forward is Llama's, line for line. On CUDA PyTorch's fused RMSNorm kernel does the same in one pass
+each way.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ class RMSNormFunction(torch.autograd.Function):
 def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if hidden_states.is_cuda and hidden_states.dtype == self.weight.dtype:
         # PyTorch's fused CUDA kernel saves the same (input, one scale per token) in one pass each way;
-        # the elementwise version above took a quarter of a 1B model's step on an H100 (RESULTS.md).
-        # It rounds once where the models round twice: the same within bf16's precision.
+        # the elementwise version above is slow on GPU (benchmarks/RESULTS.md). It rounds once where
+        # the models round twice: the same within bf16's precision.
         return torch.nn.functional.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
     return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
 

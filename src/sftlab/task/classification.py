@@ -11,15 +11,18 @@ import torch
 import torch.nn.functional as F
 
 from sftlab.config import Config
-from sftlab.data.tokenize import DatasetReport
-from sftlab.errors import DataError, ModelError
-from sftlab.task import load_record_splits, pad_rows
-
-LABELS_FILE = "labels.json"
+from sftlab.data.batching import pad
+from sftlab.data.formats import load_field_records
+from sftlab.data.tokenize import DROP_TOO_LONG, DatasetReport, length_outcome
+from sftlab.errors import DataError
+from sftlab.rundir import LABELS_FILE, load_labels, load_run
+from sftlab.task.base import load_record_splits
 
 
 class Classification:
     name = "classification"
+    causal_decoder = False
+    final_eval_file = True
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -58,13 +61,11 @@ class Classification:
                                 f"({', '.join(self.labels)}); fix the label, or list every class in "
                                 "classification.labels")  # fmt: skip
             enc = tokenizer(str(r["text"]), r.get("text_pair"), truncation=False)
-            if len(enc["input_ids"]) > max_length:
-                if overflow == "error":
-                    raise DataError(f"{origin}: {len(enc['input_ids'])} tokens > data.max_length={max_length}; "
-                                    "raise it or set data.overflow=truncate|drop")  # fmt: skip
-                if overflow == "drop":
-                    report.dropped["too long"] += 1
-                    continue
+            outcome = length_outcome(len(enc["input_ids"]), max_length, overflow, origin)
+            if outcome == DROP_TOO_LONG:
+                report.dropped[outcome] += 1
+                continue
+            if outcome == "truncate":  # the tokenizer's truncation keeps the closing special tokens
                 report.truncated += 1
                 enc = tokenizer(str(r["text"]), r.get("text_pair"), truncation=True, max_length=max_length)
             out["input_ids"].append(enc["input_ids"])
@@ -91,7 +92,7 @@ class Classification:
     def load_model(self, precision: str, tokenizer):
         from transformers import AutoModelForSequenceClassification
 
-        from sftlab.model.load import frozen_dtype, load_model
+        from sftlab.model.load import frozen_dtype, label_kwargs, load_model
 
         lm = load_model(self.cfg.model, frozen_dtype(self.cfg.train.method, precision), AutoModelForSequenceClassification,
                         **label_kwargs(self.labels))  # fmt: skip
@@ -126,6 +127,9 @@ class Classification:
             scores.pop("confusion")
         return {f"eval_{k}": v for k, v in scores.items()}
 
+    def chat_template(self, tokenizer) -> None:
+        return None
+
     def save_extras(self, out: Path, tokenizer) -> None:
         (Path(out) / LABELS_FILE).write_text(json.dumps({"labels": self.labels, "type": self.label_type}, indent=1))
 
@@ -142,17 +146,13 @@ class ClassificationLoss(torch.nn.Module):
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    ids, mask = pad_rows([r["input_ids"] for r in rows], pad_id)
+    ids, mask = pad([r["input_ids"] for r in rows], pad_id)
     batch = {"input_ids": ids, "attention_mask": mask}
     if "token_type_ids" in rows[0]:
-        batch["token_type_ids"] = pad_rows([r["token_type_ids"] for r in rows], 0)[0]
+        batch["token_type_ids"] = pad([r["token_type_ids"] for r in rows], 0)[0]
     if "labels" in rows[0]:
         batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
     return batch
-
-
-def label_kwargs(labels: list[str]) -> dict:
-    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
 
 
 def _label_text(value) -> str:
@@ -177,6 +177,37 @@ def predict_probs(model, rows: list[dict], pad_id: int, batch_size: int = 32) ->
             probs[i] = p
     model.train(was_training)
     return torch.stack(probs)
+
+
+def predict_file(run_dir: str, input_path: str, output_path: str, batch_size: int = 32) -> int:
+    """`sftlab predict`: one {label, probs} JSONL line per input record; returns how many were written."""
+    loaded = load_run(run_dir, "classification")
+    tokenizer, max_length = loaded.tokenizer, loaded.cfg.data.max_length
+    labels, label_type = load_labels(Path(run_dir))
+    rows = []
+    for r in input_records(input_path, "text", ("text_pair",)):
+        enc = tokenizer(r["text"], r.get("text_pair"), truncation=True, max_length=max_length)
+        rows.append({k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc})
+    probs = predict_probs(loaded.model, rows, tokenizer.pad_token_id, batch_size)
+    with open(output_path, "w", encoding="utf-8") as f:
+        for p in probs.tolist():
+            best = labels[max(range(len(p)), key=p.__getitem__)]
+            label = int(best) if label_type == "int" else best  # as the training data wrote it
+            f.write(json.dumps({"label": label, "probs": {name: round(v, 6) for name, v in zip(labels, p)}},
+                               ensure_ascii=False) + "\n")  # fmt: skip
+    return len(rows)
+
+
+def input_records(path: str, field: str, optional: tuple[str, ...] = ()) -> list[dict]:
+    """predict/translate input: a .txt file (one `field` a line) or records with that field."""
+    if not Path(path).is_file():
+        raise DataError(f"--input {path}: no such file")
+    if path.endswith(".txt"):
+        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise DataError(f"--input {path}: no lines")
+        return [{field: line} for line in lines]
+    return [r for _, r in load_field_records(path, (field,), optional).records]
 
 
 def classification_metrics(gold: list[int], pred: list[int], classes: int) -> dict:
@@ -228,11 +259,3 @@ def write_confusion(out: Path, confusion: list[list[int]], labels: list[str]) ->
     fig.tight_layout()
     fig.savefig(out / "confusion.png")
     plt.close(fig)
-
-
-def load_labels(run_dir: Path) -> tuple[list[str], str]:
-    path = Path(run_dir) / LABELS_FILE
-    if not path.is_file():
-        raise ModelError(f"{run_dir}: no {LABELS_FILE}; not a classification run")
-    d = json.loads(path.read_text())
-    return d["labels"], d["type"]

@@ -11,13 +11,20 @@ import torch
 import torch.nn.functional as F
 
 from sftlab.config import Config
-from sftlab.data.tokenize import IGNORE, DatasetReport
-from sftlab.errors import DataError, ModelError
-from sftlab.task import load_record_splits, pad_rows
+from sftlab.data.batching import pad
+from sftlab.data.tokenize import DROP_TOO_LONG, IGNORE, DatasetReport, length_outcome
+from sftlab.errors import ModelError
+from sftlab.rundir import load_run
+from sftlab.task.base import load_record_splits
+from sftlab.task.classification import input_records
+
+KEYS = {"source": "data.max_length", "target": "seq2seq.max_target_length"}
 
 
 class Seq2Seq:
     name = "seq2seq"
+    causal_decoder = False
+    final_eval_file = True
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -34,17 +41,13 @@ class Seq2Seq:
             report = reports[r["_report"]]
             source = self.cfg.seq2seq.source_prefix + str(r["source"])
             ids = {"source": tokenizer(source)["input_ids"], "target": tokenizer(text_target=str(r["target"]))["input_ids"]}
-            over = [k for k in ids if len(ids[k]) > limits[k]]
-            if over and self.cfg.data.overflow == "error":
-                k = over[0]
-                key = "data.max_length" if k == "source" else "seq2seq.max_target_length"
-                raise DataError(f"{origin}: the {k} has {len(ids[k])} tokens > {key}={limits[k]}; raise it or set "
-                                "data.overflow=truncate|drop")  # fmt: skip
-            if over and self.cfg.data.overflow == "drop":
-                report.dropped["too long"] += 1
+            outcomes = {k: length_outcome(len(ids[k]), limits[k], self.cfg.data.overflow, origin, f"the {k}", KEYS[k])
+                        for k in ids}  # fmt: skip
+            if DROP_TOO_LONG in outcomes.values():
+                report.dropped[DROP_TOO_LONG] += 1
                 report.supervised_lost += len(ids["target"])
                 continue
-            if over:
+            if "truncate" in outcomes.values():
                 report.truncated += 1
                 report.supervised_lost += max(0, len(ids["target"]) - limits["target"])
                 # cut inside the text but keep the closing EOS, so the model still learns to stop
@@ -98,6 +101,9 @@ class Seq2Seq:
                     f.write(json.dumps({"source": "eval", "prompt": s, "reference": r, "answer": h}, ensure_ascii=False) + "\n")
         return {"eval_bleu": bleu(hyps, refs), "eval_chrf": chrf(hyps, refs)}
 
+    def chat_template(self, tokenizer) -> None:
+        return None
+
     def save_extras(self, out: Path, tokenizer) -> None:
         pass
 
@@ -124,10 +130,10 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tenso
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    ids, mask = pad_rows([r["input_ids"] for r in rows], pad_id)
+    ids, mask = pad([r["input_ids"] for r in rows], pad_id)
     batch = {"input_ids": ids, "attention_mask": mask}
     if "labels" in rows[0]:
-        batch["labels"] = pad_rows([r["labels"] for r in rows], IGNORE)[0]
+        batch["labels"] = pad([r["labels"] for r in rows], IGNORE)[0]
     return batch
 
 
@@ -149,4 +155,20 @@ def translate(model, tokenizer, sources: list[str], max_new_tokens: int, num_bea
         for i, seq in zip(idx, out):
             hyps[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
     model.train(was_training)
+    return hyps
+
+
+def translate_file(run_dir: str, input_path: str, output_path: str | None = None, num_beams: int | None = None,
+                   max_new_tokens: int | None = None, batch_size: int = 16) -> list[str]:  # fmt: skip
+    """`sftlab translate`: the translations of the input's sources (beams and length default to the run's
+    seq2seq settings), also written as {source, translation} JSONL when `output_path` is given."""
+    loaded = load_run(run_dir, "seq2seq")
+    s2s = loaded.cfg.seq2seq
+    sources = [r["source"] for r in input_records(input_path, "source")]
+    hyps = translate(loaded.model, loaded.tokenizer, [s2s.source_prefix + s for s in sources],
+                     max_new_tokens or s2s.max_target_length, num_beams or s2s.num_beams, batch_size)  # fmt: skip
+    if output_path:
+        with open(output_path, "w", encoding="utf-8") as f:
+            for s, h in zip(sources, hyps):
+                f.write(json.dumps({"source": s, "translation": h}, ensure_ascii=False) + "\n")
     return hyps

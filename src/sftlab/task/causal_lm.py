@@ -1,0 +1,54 @@
+"""task: causal_lm. Chat SFT: conversations rendered with a chat template, loss on the assistant tokens."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from sftlab.config import Config
+from sftlab.data.batching import collate, collate_packed, supervised_count
+from sftlab.data.dataset import load_train_eval
+from sftlab.data.templates import ChatTemplate
+from sftlab.model.load import load_base_for
+from sftlab.model.loss import SupervisedLoss
+
+
+class CausalLM:
+    name = "causal_lm"
+    causal_decoder = True
+    final_eval_file = False  # `sftlab eval` writes eval/ for chat runs (generation metrics, benchmarks)
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def load_data(self, tokenizer, seed: int):
+        return load_train_eval(self.cfg.data, tokenizer, seed)
+
+    def load_model(self, precision: str, tokenizer):
+        return load_base_for(self.cfg, precision)
+
+    def loss_module(self, lm) -> torch.nn.Module:
+        return SupervisedLoss(lm, self.cfg.train.loss_chunk_tokens)
+
+    def collate(self, pad_id: int, layout: str = "padded"):
+        if layout == "packed":
+            return partial(collate_packed, max_length=self.cfg.data.max_length, pad_id=pad_id)
+        if layout == "flat":
+            return partial(collate_packed, max_length=None, pad_id=pad_id)
+        return partial(collate, pad_id=pad_id)
+
+    def count(self, batch: dict) -> int:
+        return supervised_count(batch)
+
+    def row_tokens(self, row: dict) -> int:
+        return len(row["input_ids"])
+
+    def metrics(self, model, tokenizer, eval_data, out=None) -> dict:
+        return {}  # generation metrics run through `sftlab eval` and eval.generate_every
+
+    def chat_template(self, tokenizer) -> str | None:
+        return ChatTemplate(tokenizer, self.cfg.data.template).source
+
+    def save_extras(self, out, tokenizer) -> None:
+        pass
