@@ -84,3 +84,13 @@ def lively_model_dir(tmp_path_factory, tiny_model_dir):
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model_dir, tmp_path_factory):
+    """A LoRA run of the tiny model (for merge and generate)."""
+    from sftlab.loop.train import train
+
+    out = tmp_path_factory.mktemp("lora-run")
+    train(tiny_config(tiny_model_dir, out, "train.method=lora", "train.lr=1e-2"), say=lambda *a, **k: None)
+    return out

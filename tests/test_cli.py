@@ -125,3 +125,16 @@ def test_generate_conversations_from_prompts_and_a_file_open_with_the_system_mes
     system = {"role": "system", "content": "be brief"}
     assert conversations == [[system, {"role": "user", "content": "one"}], [system, {"role": "user", "content": "two"}]]
     assert gather_conversations(["one"], None, None) == [[{"role": "user", "content": "one"}]]
+
+
+def test_train_command_end_to_end(tiny_model_dir, tmp_path, capsys):
+    from conftest import FIXTURES
+
+    out = tmp_path / "cli-run"
+    argv = ["train", str(FIXTURES / "run_template.yaml"), f"model.name={tiny_model_dir}", f"train.output_dir={out}",
+            f"data.train=[{FIXTURES / 'train_small.jsonl'}]", "train.max_steps=2", "train.report_to=[]"]
+    assert main(argv) == 0
+    assert "completed: 2/2 steps" in capsys.readouterr().out
+    assert main(argv) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(argv + ["--overwrite"]) == 0

@@ -24,7 +24,7 @@ from sftlab.curate.synth import (
 )
 from sftlab.errors import SftlabError
 
-SEEDS = Path(__file__).parents[1] / "examples" / "synth" / "seed_tasks.jsonl"
+SEEDS = Path(__file__).parents[2] / "examples" / "synth" / "seed_tasks.jsonl"
 VOCAB = ("river mountain teacher engine violin harvest lantern orbit pepper canyon rumor ledger meadow "
          "comet anchor saddle tunnel quartz ballot glacier parrot sermon timber walnut harbor cipher "
          "falcon mosaic vessel thistle ember marble pocket ribbon summit velvet willow zenith bamboo "

@@ -1,8 +1,7 @@
-"""bf16 compute with fp32 master weights, the short-row attention kernel and the CPU heap settings."""
+"""bf16 compute with fp32 master weights: accumulation, clipping, the pieced step, the sparse tied lookup, the saved model."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import tiny_config
 from helpers import losses
 from safetensors.torch import load_file
@@ -11,36 +10,11 @@ import sftlab.loop.train as train_mod
 from sftlab.config import TrainConfig
 from sftlab.loop.optim import build_optimizer
 from sftlab.loop.train import train
-from sftlab.speed import attention, cpu
 from sftlab.speed import masters as masters_mod
 from sftlab.speed.masters import MasterWeights
 
 QUIET = {"say": lambda *a, **k: None}
 
-
-def test_short_causal_attention_is_exact_in_float64_and_close_in_bf16():
-    torch.manual_seed(0)
-    for kv_heads in (3, 1):  # one key/value head per query head, and one shared by all three (GQA)
-        q = torch.randn(2, 3, 17, 8, dtype=torch.float64, requires_grad=True)
-        k, v = (torch.randn(2, kv_heads, 17, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
-        assert torch.autograd.gradcheck(lambda a, b, c: attention.ShortCausal.apply(a, b, c, 0.3), (q, k, v))
-        out = attention.ShortCausal.apply(q, k, v, 8**-0.5)
-        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        assert torch.allclose(out, ref, atol=1e-12)
-
-    q = torch.randn(4, 9, 90, 64, requires_grad=True)
-    k, v = (torch.randn(4, 3, 90, 64, requires_grad=True) for _ in range(2))
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    ref_grads = torch.autograd.grad(ref.pow(2).sum(), (q, k, v))
-    low = [x.detach().bfloat16().requires_grad_() for x in (q, k, v)]
-    assert attention._short_kernel_wins(low[0], 0.0) and not attention._short_kernel_wins(low[0], 0.1)
-    out = attention.ShortCausal.apply(*low, 64**-0.5)
-    grads = torch.autograd.grad(out.float().pow(2).sum(), low)
-    rel = lambda a, b: float((a.detach().float() - b.detach()).norm() / b.detach().norm())
-    assert rel(out, ref) < 1e-2  # bf16 rounding (SDPA's own bf16 flash kernel: ~3e-3)
-    assert all(rel(g, r) < 2e-2 for g, r in zip(grads, ref_grads))
-    long = torch.zeros(1, 1, attention.SHORT_TOKENS + 1, 8, dtype=torch.bfloat16)
-    assert not attention._short_kernel_wins(long, 0.0) and not attention._short_kernel_wins(q, 0.0)  # fp32: SDPA
 
 
 def test_master_weights_accumulate_clip_and_step_in_fp32(monkeypatch):
@@ -82,6 +56,7 @@ def test_master_weights_accumulate_clip_and_step_in_fp32(monkeypatch):
     assert all(torch.equal(p, m) for p, m in zip(model.parameters(), masters.masters))
 
 
+
 def test_a_tied_embedding_gets_the_same_gradient_through_its_sparse_lookup(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -105,6 +80,7 @@ def test_a_tied_embedding_gets_the_same_gradient_through_its_sparse_lookup(tiny_
     assert rel(embedding_grad(torch.bfloat16, True)) <= 1.5 * rel(embedding_grad(torch.bfloat16, False)) + 1e-3
 
 
+
 def test_master_weights_grad_norm_of_bf16_gradients_is_the_fp32_norm():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(1100, 1000), torch.nn.Linear(1000, 1))  # 1.1M weights: sliced
@@ -113,6 +89,7 @@ def test_master_weights_grad_norm_of_bf16_gradients_is_the_fp32_norm():
     grads = torch.cat([p.grad.float().flatten() for p in model.parameters()])
     assert masters.grad_norm() == pytest.approx(float(grads.double().norm()), rel=1e-5)  # fp32 sums
     assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters())
+
 
 
 @pytest.mark.filterwarnings("error:Detected call of `lr_scheduler")  # the masters' step is a step
@@ -146,6 +123,7 @@ def test_full_bf16_run_computes_in_bf16_and_saves_fp32_masters(tiny_model_dir, t
     assert losses(out) == pytest.approx(losses(fp32), rel=2e-2)  # bf16 compute tracks the fp32 run
 
 
+
 def test_masters_are_not_used_where_they_do_not_apply(tiny_model_dir):
     from sftlab.speed.masters import applies
 
@@ -154,54 +132,3 @@ def test_masters_are_not_used_where_they_do_not_apply(tiny_model_dir):
     assert not applies(cfg, "bf16", False) and not applies(cfg, "fp32", True)
     assert not applies(tiny_config(tiny_model_dir, "/tmp/unused", "train.method=freeze"), "bf16", True)
     assert not applies(tiny_config(tiny_model_dir, "/tmp/unused", "train.method=lora"), "bf16", True)
-
-
-def test_heap_settings_apply_on_glibc():
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("mallopt is glibc's")
-    assert cpu.keep_freed_memory()
-    assert cpu.use_cores() >= 1
-
-
-def _saved_bytes(model, ids) -> int:
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids).logits.float().sum()
-    return total[0]
-
-
-def test_lean_rmsnorm_matches_the_models_own_and_keeps_less(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    from sftlab.speed import rmsnorm
-
-    norm = LlamaRMSNorm(16, eps=1e-5).double()
-    with torch.no_grad():
-        norm.weight.normal_()
-    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, w: rmsnorm.RMSNormFunction.apply(a, w, 1e-5), (x, norm.weight))
-    for dtype in (torch.float32, torch.bfloat16):  # the forward is the model's, bit for bit
-        n, a = LlamaRMSNorm(16).to(dtype), x.detach().to(dtype)
-        assert torch.equal(rmsnorm.RMSNormFunction.apply(a, n.weight, n.variance_epsilon), n(a))
-
-    ids = torch.randint(0, 500, (2, 24))
-    grads, saved = [], []
-    for lean in (False, True):
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
-        if lean:
-            assert rmsnorm.use_for_training(model) == 5  # two per layer and the final one
-        model(input_ids=ids, labels=ids).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-        model.zero_grad()
-        saved.append(_saved_bytes(model.bfloat16(), ids))
-    # the model's own norm computes in fp32 even in a float64 model; this one keeps float64
-    assert all(float((grads[0][n] - grads[1][n]).norm() / grads[0][n].norm()) < 1e-5 for n in grads[0])
-    assert saved[1] < saved[0]  # the fp32 input copies and the normalized outputs are not kept

@@ -1,11 +1,8 @@
-"""The OpenAI-compatible server on loopback, talked to by the official `openai` client, and `sftlab chat`."""
+"""The OpenAI-compatible server on loopback, talked to by the official `openai` client and plain HTTP."""
 
 import asyncio
-import io
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -15,6 +12,7 @@ import pytest
 from sftlab.cli import main
 
 KEY = "test-key-123"
+
 
 
 def _adapter(base_dir, out, seed):
@@ -33,6 +31,7 @@ def _adapter(base_dir, out, seed):
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
     return out
+
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +62,7 @@ def live(tmp_path_factory, lively_model_dir):
     thread.join(timeout=30)
 
 
+
 @pytest.fixture
 def client(live):
     from openai import OpenAI
@@ -70,9 +70,11 @@ def client(live):
     return OpenAI(base_url=live["url"] + "/v1", api_key=KEY, max_retries=0)
 
 
+
 def _chat(client, model, text="hello there", **kw):
     return client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
                                           temperature=0, max_tokens=kw.pop("max_tokens", 12), **kw)  # fmt: skip
+
 
 
 def test_models_chat_stream_and_completions_with_the_openai_client(client, live):
@@ -93,10 +95,12 @@ def test_models_chat_stream_and_completions_with_the_openai_client(client, live)
     assert done.object == "text_completion" and done.usage.completion_tokens <= 6 and done.choices[0].text
 
 
+
 def test_the_request_model_selects_the_adapter(client, live):
     answers = {m: _chat(client, m, max_tokens=16).choices[0].message.content for m in ("alpha", "beta", live["base"])}
     assert len(set(answers.values())) == 3, answers
     assert _chat(client, "alpha", max_tokens=16).choices[0].message.content == answers["alpha"]  # deterministic
+
 
 
 def test_n_seed_and_stop(client):
@@ -108,6 +112,7 @@ def test_n_seed_and_stop(client):
     stop = full[len(full) // 2 : len(full) // 2 + 2]
     cut = _chat(client, "alpha", max_tokens=20, stop=[stop]).choices[0]
     assert cut.finish_reason == "stop" and cut.message.content == full[: full.index(stop)]
+
 
 
 def test_errors_are_openai_shaped(client, live):
@@ -139,6 +144,7 @@ def test_errors_are_openai_shaped(client, live):
     assert _chat(client, "alpha").choices[0].message.content is not None  # still serving after all that
 
 
+
 def test_64_concurrent_streams_all_complete_as_well_formed_sse(live):
     async def one(http, i):
         body = {"model": ["alpha", "beta"][i % 2], "messages": [{"role": "user", "content": f"question {i}"}],
@@ -161,6 +167,7 @@ def test_64_concurrent_streams_all_complete_as_well_formed_sse(live):
     assert asyncio.run(run()) == [200] * 64
 
 
+
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(live):
     engine = live["engine"]
     dropped = engine.dropped_rows
@@ -176,6 +183,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(live):
         time.sleep(0.05)
     assert engine.dropped_rows > dropped and engine.busy == 0
     assert time.time() - started < 5  # stopped long before 6000 tokens
+
 
 
 def test_shutdown_finishes_in_flight_requests_and_refuses_new_ones(lively_model_dir):
@@ -203,119 +211,12 @@ def test_shutdown_finishes_in_flight_requests_and_refuses_new_ones(lively_model_
     assert events[-1][2] in ("stop", "length")
 
 
+
 def test_serve_refuses_a_public_bind_without_a_key(capsys, monkeypatch):
     monkeypatch.delenv("SFTLAB_API_KEY", raising=False)
     assert main(["serve", "whatever", "--host", "0.0.0.0"]) == 2
     assert "--api-key" in capsys.readouterr().err
 
-
-def test_chat_keeps_history_and_handles_commands(lively_model_dir, monkeypatch):
-    from sftlab.rundir import load_run
-    from sftlab.serve.chat import chat_loop
-
-    loaded = load_run(str(lively_model_dir))
-    seen = []
-    render = loaded.tokenizer.apply_chat_template
-    monkeypatch.setattr(loaded.tokenizer, "apply_chat_template", lambda msgs, **kw: seen.append(list(msgs)) or render(msgs, **kw))
-    lines = iter(["hello", "and again", "/system be brief", "fresh start", "/bogus", "/exit", "never read"])
-    out = io.StringIO()
-    assert chat_loop(loaded, None, 6, 0.0, 1.0, read=lambda prompt: next(lines), out=out) == 3
-    assert [len(m) for m in seen] == [1, 3, 2]  # turn 2 sees turn 1; /system resets and adds a system message
-    assert seen[2][0] == {"role": "system", "content": "be brief"}
-    text = out.getvalue()
-    assert text.count("assistant> ") == 3 and "unknown command /bogus" in text
-
-
-def test_chat_cli_through_stdin(lively_model_dir):
-    proc = subprocess.run([sys.executable, "-m", "sftlab", "chat", str(lively_model_dir), "--temperature", "0",
-                           "--max-new-tokens", "5"], input="hi\nsecond turn\n", capture_output=True, text=True,
-                          timeout=180)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("assistant> ") == 2
-
-
-def _collect(engine, prompts, max_tokens=24, stagger=False):
-    """Greedy texts for `prompts` from a live engine; with `stagger`, the first request is already
-    decoding when the others arrive (so they must join its running batch)."""
-    from sftlab.serve.engine import Request
-
-    async def run():
-        loop = asyncio.get_running_loop()
-        requests = [Request(p, engine.served.ids[0], max_tokens, temperature=0, events=asyncio.Queue(), loop=loop)
-                    for p in prompts]  # fmt: skip
-        first_events = []
-        engine.submit(requests[0])
-        if stagger:
-            first_events.append(await asyncio.wait_for(requests[0].events.get(), 60))
-        for request in requests[1:]:
-            engine.submit(request)
-        texts = []
-        for n, request in enumerate(requests):
-            events = first_events if n == 0 else []
-            while not events or events[-1][0] != "done":
-                events.append(await asyncio.wait_for(request.events.get(), 60))
-            texts.append("".join(e[2] for e in events if e[0] == "delta"))
-        return texts
-
-    return asyncio.run(run())
-
-
-def test_continuous_batching_gives_each_request_its_solo_answer(lively_model_dir):
-    """Requests joining a running batch (caches left-padded and joined) decode exactly as they do alone,
-    and as transformers' generate() does."""
-    from sftlab.generate import Sampling, generate_answers
-    from sftlab.rundir import load_run
-    from sftlab.serve.adapters import load_served
-    from sftlab.serve.engine import Engine
-
-    loaded = load_run(str(lively_model_dir))
-    convs = [[{"role": "user", "content": c}] for c in ("a long first question about rivers", "hi", "stone garden?")]
-    prompts = [list(loaded.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False))
-               for c in convs]  # fmt: skip
-    reference = generate_answers(loaded.model, loaded.tokenizer, convs, Sampling(max_new_tokens=24), batch_size=1)
-    engine = Engine(load_served(str(lively_model_dir)), max_batch=2)
-    try:
-        solo = [_collect(engine, [p])[0] for p in prompts]
-        assert engine.joined_rows == 0
-        joined = _collect(engine, prompts, stagger=True)  # 3 requests, 2 slots: both later ones join a running batch
-    finally:
-        engine.shutdown(5)
-    assert engine.joined_rows >= 2  # the later requests joined a running batch
-    assert solo == joined
-    assert [s.strip() for s in solo] == reference
-
-
-def test_a_failing_prefill_answers_with_an_error_and_the_engine_goes_on(lively_model_dir, monkeypatch):
-    from sftlab.serve.adapters import load_served
-    from sftlab.serve.engine import Engine
-
-    engine = Engine(load_served(str(lively_model_dir)), max_batch=4)
-    real = engine._admit
-
-    def broken(batch, requests):
-        if any(r.prompt_ids[0] == 7 for r in requests):
-            raise RuntimeError("boom")
-        return real(batch, requests)
-
-    monkeypatch.setattr(engine, "_admit", broken)
-    from sftlab.serve.engine import Request
-
-    async def run():
-        loop = asyncio.get_running_loop()
-        bad = Request([7, 8, 9], engine.served.ids[0], 4, temperature=0, events=asyncio.Queue(), loop=loop)
-        engine.submit(bad)
-        assert (await asyncio.wait_for(bad.events.get(), 30))[0] == "error"
-        good = Request([1, 2, 3], engine.served.ids[0], 4, temperature=0, events=asyncio.Queue(), loop=loop)
-        engine.submit(good)
-        events = []
-        while not events or events[-1][0] not in ("done", "error"):
-            events.append(await asyncio.wait_for(good.events.get(), 30))
-        return events[-1][0]
-
-    try:
-        assert asyncio.run(run()) == "done"
-    finally:
-        engine.shutdown(5)
 
 
 def test_data_synth_endpoint_generator_talks_to_sftlab_serve(live):
@@ -330,6 +231,7 @@ def test_data_synth_endpoint_generator_talks_to_sftlab_serve(live):
     assert [o.text for o in again] == [o.text for o in outs]  # seeded sampling repeats
     with pytest.raises(Exception, match="HTTP 401"):
         EndpointGenerator(live["url"], api_key="wrong")
+
 
 
 def _models(live):

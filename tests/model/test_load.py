@@ -1,4 +1,7 @@
+"""Finding and loading the base: model.name forms, the GGUF cache, hub errors, and the model as a method trains it."""
+
 import pytest
+import torch
 
 from sftlab.config import ModelConfig
 from sftlab.data.templates import end_of_turn_ids
@@ -60,3 +63,15 @@ def test_parameters_are_counted_at_their_real_size_when_zero3_partitions_them():
         p.data = torch.empty(0)
     model.bias.requires_grad_(False)
     assert count_parameters(model) == (12, 15)
+
+
+def test_lora_in_bf16_keeps_frozen_weights_in_bf16_and_trainable_in_fp32(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from sftlab.config import load_config
+    from sftlab.model.load import for_training
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lm = for_training(lm, load_config(None, ["lora.modules_to_save=[lm_head]"]), "bf16", 10)
+    dtypes = {(p.requires_grad, p.dtype) for p in lm.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}

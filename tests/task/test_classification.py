@@ -1,6 +1,5 @@
-"""task: classification and seq2seq through the same loop: data, labels, losses, metrics, predict/translate."""
+"""task: classification through the same loop: labels, class weights, head loss, metrics, predict."""
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -12,13 +11,16 @@ from sftlab.cli import main
 from sftlab.config import load_config
 from sftlab.errors import DataError
 from sftlab.loop.train import train
+from sftlab.task.classification import input_records
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
+
 
 
 def _write(path, rows):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
+
 
 
 def _sentiment(n, seed, labels=("pos", "neg")):
@@ -32,6 +34,7 @@ def _sentiment(n, seed, labels=("pos", "neg")):
         text = rng.sample(fill, 3) + [rng.choice(words[label])] + rng.sample(fill, 2)
         rows.append({"text": " ".join(text), "label": label})
     return rows
+
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +55,13 @@ def tiny_bert(tmp_path_factory):
     return out
 
 
+
 def _cls_config(model_dir, out, train_file, eval_file, *overrides):
     base = ["task=classification", f"model.name={model_dir}", f"data.train=[{train_file}]", f"data.eval=[{eval_file}]",
             f"train.output_dir={out}", "data.max_length=32", "train.precision=fp32", "train.report_to=[]",
             "train.method=full", "train.batch_size=8", "train.max_steps=60", "train.lr=3e-3", "train.eval_steps=30"]  # fmt: skip
     return load_config(None, base + list(overrides))
+
 
 
 def test_classification_learns_a_separable_set_and_predict_round_trips_labels(tmp_path, tiny_bert):
@@ -86,6 +91,7 @@ def test_classification_learns_a_separable_set_and_predict_round_trips_labels(tm
     assert "confusion matrix" in (tmp_path / "run" / "report.html").read_text()
 
 
+
 def test_integer_labels_stay_integers_and_lora_on_a_decoder_backbone_saves_its_head(tmp_path, tiny_model_dir):
     rows = [{"text": r["text"], "label": 1 if r["label"] == "pos" else 0} for r in _sentiment(48, 2)]
     train_file = _write(tmp_path / "train.jsonl", rows)
@@ -113,6 +119,7 @@ def test_integer_labels_stay_integers_and_lora_on_a_decoder_backbone_saves_its_h
     assert probs[0].tolist() == pytest.approx(list(preds[0]["probs"].values()), abs=1e-5)
 
 
+
 def test_class_weights_balance_an_imbalanced_set_and_change_the_loss(tmp_path, tiny_bert):
     from sftlab.task.classification import Classification, ClassificationLoss, collate
 
@@ -135,6 +142,7 @@ def test_class_weights_balance_an_imbalanced_set_and_change_the_loss(tmp_path, t
     assert weighted.item() != pytest.approx(plain.item(), rel=1e-3)
 
 
+
 def test_classification_metrics_by_hand():
     from sftlab.task.classification import classification_metrics
 
@@ -149,6 +157,7 @@ def test_classification_metrics_by_hand():
     assert m["f1_macro"] == pytest.approx(100 * sum(f1) / 3)
 
 
+
 def test_bad_labels_name_the_record(tmp_path, tiny_bert):
     train_file = _write(tmp_path / "train.jsonl", _sentiment(8, 0))
     unknown = _write(tmp_path / "eval.jsonl", [{"text": "x", "label": "pos"}, {"text": "y", "label": "meh"}])
@@ -159,80 +168,6 @@ def test_bad_labels_name_the_record(tmp_path, tiny_bert):
         train(_cls_config(tiny_bert, tmp_path / "b", missing, train_file), say=lambda *a: None)
 
 
-# ------------------------------------------------------------------ seq2seq
-
-
-def _make_data_module():
-    spec = importlib.util.spec_from_file_location("make_translate", ROOT / "examples" / "translate" / "make_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _copy_rows(n, seed):
-    rng = random.Random(seed)
-    letters = "abcdefgh"
-    return [{"source": " ".join(s), "target": " ".join(s)} for s in
-            (rng.sample(letters, rng.randint(2, 5)) for _ in range(n))]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tiny_t5(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-t5")
-    texts = [r["source"] for r in _copy_rows(200, 0)]
-    _make_data_module().build_model_dir(texts, out, d_model=32, layers=2, heads=2, vocab_size=60)
-    return out
-
-
-def _s2s_config(model_dir, out, train_file, eval_file, *overrides):
-    base = ["task=seq2seq", f"model.name={model_dir}", "model.init=random", f"data.train=[{train_file}]",
-            f"data.eval=[{eval_file}]", f"train.output_dir={out}", "data.max_length=16", "train.precision=fp32",
-            "train.report_to=[]", "train.method=full", "train.batch_size=16", "train.max_steps=120", "train.lr=5e-3",
-            "seq2seq.max_target_length=16"]  # fmt: skip
-    return load_config(None, base + list(overrides))
-
-
-def test_seq2seq_labels_mask_padding_and_the_loss_is_the_models_own(tiny_t5):
-    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
-
-    from sftlab.task.seq2seq import Seq2SeqLoss, collate
-
-    tok = AutoTokenizer.from_pretrained(tiny_t5)
-    rows = [{"input_ids": tok("a b c")["input_ids"], "labels": tok(text_target="a b c d e")["input_ids"]},
-            {"input_ids": tok("d")["input_ids"], "labels": tok(text_target="d")["input_ids"]}]  # fmt: skip
-    batch = collate(rows, tok.pad_token_id)
-    assert (batch["labels"][1, len(rows[1]["labels"]) :] == -100).all() and batch["labels"][1, -1] == -100
-    assert rows[0]["labels"][-1] == tok.eos_token_id  # the target ends in EOS, which carries loss
-    torch.manual_seed(0)
-    model = T5ForConditionalGeneration(T5Config.from_pretrained(tiny_t5)).eval()
-    ours = Seq2SeqLoss(model)(**batch)
-    supervised = int((batch["labels"] != -100).sum())
-    theirs = model(**batch).loss  # HF: mean over non-ignored target tokens
-    assert ours.item() == pytest.approx(theirs.item() * supervised, rel=1e-5)
-
-
-def test_seq2seq_learns_a_copy_task_and_bleu_is_sacrebleus(tmp_path, tiny_t5):
-    import sacrebleu
-
-    train_file = _write(tmp_path / "train.jsonl", _copy_rows(320, 1))
-    eval_file = _write(tmp_path / "eval.jsonl", _copy_rows(24, 2))
-    summary = train(_s2s_config(tiny_t5, tmp_path / "run", train_file, eval_file), say=lambda *a: None)
-    assert summary["final_eval_loss"] < 0.5 * summary["first_eval_loss"]
-    samples = [json.loads(line) for line in (tmp_path / "run" / "eval" / "samples.jsonl").read_text().splitlines()]
-    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["models"]["model"]["metrics"]
-    expected = sacrebleu.corpus_bleu([s["answer"] for s in samples], [[s["reference"] for s in samples]]).score
-    assert metrics["eval_bleu"] == pytest.approx(expected)
-    out = tmp_path / "t.jsonl"
-    assert main(["translate", str(tmp_path / "run"), "--input", str(eval_file), "--output", str(out)]) == 0
-    translations = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [t["translation"] for t in translations] == [s["answer"] for s in samples]
-
-
-def test_seq2seq_bad_records_name_the_line(tmp_path, tiny_t5):
-    bad = _write(tmp_path / "bad.jsonl", [{"source": "a b", "target": "a b"}, {"source": "c"}])
-    with pytest.raises(DataError, match=rf"{bad}:2: missing field 'target'"):
-        train(_s2s_config(tiny_t5, tmp_path / "run", bad, bad), say=lambda *a: None)
-
 
 def test_classification_holds_out_eval_split_when_no_eval_data_is_given(tmp_path, tiny_bert):
     train_file = _write(tmp_path / "train.jsonl", _sentiment(40, 4))
@@ -242,3 +177,22 @@ def test_classification_holds_out_eval_split_when_no_eval_data_is_given(tmp_path
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["models"]["model"]["metrics"]
     assert summary["first_eval_loss"] is not None and metrics["eval_tokens"] == 10  # 25% of 40 examples
     assert json.loads((tmp_path / "run" / "data_report.json").read_text())["train"][0]["kept"] == 40
+
+
+def test_input_records_reads_txt_lines_and_record_files(tmp_path):
+    txt = tmp_path / "in.txt"
+    txt.write_text("first\n\n  \nsecond\n", encoding="utf-8")
+    assert input_records(str(txt), "source") == [{"source": "first"}, {"source": "second"}]
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text(json.dumps({"text": "a", "text_pair": "b"}) + "\n" + json.dumps({"text": "c"}) + "\n")
+    rows = input_records(str(jsonl), "text", ("text_pair",))
+    assert [(r["text"], r.get("text_pair")) for r in rows] == [("a", "b"), ("c", None)]
+
+
+def test_input_records_errors_name_the_option(tmp_path):
+    with pytest.raises(DataError, match=r"--input .*nope.txt: no such file"):
+        input_records(str(tmp_path / "nope.txt"), "text")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    with pytest.raises(DataError, match=r"--input .*empty.txt: no lines"):
+        input_records(str(empty), "text")

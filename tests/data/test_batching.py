@@ -1,6 +1,8 @@
+"""Data order and batches: seeded epochs, steps independent of their split, length grouping, padded, packed and padding-free rows."""
+
 import torch
 
-from sftlab.data.batching import collate, epoch_steps, plan_epoch, supervised_count
+from sftlab.data.batching import collate, collate_packed, epoch_steps, plan_epoch, supervised_count
 
 LENGTHS = [(i * 37) % 101 + 3 for i in range(203)]
 
@@ -47,3 +49,31 @@ def test_collate_pads_right_and_never_labels_padding():
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert supervised_count(b) == 2  # a row's first label predicts nothing after the shift
     assert b["input_ids"].dtype == torch.long
+
+ROWS = [{"input_ids": [1, 5, 9, 13, 2, 7, 8], "labels": [-100, -100, 9, 13, 2, -100, 8]},
+        {"input_ids": [1, 4, 2], "labels": [-100, 4, 2]},
+        {"input_ids": [3, 3, 3, 3], "labels": [3, 3, 3, 3]},
+        {"input_ids": [6, 1, 5], "labels": [-100, 1, 5]}]
+
+
+def test_packed_layout():
+    b = collate_packed(ROWS, max_length=8, pad_id=0)
+    assert b["input_ids"].shape[1] <= 8  # best-fit-decreasing bins never exceed max_length
+    segments = b["cu_seq_lens_q"].diff().tolist()
+    assert sum(segments) == b["input_ids"].numel()
+    real = sorted(segments)
+    for n in (7, 4, 3, 3):
+        real.remove(n)  # every example is one segment; what remains are the bins' padded tails
+    assert sum(real) == b["input_ids"].numel() - 17
+    for row_pos, row_labels in zip(b["position_ids"].tolist(), b["labels"].tolist()):
+        for i, p in enumerate(row_pos):
+            if p == 0:
+                assert row_labels[i] == -100  # no example learns to predict the next one's first token
+    assert (b["labels"][:, 1:] != -100).sum() == (collate(ROWS, 0)["labels"][:, 1:] != -100).sum()
+
+
+def test_padding_free_layout_is_one_row_of_the_real_tokens():
+    b = collate_packed(ROWS, max_length=None, pad_id=0)
+    assert b["input_ids"].shape == (1, 17)  # padded: 4 rows x 7
+    assert b["cu_seq_lens_q"].diff().tolist() == [7, 4, 3, 3]
+    assert (b["labels"][:, 1:] != -100).sum() == (collate(ROWS, 0)["labels"][:, 1:] != -100).sum()

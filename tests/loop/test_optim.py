@@ -1,12 +1,12 @@
+"""AdamW parameter groups, its state made before the first step, and the schedules."""
+
 import copy
 
 import pytest
 import torch
 
 from sftlab.config import TrainConfig
-from sftlab.data.batching import collate
 from sftlab.loop.optim import build_optimizer, build_scheduler, init_state
-from sftlab.model.loss import loss_sum
 
 
 def test_no_weight_decay_on_biases_and_norms(tiny_model_dir):
@@ -17,6 +17,7 @@ def test_no_weight_decay_on_biases_and_norms(tiny_model_dir):
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (p.ndim >= 2 and "norm" not in name), name
+
 
 
 def test_optimizer_state_made_before_the_first_step_is_torchs_own():
@@ -37,6 +38,7 @@ def test_optimizer_state_made_before_the_first_step_is_torchs_own():
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
 
 
+
 @pytest.mark.parametrize("name,last", [("cosine", 0.0), ("linear", 0.0), ("constant", 1.0), ("cosine_with_min_lr", 0.1)])
 def test_schedules_warm_up_then_follow_their_shape(name, last):
     p = torch.nn.Parameter(torch.zeros(2, 2))
@@ -53,42 +55,9 @@ def test_schedules_warm_up_then_follow_their_shape(name, last):
     del p
 
 
+
 def test_warmup_ratio(tiny_model_dir):
     from sftlab.loop.optim import warmup_steps
 
     assert warmup_steps(TrainConfig(warmup_ratio=0.1), 95) == 10
     assert warmup_steps(TrainConfig(warmup_ratio=0.1, warmup_steps=3), 95) == 3
-
-
-def test_supervised_only_head_equals_the_full_logits_loss(tiny_model_dir, monkeypatch):
-    """The fast path (LM head only at supervised positions) gives the plain path's loss and grads."""
-    from transformers import AutoModelForCausalLM
-
-    import sftlab.model.loss as loss_mod
-
-    rows = [{"input_ids": [1, 5, 9, 13, 2, 7], "labels": [-100, -100, 9, 13, 2, -100]},
-            {"input_ids": [1, 4, 2], "labels": [-100, 4, 2]}]
-    batch = collate(rows, pad_id=0)
-    results = []
-    for fast in (True, False):
-        monkeypatch.setattr(loss_mod, "_plain_head", lambda m: fast)
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        loss = loss_sum(model, batch)
-        loss.backward()
-        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (fast_loss, fast_grads), (plain_loss, plain_grads) = results
-    assert fast_loss == pytest.approx(plain_loss, rel=1e-6)
-    for name in fast_grads:
-        assert float((fast_grads[name] - plain_grads[name]).norm() / plain_grads[name].norm()) < 1e-5, name
-    # and both equal the textbook mean CE times the token count
-    logits = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits
-    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
-    assert fast_loss == pytest.approx(ref.item(), rel=1e-5)
-
-
-def test_models_with_scaled_heads_take_the_full_path():
-    from types import SimpleNamespace
-
-    from sftlab.model.loss import _plain_head
-
-    assert not _plain_head(SimpleNamespace(config=SimpleNamespace(final_logit_softcapping=30.0)))

@@ -18,19 +18,21 @@ from conftest import FIXTURES, tiny_config, write_jsonl
 
 from sftlab.evaluate.runner import write_results
 from sftlab.loop.train import train
-from sftlab.ui import stats
 from sftlab.ui.runs import overview
 from sftlab.ui.store import DIMENSIONS
 
 XSS = "<script>window.__xss = 1</script><img src=x onerror=\"window.__xss = 2\">"
+
 GOLD = [{"prompt": "What is 2 + 2?", "good": "2 + 2 = 4.", "bad": "2 + 2 = 5."},
         {"prompt": "Name the capital of France.", "good": "Paris.", "bad": "Banana."}]  # fmt: skip
+
 
 
 def _samples():
     # Every pair carries the payload, so every page the test rates shows it (as text, never run).
     return [{"source": "data.eval", "prompt": f"question {i}", "reference": f"ref {i}", "answer": f"tuned answer {i}",
              "base_answer": f"base answer {i} {XSS}"} for i in range(6)]  # fmt: skip
+
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +63,12 @@ def root(tmp_path_factory, tiny_model_dir):
     return tmp
 
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
 
 
 class Server:
@@ -92,8 +96,10 @@ class Server:
         self.proc.wait(timeout=30)
 
 
+
 def _study(url: str) -> dict:
     return httpx.get(url + "/api/studies").json()["studies"][0]
+
 
 
 def _rate(url, study, name, item, preference, left=3, right=3):
@@ -102,42 +108,10 @@ def _rate(url, study, name, item, preference, left=3, right=3):
     return httpx.post(f"{url}/api/studies/{study}/ratings", json=body, timeout=30)
 
 
+
 def _next(url, study, name):
     return httpx.get(f"{url}/api/studies/{study}/next", params={"annotator": name}, timeout=30).json()
 
-
-# ---------------------------------------------------------------- statistics against hand computations
-
-
-def test_win_rate_interval_kappa_and_alpha_against_hand_computations():
-    # Wilson interval for 5 of 10: the textbook value 0.2366-0.7634.
-    assert stats.wilson(0.5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
-    # Cohen's kappa: agree on 3 of 4 (p_o = .75); marginals a:(2,1) b:(1,2) tie:(1,1) -> p_e = (2+2+1)/16.
-    pairs = [("a", "a"), ("b", "b"), ("tie", "tie"), ("a", "b")]
-    assert stats.cohen_kappa(pairs) == pytest.approx((0.75 - 5 / 16) / (1 - 5 / 16))
-    assert stats.cohen_kappa([("a", "a"), ("a", "a")]) is None  # one category: undefined, not 1 or 0
-    # Krippendorff's alpha (nominal), three raters with a missing value, via the coincidence matrix:
-    # item 1: a,a,a  item 2: a,b,(missing)  item 3: b,b,tie. Pairable values n = 8.
-    by_rater = {"r1": {1: "a", 2: "a", 3: "b"}, "r2": {1: "a", 2: "b", 3: "b"}, "r3": {1: "a", 3: "tie"}}
-    observed_disagreement = (0 + 2 / 1 + 4 / 2) / 8  # ordered unequal pairs / (m_u - 1), over n
-    n_a, n_b, n_t = 4, 3, 1
-    expected_disagreement = (2 * (n_a * n_b + n_a * n_t + n_b * n_t)) / (8 * 7)
-    assert stats.krippendorff_alpha(by_rater, [1, 2, 3]) == pytest.approx(1 - observed_disagreement / expected_disagreement)
-
-
-def test_gold_questions_flag_careless_raters_and_never_count_in_win_rates():
-    def r(name, item, pref, gold=None):
-        return {"annotator": name, "item": item, "preference": pref, "gold": gold, "seconds": 1.0,
-                **{f"{d}_{s}": 3 for d in DIMENSIONS for s in "ab"}}  # fmt: skip
-
-    ratings = [r("ann", 1, "a"), r("ann", 9, "a", gold="a"), r("bob", 1, "b"), r("bob", 9, "b", gold="a")]
-    out = stats.results(ratings)
-    assert {x["name"]: x["flagged"] for x in out["annotators"]} == {"ann": False, "bob": True}
-    assert out["preference"]["n"] == 2 and out["preference"]["win_rate_a"] == 0.5
-    assert stats.results(ratings, exclude_flagged=True)["preference"]["win_rate_a"] == 1.0
-
-
-# ---------------------------------------------------------------- runs
 
 
 def test_run_status_from_training_and_from_a_killed_process(root, tiny_model_dir, tmp_path):
@@ -153,8 +127,6 @@ def test_run_status_from_training_and_from_a_killed_process(root, tiny_model_dir
     assert failed["status"] == "failed" and "bad.jsonl: cannot tell the data format" in failed["error"]
 
 
-# ---------------------------------------------------------------- the app in process (TestClient)
-
 
 @pytest.fixture
 def client(root, tmp_path):
@@ -165,6 +137,7 @@ def client(root, tmp_path):
 
     app = create_app(Settings(root / "runs", tmp_path / "r.sqlite", gold=load_gold(root / "gold.jsonl")))
     return TestClient(app, base_url="http://127.0.0.1")
+
 
 
 def test_api_lists_runs_and_the_base_vs_tuned_study(client):
@@ -180,6 +153,7 @@ def test_api_lists_runs_and_the_base_vs_tuned_study(client):
     assert study["model_a"] == "tuned (runs/tuned)" and study["model_b"] == "base (tiny)"
     item = client.get(f"/api/studies/{study['id']}/next", params={"annotator": "ann"}).json()
     assert set(item) == {"done", "item", "prompt", "left", "right", "progress"}  # no model names, no gold flag
+
 
 
 def test_path_traversal_is_refused(client, root):
@@ -205,6 +179,7 @@ def test_path_traversal_is_refused(client, root):
     finally:
         (root / "runs" / "tuned" / "eval" / "link.html").unlink()
         (root / "runs" / "escape").unlink()
+
 
 
 def test_token_host_content_type_and_size_limits(root, tmp_path):
@@ -238,6 +213,7 @@ def test_token_host_content_type_and_size_limits(root, tmp_path):
     assert locked.get("/api/runs").status_code == 200  # the cookie now carries the token
 
 
+
 def test_cli_refuses_a_missing_dir_and_names_a_bad_comparison_line(tmp_path, capsys, root):
     from sftlab.cli import main
 
@@ -246,6 +222,7 @@ def test_cli_refuses_a_missing_dir_and_names_a_bad_comparison_line(tmp_path, cap
     bad = write_jsonl(tmp_path / "cmp.jsonl", [{"prompt": "p", "answer_a": "x", "answer_b": "y"}, {"prompt": "p"}])
     assert main(["ui", str(root / "runs"), "--compare", str(bad)]) == 2
     assert f"{bad}:2" in capsys.readouterr().err
+
 
 
 def test_a_public_bind_gets_a_token(root, tmp_path):
@@ -272,8 +249,6 @@ def test_a_public_bind_gets_a_token(root, tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
 
-
-# ---------------------------------------------------------------- durability and concurrency
 
 
 def test_two_annotators_at_once_and_a_killed_server_lose_nothing(root, tmp_path):
@@ -310,8 +285,6 @@ def test_two_annotators_at_once_and_a_killed_server_lose_nothing(root, tmp_path)
         server.stop()
 
 
-# ---------------------------------------------------------------- end to end in headless Chromium
-
 
 def _chromium():
     exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -320,6 +293,7 @@ def _chromium():
             pytest.fail("SFTLAB_REQUIRE_CHROMIUM is set but chromium is not installed (apt-get install chromium)")
         pytest.skip("chromium not installed (CI installs it: apt-get install chromium)")
     return exe
+
 
 
 def test_dashboard_rating_and_results_in_headless_chromium(root, tmp_path):
@@ -344,6 +318,7 @@ def test_dashboard_rating_and_results_in_headless_chromium(root, tmp_path):
         server.stop()
 
 
+
 def _dashboard_and_live_chart(page, url, root):
     page.goto(url + "/")
     page.wait_for_selector("tr[data-run='live'] .status.running")
@@ -360,6 +335,7 @@ def _dashboard_and_live_chart(page, url, root):
     page.wait_for_selector("#report-link[hidden]", state="attached")
     page.wait_for_selector("#eval tbody tr")
     assert "eval/loss" in page.inner_text("#eval")
+
 
 
 def _rate_five(page, url) -> list[dict]:
@@ -391,6 +367,7 @@ def _rate_five(page, url) -> list[dict]:
     return shown
 
 
+
 def _check_rows(db, shown):
     rows = sqlite3.connect(db).execute(
         "SELECT i.answer_a, i.answer_b, r.preference, r.left_is_a, "
@@ -405,6 +382,7 @@ def _check_rows(db, shown):
         assert preference == side_of[s["pref"]]
         by_side = {"a": s["scores"]["left" if left_is_a else "right"], "b": s["scores"]["right" if left_is_a else "left"]}
         assert [row[4 + 2 * i] for i in range(4)] == by_side["a"] and [row[5 + 2 * i] for i in range(4)] == by_side["b"]
+
 
 
 def _results_page(page, url, db):
@@ -441,6 +419,7 @@ def _results_page(page, url, db):
     assert len(exported) == 13 and {r["annotator"] for r in exported} == {"alice", "bob"}
     assert {r["preferred"] for r in exported} <= {"tuned (runs/tuned)", "base (tiny)", "tie"}
     assert len(httpx.get(f"{url}/api/studies/{study}/export.json").json()["ratings"]) == 13
+
 
 
 def test_the_shipped_gold_file_loads():
