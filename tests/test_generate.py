@@ -20,7 +20,6 @@ def test_generate_answers_prompts_side_by_side_with_the_base(lora_run, tmp_path,
     assert rows[1]["messages"] == [{"role": "user", "content": "hi"}]  # the reference answer is not fed back
 
 
-
 def test_generate_uses_the_saved_template_and_stops_at_end_of_turn(lora_run):
     from sftlab.generate import answer
     from sftlab.rundir import load_run
@@ -29,7 +28,6 @@ def test_generate_uses_the_saved_template_and_stops_at_end_of_turn(lora_run):
     assert loaded.is_adapter
     text = answer(loaded, [{"role": "user", "content": "gamma"}], max_new_tokens=8, temperature=0.7, seed=1)
     assert isinstance(text, str) and "<|im_end|>" not in text
-
 
 
 def test_generate_errors(lora_run, tmp_path, capsys):

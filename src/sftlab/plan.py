@@ -81,7 +81,7 @@ def estimate(cfg, batch_size: int | None = None, checkpointing: bool | None = No
 
     from sftlab.config import FROZEN_BASE
     from sftlab.model.load import count_parameters
-    from sftlab.model.precision import resolve_precision
+    from sftlab.model.precision import half_dtype, resolve_precision
     from sftlab.speed.masters import applies, step_elements
 
     model, config = model_and_config or shapes(cfg)
@@ -89,7 +89,7 @@ def estimate(cfg, batch_size: int | None = None, checkpointing: bool | None = No
     batch = batch_size or cfg.train.batch_size
     ckpt = cfg.train.gradient_checkpointing if checkpointing is None else checkpointing
     precision = resolve_precision(cfg.train.precision) if device == "cpu" or torch.cuda.is_available() else "bf16"
-    half = precision in ("bf16", "fp16")
+    half = half_dtype(precision) is not None
     trainable, total = count_parameters(model)
     frozen = total - trainable
     method = cfg.train.method

@@ -28,7 +28,6 @@ def test_merge_exports_a_plain_model_with_the_adapters_logits(lora_run, tmp_path
     assert AutoTokenizer.from_pretrained(out).chat_template
 
 
-
 def test_merge_refuses_an_export_that_does_not_match(lora_run, tmp_path, monkeypatch):
     from peft.tuners.lora import LoraModel
 
@@ -46,7 +45,6 @@ def test_merge_refuses_an_export_that_does_not_match(lora_run, tmp_path, monkeyp
     with pytest.raises(ExportError, match="logits differ"):
         merge(str(lora_run), str(tmp_path / "bad"))
     assert not (tmp_path / "bad").exists()
-
 
 
 def test_merge_of_a_full_run_says_there_is_nothing_to_merge(tiny_model_dir, tmp_path, capsys):

@@ -19,7 +19,6 @@ def test_no_weight_decay_on_biases_and_norms(tiny_model_dir):
         assert (id(p) in decayed) == (p.ndim >= 2 and "norm" not in name), name
 
 
-
 def test_optimizer_state_made_before_the_first_step_is_torchs_own():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
@@ -38,7 +37,6 @@ def test_optimizer_state_made_before_the_first_step_is_torchs_own():
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
 
 
-
 @pytest.mark.parametrize("name,last", [("cosine", 0.0), ("linear", 0.0), ("constant", 1.0), ("cosine_with_min_lr", 0.1)])
 def test_schedules_warm_up_then_follow_their_shape(name, last):
     p = torch.nn.Parameter(torch.zeros(2, 2))
@@ -53,7 +51,6 @@ def test_schedules_warm_up_then_follow_their_shape(name, last):
     assert lrs[:5] == pytest.approx([0, 0.25, 0.5, 0.75, 1.0])
     assert sched.get_last_lr()[0] == pytest.approx(last, abs=1e-6)
     del p
-
 
 
 def test_warmup_ratio(tiny_model_dir):

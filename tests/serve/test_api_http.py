@@ -14,7 +14,6 @@ from sftlab.cli import main
 KEY = "test-key-123"
 
 
-
 def _adapter(base_dir, out, seed):
     """A LoRA adapter with random (non-zero) weights, saved like a run: adapter + tokenizer with template."""
     import torch
@@ -31,7 +30,6 @@ def _adapter(base_dir, out, seed):
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
     return out
-
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +60,6 @@ def live(tmp_path_factory, lively_model_dir):
     thread.join(timeout=30)
 
 
-
 @pytest.fixture
 def client(live):
     from openai import OpenAI
@@ -70,11 +67,9 @@ def client(live):
     return OpenAI(base_url=live["url"] + "/v1", api_key=KEY, max_retries=0)
 
 
-
 def _chat(client, model, text="hello there", **kw):
     return client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
                                           temperature=0, max_tokens=kw.pop("max_tokens", 12), **kw)  # fmt: skip
-
 
 
 def test_models_chat_stream_and_completions_with_the_openai_client(client, live):
@@ -95,12 +90,10 @@ def test_models_chat_stream_and_completions_with_the_openai_client(client, live)
     assert done.object == "text_completion" and done.usage.completion_tokens <= 6 and done.choices[0].text
 
 
-
 def test_the_request_model_selects_the_adapter(client, live):
     answers = {m: _chat(client, m, max_tokens=16).choices[0].message.content for m in ("alpha", "beta", live["base"])}
     assert len(set(answers.values())) == 3, answers
     assert _chat(client, "alpha", max_tokens=16).choices[0].message.content == answers["alpha"]  # deterministic
-
 
 
 def test_n_seed_and_stop(client):
@@ -112,7 +105,6 @@ def test_n_seed_and_stop(client):
     stop = full[len(full) // 2 : len(full) // 2 + 2]
     cut = _chat(client, "alpha", max_tokens=20, stop=[stop]).choices[0]
     assert cut.finish_reason == "stop" and cut.message.content == full[: full.index(stop)]
-
 
 
 def test_errors_are_openai_shaped(client, live):
@@ -144,7 +136,6 @@ def test_errors_are_openai_shaped(client, live):
     assert _chat(client, "alpha").choices[0].message.content is not None  # still serving after all that
 
 
-
 def test_64_concurrent_streams_all_complete_as_well_formed_sse(live):
     async def one(http, i):
         body = {"model": ["alpha", "beta"][i % 2], "messages": [{"role": "user", "content": f"question {i}"}],
@@ -167,7 +158,6 @@ def test_64_concurrent_streams_all_complete_as_well_formed_sse(live):
     assert asyncio.run(run()) == [200] * 64
 
 
-
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(live):
     engine = live["engine"]
     dropped = engine.dropped_rows
@@ -183,7 +173,6 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(live):
         time.sleep(0.05)
     assert engine.dropped_rows > dropped and engine.busy == 0
     assert time.time() - started < 5  # stopped long before 6000 tokens
-
 
 
 def test_shutdown_finishes_in_flight_requests_and_refuses_new_ones(lively_model_dir):
@@ -211,12 +200,10 @@ def test_shutdown_finishes_in_flight_requests_and_refuses_new_ones(lively_model_
     assert events[-1][2] in ("stop", "length")
 
 
-
 def test_serve_refuses_a_public_bind_without_a_key(capsys, monkeypatch):
     monkeypatch.delenv("SFTLAB_API_KEY", raising=False)
     assert main(["serve", "whatever", "--host", "0.0.0.0"]) == 2
     assert "--api-key" in capsys.readouterr().err
-
 
 
 def test_data_synth_endpoint_generator_talks_to_sftlab_serve(live):
@@ -231,7 +218,6 @@ def test_data_synth_endpoint_generator_talks_to_sftlab_serve(live):
     assert [o.text for o in again] == [o.text for o in outs]  # seeded sampling repeats
     with pytest.raises(Exception, match="HTTP 401"):
         EndpointGenerator(live["url"], api_key="wrong")
-
 
 
 def _models(live):

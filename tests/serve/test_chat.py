@@ -22,7 +22,6 @@ def test_chat_keeps_history_and_handles_commands(lively_model_dir, monkeypatch):
     assert text.count("assistant> ") == 3 and "unknown command /bogus" in text
 
 
-
 def test_chat_cli_through_stdin(lively_model_dir):
     proc = subprocess.run([sys.executable, "-m", "sftlab", "chat", str(lively_model_dir), "--temperature", "0",
                            "--max-new-tokens", "5"], input="hi\nsecond turn\n", capture_output=True, text=True,

@@ -29,7 +29,6 @@ def _collect(engine, prompts, max_tokens=24, stagger=False):
     return asyncio.run(run())
 
 
-
 def test_continuous_batching_gives_each_request_its_solo_answer(lively_model_dir):
     """Requests joining a running batch (caches left-padded and joined) decode exactly as they do alone,
     and as transformers' generate() does."""
@@ -53,7 +52,6 @@ def test_continuous_batching_gives_each_request_its_solo_answer(lively_model_dir
     assert engine.joined_rows >= 2  # the later requests joined a running batch
     assert solo == joined
     assert [s.strip() for s in solo] == reference
-
 
 
 def test_a_failing_prefill_answers_with_an_error_and_the_engine_goes_on(lively_model_dir, monkeypatch):

@@ -16,7 +16,6 @@ from sftlab.speed.masters import MasterWeights
 QUIET = {"say": lambda *a, **k: None}
 
 
-
 def test_master_weights_accumulate_clip_and_step_in_fp32(monkeypatch):
     monkeypatch.setattr(masters_mod, "PIECE_ELEMENTS", 24)  # the 64 weights are cut, the 8 biases batched
     torch.manual_seed(0)
@@ -56,7 +55,6 @@ def test_master_weights_accumulate_clip_and_step_in_fp32(monkeypatch):
     assert all(torch.equal(p, m) for p, m in zip(model.parameters(), masters.masters))
 
 
-
 def test_a_tied_embedding_gets_the_same_gradient_through_its_sparse_lookup(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -80,7 +78,6 @@ def test_a_tied_embedding_gets_the_same_gradient_through_its_sparse_lookup(tiny_
     assert rel(embedding_grad(torch.bfloat16, True)) <= 1.5 * rel(embedding_grad(torch.bfloat16, False)) + 1e-3
 
 
-
 def test_master_weights_grad_norm_of_bf16_gradients_is_the_fp32_norm():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(1100, 1000), torch.nn.Linear(1000, 1))  # 1.1M weights: sliced
@@ -89,7 +86,6 @@ def test_master_weights_grad_norm_of_bf16_gradients_is_the_fp32_norm():
     grads = torch.cat([p.grad.float().flatten() for p in model.parameters()])
     assert masters.grad_norm() == pytest.approx(float(grads.double().norm()), rel=1e-5)  # fp32 sums
     assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters())
-
 
 
 @pytest.mark.filterwarnings("error:Detected call of `lr_scheduler")  # the masters' step is a step
@@ -121,7 +117,6 @@ def test_full_bf16_run_computes_in_bf16_and_saves_fp32_masters(tiny_model_dir, t
     train(tiny_config(tiny_model_dir, fp32, "train.method=full", "train.grad_accum=2", "train.max_steps=3"), **QUIET)
     assert seen == [(False, {torch.float32}, True)] * 3
     assert losses(out) == pytest.approx(losses(fp32), rel=2e-2)  # bf16 compute tracks the fp32 run
-
 
 
 def test_masters_are_not_used_where_they_do_not_apply(tiny_model_dir):

@@ -15,7 +15,6 @@ def _saved_bytes(model, ids) -> int:
     return total[0]
 
 
-
 def test_lean_rmsnorm_matches_the_models_own_and_keeps_less(tiny_model_dir):
     from transformers import AutoModelForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRMSNorm

@@ -27,7 +27,6 @@ def test_batch_layout_is_flat_by_default_only_where_the_varlen_kernel_runs(monke
     assert batch_layout(load_config(None, ["data.packing=true"]), True, "cuda", "bf16") == "packed"
 
 
-
 def test_padding_free_refuses_what_would_join_or_ignore_it():
     from sftlab.config import load_config
     from sftlab.errors import ConfigError
@@ -38,7 +37,6 @@ def test_padding_free_refuses_what_would_join_or_ignore_it():
                        (["data.padding_free=maybe"], "padding_free")):  # fmt: skip
         with pytest.raises(ConfigError, match=match):
             load_config(None, bad)
-
 
 
 def test_packed_training_equals_unpacked_training(tiny_model_dir, tmp_path):
@@ -55,14 +53,12 @@ def test_packed_training_equals_unpacked_training(tiny_model_dir, tmp_path):
         assert diff / sum(float(w.norm() ** 2) for w in a.values()) ** 0.5 < 1e-5
 
 
-
 def test_gradient_checkpointing_gives_the_same_run(tiny_model_dir, tmp_path):
     runs = []
     for name, extra in (("plain", []), ("ckpt", ["train.gradient_checkpointing=true"])):
         train(tiny_config(tiny_model_dir, tmp_path / name, *extra), say=lambda *a: None)
         runs.append(losses(tmp_path / name))
     assert runs[0] == pytest.approx(runs[1], rel=1e-6)
-
 
 
 def test_gradient_checkpointing_keeps_fewer_activations(tiny_model_dir):
@@ -85,7 +81,6 @@ def test_gradient_checkpointing_keeps_fewer_activations(tiny_model_dir):
             loss_sum(lm, collate(rows, 0))
         saved[on] = total[0]
     assert saved[True] < 0.5 * saved[False]
-
 
 
 def test_compiled_blocks_give_the_same_run(tiny_model_dir, tmp_path):

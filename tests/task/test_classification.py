@@ -16,11 +16,9 @@ from sftlab.task.classification import input_records
 ROOT = Path(__file__).parents[2]
 
 
-
 def _write(path, rows):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
-
 
 
 def _sentiment(n, seed, labels=("pos", "neg")):
@@ -34,7 +32,6 @@ def _sentiment(n, seed, labels=("pos", "neg")):
         text = rng.sample(fill, 3) + [rng.choice(words[label])] + rng.sample(fill, 2)
         rows.append({"text": " ".join(text), "label": label})
     return rows
-
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +52,11 @@ def tiny_bert(tmp_path_factory):
     return out
 
 
-
 def _cls_config(model_dir, out, train_file, eval_file, *overrides):
     base = ["task=classification", f"model.name={model_dir}", f"data.train=[{train_file}]", f"data.eval=[{eval_file}]",
             f"train.output_dir={out}", "data.max_length=32", "train.precision=fp32", "train.report_to=[]",
             "train.method=full", "train.batch_size=8", "train.max_steps=60", "train.lr=3e-3", "train.eval_steps=30"]  # fmt: skip
     return load_config(None, base + list(overrides))
-
 
 
 def test_classification_learns_a_separable_set_and_predict_round_trips_labels(tmp_path, tiny_bert):
@@ -91,7 +86,6 @@ def test_classification_learns_a_separable_set_and_predict_round_trips_labels(tm
     assert "confusion matrix" in (tmp_path / "run" / "report.html").read_text()
 
 
-
 def test_integer_labels_stay_integers_and_lora_on_a_decoder_backbone_saves_its_head(tmp_path, tiny_model_dir):
     rows = [{"text": r["text"], "label": 1 if r["label"] == "pos" else 0} for r in _sentiment(48, 2)]
     train_file = _write(tmp_path / "train.jsonl", rows)
@@ -119,7 +113,6 @@ def test_integer_labels_stay_integers_and_lora_on_a_decoder_backbone_saves_its_h
     assert probs[0].tolist() == pytest.approx(list(preds[0]["probs"].values()), abs=1e-5)
 
 
-
 def test_class_weights_balance_an_imbalanced_set_and_change_the_loss(tmp_path, tiny_bert):
     from sftlab.task.classification import Classification, ClassificationLoss, collate
 
@@ -142,7 +135,6 @@ def test_class_weights_balance_an_imbalanced_set_and_change_the_loss(tmp_path, t
     assert weighted.item() != pytest.approx(plain.item(), rel=1e-3)
 
 
-
 def test_classification_metrics_by_hand():
     from sftlab.task.classification import classification_metrics
 
@@ -157,7 +149,6 @@ def test_classification_metrics_by_hand():
     assert m["f1_macro"] == pytest.approx(100 * sum(f1) / 3)
 
 
-
 def test_bad_labels_name_the_record(tmp_path, tiny_bert):
     train_file = _write(tmp_path / "train.jsonl", _sentiment(8, 0))
     unknown = _write(tmp_path / "eval.jsonl", [{"text": "x", "label": "pos"}, {"text": "y", "label": "meh"}])
@@ -166,7 +157,6 @@ def test_bad_labels_name_the_record(tmp_path, tiny_bert):
     missing = _write(tmp_path / "missing.jsonl", [{"text": "x", "label": "pos"}, {"text": "no label here"}])
     with pytest.raises(DataError, match=rf"{missing}:2: missing field 'label'"):
         train(_cls_config(tiny_bert, tmp_path / "b", missing, train_file), say=lambda *a: None)
-
 
 
 def test_classification_holds_out_eval_split_when_no_eval_data_is_given(tmp_path, tiny_bert):

@@ -16,11 +16,9 @@ from sftlab.loop.train import train
 ROOT = Path(__file__).parents[2]
 
 
-
 def _write(path, rows):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
-
 
 
 def _make_data_module():
@@ -30,13 +28,11 @@ def _make_data_module():
     return module
 
 
-
 def _copy_rows(n, seed):
     rng = random.Random(seed)
     letters = "abcdefgh"
     return [{"source": " ".join(s), "target": " ".join(s)} for s in
             (rng.sample(letters, rng.randint(2, 5)) for _ in range(n))]  # fmt: skip
-
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +43,12 @@ def tiny_t5(tmp_path_factory):
     return out
 
 
-
 def _s2s_config(model_dir, out, train_file, eval_file, *overrides):
     base = ["task=seq2seq", f"model.name={model_dir}", "model.init=random", f"data.train=[{train_file}]",
             f"data.eval=[{eval_file}]", f"train.output_dir={out}", "data.max_length=16", "train.precision=fp32",
             "train.report_to=[]", "train.method=full", "train.batch_size=16", "train.max_steps=120", "train.lr=5e-3",
             "seq2seq.max_target_length=16"]  # fmt: skip
     return load_config(None, base + list(overrides))
-
 
 
 def test_seq2seq_labels_mask_padding_and_the_loss_is_the_models_own(tiny_t5):
@@ -76,7 +70,6 @@ def test_seq2seq_labels_mask_padding_and_the_loss_is_the_models_own(tiny_t5):
     assert ours.item() == pytest.approx(theirs.item() * supervised, rel=1e-5)
 
 
-
 def test_seq2seq_learns_a_copy_task_and_bleu_is_sacrebleus(tmp_path, tiny_t5):
     import sacrebleu
 
@@ -92,7 +85,6 @@ def test_seq2seq_learns_a_copy_task_and_bleu_is_sacrebleus(tmp_path, tiny_t5):
     assert main(["translate", str(tmp_path / "run"), "--input", str(eval_file), "--output", str(out)]) == 0
     translations = [json.loads(line) for line in out.read_text().splitlines()]
     assert [t["translation"] for t in translations] == [s["answer"] for s in samples]
-
 
 
 def test_seq2seq_bad_records_name_the_line(tmp_path, tiny_t5):

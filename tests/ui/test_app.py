@@ -27,12 +27,10 @@ GOLD = [{"prompt": "What is 2 + 2?", "good": "2 + 2 = 4.", "bad": "2 + 2 = 5."},
         {"prompt": "Name the capital of France.", "good": "Paris.", "bad": "Banana."}]  # fmt: skip
 
 
-
 def _samples():
     # Every pair carries the payload, so every page the test rates shows it (as text, never run).
     return [{"source": "data.eval", "prompt": f"question {i}", "reference": f"ref {i}", "answer": f"tuned answer {i}",
              "base_answer": f"base answer {i} {XSS}"} for i in range(6)]  # fmt: skip
-
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +61,10 @@ def root(tmp_path_factory, tiny_model_dir):
     return tmp
 
 
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
 
 
 class Server:
@@ -96,10 +92,8 @@ class Server:
         self.proc.wait(timeout=30)
 
 
-
 def _study(url: str) -> dict:
     return httpx.get(url + "/api/studies").json()["studies"][0]
-
 
 
 def _rate(url, study, name, item, preference, left=3, right=3):
@@ -108,10 +102,8 @@ def _rate(url, study, name, item, preference, left=3, right=3):
     return httpx.post(f"{url}/api/studies/{study}/ratings", json=body, timeout=30)
 
 
-
 def _next(url, study, name):
     return httpx.get(f"{url}/api/studies/{study}/next", params={"annotator": name}, timeout=30).json()
-
 
 
 def test_run_status_from_training_and_from_a_killed_process(root, tiny_model_dir, tmp_path):
@@ -127,7 +119,6 @@ def test_run_status_from_training_and_from_a_killed_process(root, tiny_model_dir
     assert failed["status"] == "failed" and "bad.jsonl: cannot tell the data format" in failed["error"]
 
 
-
 @pytest.fixture
 def client(root, tmp_path):
     from fastapi.testclient import TestClient
@@ -137,7 +128,6 @@ def client(root, tmp_path):
 
     app = create_app(Settings(root / "runs", tmp_path / "r.sqlite", gold=load_gold(root / "gold.jsonl")))
     return TestClient(app, base_url="http://127.0.0.1")
-
 
 
 def test_api_lists_runs_and_the_base_vs_tuned_study(client):
@@ -153,7 +143,6 @@ def test_api_lists_runs_and_the_base_vs_tuned_study(client):
     assert study["model_a"] == "tuned (runs/tuned)" and study["model_b"] == "base (tiny)"
     item = client.get(f"/api/studies/{study['id']}/next", params={"annotator": "ann"}).json()
     assert set(item) == {"done", "item", "prompt", "left", "right", "progress"}  # no model names, no gold flag
-
 
 
 def test_path_traversal_is_refused(client, root):
@@ -179,7 +168,6 @@ def test_path_traversal_is_refused(client, root):
     finally:
         (root / "runs" / "tuned" / "eval" / "link.html").unlink()
         (root / "runs" / "escape").unlink()
-
 
 
 def test_token_host_content_type_and_size_limits(root, tmp_path):
@@ -213,7 +201,6 @@ def test_token_host_content_type_and_size_limits(root, tmp_path):
     assert locked.get("/api/runs").status_code == 200  # the cookie now carries the token
 
 
-
 def test_cli_refuses_a_missing_dir_and_names_a_bad_comparison_line(tmp_path, capsys, root):
     from sftlab.cli import main
 
@@ -222,7 +209,6 @@ def test_cli_refuses_a_missing_dir_and_names_a_bad_comparison_line(tmp_path, cap
     bad = write_jsonl(tmp_path / "cmp.jsonl", [{"prompt": "p", "answer_a": "x", "answer_b": "y"}, {"prompt": "p"}])
     assert main(["ui", str(root / "runs"), "--compare", str(bad)]) == 2
     assert f"{bad}:2" in capsys.readouterr().err
-
 
 
 def test_a_public_bind_gets_a_token(root, tmp_path):
@@ -248,7 +234,6 @@ def test_a_public_bind_gets_a_token(root, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-
 
 
 def test_two_annotators_at_once_and_a_killed_server_lose_nothing(root, tmp_path):
@@ -285,7 +270,6 @@ def test_two_annotators_at_once_and_a_killed_server_lose_nothing(root, tmp_path)
         server.stop()
 
 
-
 def _chromium():
     exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if exe is None:
@@ -293,7 +277,6 @@ def _chromium():
             pytest.fail("SFTLAB_REQUIRE_CHROMIUM is set but chromium is not installed (apt-get install chromium)")
         pytest.skip("chromium not installed (CI installs it: apt-get install chromium)")
     return exe
-
 
 
 def test_dashboard_rating_and_results_in_headless_chromium(root, tmp_path):
@@ -318,7 +301,6 @@ def test_dashboard_rating_and_results_in_headless_chromium(root, tmp_path):
         server.stop()
 
 
-
 def _dashboard_and_live_chart(page, url, root):
     page.goto(url + "/")
     page.wait_for_selector("tr[data-run='live'] .status.running")
@@ -335,7 +317,6 @@ def _dashboard_and_live_chart(page, url, root):
     page.wait_for_selector("#report-link[hidden]", state="attached")
     page.wait_for_selector("#eval tbody tr")
     assert "eval/loss" in page.inner_text("#eval")
-
 
 
 def _rate_five(page, url) -> list[dict]:
@@ -367,7 +348,6 @@ def _rate_five(page, url) -> list[dict]:
     return shown
 
 
-
 def _check_rows(db, shown):
     rows = sqlite3.connect(db).execute(
         "SELECT i.answer_a, i.answer_b, r.preference, r.left_is_a, "
@@ -382,7 +362,6 @@ def _check_rows(db, shown):
         assert preference == side_of[s["pref"]]
         by_side = {"a": s["scores"]["left" if left_is_a else "right"], "b": s["scores"]["right" if left_is_a else "left"]}
         assert [row[4 + 2 * i] for i in range(4)] == by_side["a"] and [row[5 + 2 * i] for i in range(4)] == by_side["b"]
-
 
 
 def _results_page(page, url, db):
@@ -419,7 +398,6 @@ def _results_page(page, url, db):
     assert len(exported) == 13 and {r["annotator"] for r in exported} == {"alice", "bob"}
     assert {r["preferred"] for r in exported} <= {"tuned (runs/tuned)", "base (tiny)", "tie"}
     assert len(httpx.get(f"{url}/api/studies/{study}/export.json").json()["ratings"]) == 13
-
 
 
 def test_the_shipped_gold_file_loads():

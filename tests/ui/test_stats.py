@@ -22,7 +22,6 @@ def test_win_rate_interval_kappa_and_alpha_against_hand_computations():
     assert stats.krippendorff_alpha(by_rater, [1, 2, 3]) == pytest.approx(1 - observed_disagreement / expected_disagreement)
 
 
-
 def test_gold_questions_flag_careless_raters_and_never_count_in_win_rates():
     def r(name, item, pref, gold=None):
         return {"annotator": name, "item": item, "preference": pref, "gold": gold, "seconds": 1.0,

@@ -131,6 +131,7 @@ def resolve_template(tokenizer, spec: str) -> tuple[str, str]:
 # Special tokens that close a turn in the templates we know; the tokenizer's EOS is always one too.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
+
 def end_of_turn_ids(tok) -> set[int]:
     """Ids of special tokens that end an assistant turn: EOS plus known end-of-turn markers."""
     ids = set()

@@ -1,1 +1,1 @@
-"""Evaluation: loss and perplexity, generation metrics, benchmark tasks, base-vs-tuned runs and reports."""
+"""`sftlab eval` and `sftlab report`: base-vs-tuned runs, benchmark task files, the code sandbox, the HTML report."""

@@ -4,7 +4,8 @@
          -> loss summed over supervised tokens, divided once by the step's supervised tokens
          -> clip, AdamW, schedule -> log, eval, checkpoint -> final model in Hugging Face format
 
-accelerate owns devices, mixed precision and (later) DDP/FSDP/DeepSpeed; the loop owns the maths.
+accelerate owns devices and DDP/FSDP/DeepSpeed, sftlab.speed the kernels and the precision path,
+the task (sftlab.task) what is fine-tuned; the loop owns the maths and reads what the others chose.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class Run:
     model: torch.nn.Module  # the accelerate-prepared loss module (model + the task's summed loss)
     lm: torch.nn.Module  # the bare (PEFT) model, for saving
     weights: object  # what the optimizer steps and checkpoints hold (sftlab.speed.weights)
-    hooks: StepHooks  # what the method adds to a step (AdaLoRA's penalty and rank pruning)
+    hooks: StepHooks  # what the training method adds to a step beyond its forward (sftlab.model.methods)
     optimizer: torch.optim.Optimizer
     scheduler: object
     total_steps: int
