@@ -40,6 +40,10 @@ class DatasetSpec:
     format: Format = _f("auto", help="record layout; auto-detected from the first records")
     columns: dict[str, str] = _f(factory=dict, help="rename map {canonical_field: column_in_file}")
     name: str | None = _f(None, help="label in reports (default: the file name)")
+    tools: list[dict[str, Any]] | str | None = _f(
+        None, help="function schemas (a list, or a JSON string) offered in every record that names none")
+    tags: dict[str, str] = _f(factory=dict, help="ShareGPT-like key and role names: role_tag, content_tag, user_tag, "
+                                                 "assistant_tag, system_tag, observation_tag, function_tag")
 
     @property
     def label(self) -> str:
@@ -64,8 +68,14 @@ class DataConfig:
     eval: list[DatasetSpec] = _f(factory=list, help="evaluation datasets")
     template: str = _f(
         "auto",
-        help="auto (tokenizer's chat template) | chatml | llama2 | alpaca | Jinja string | .jinja file",
+        help="auto (tokenizer's chat template) | chatml | qwen | llama2 | llama3 | mistral | gemma | phi3 | deepseek "
+             "| alpaca | Jinja string | .jinja file",
     )
+    template_kwargs: dict[str, Any] = _f(
+        factory=dict, help="arguments every render of the template gets (e.g. {enable_thinking: false}); saved with "
+                           "the run's template, so inference renders alike")
+    reasoning: Literal["train", "drop"] = _f(
+        "train", help="assistant reasoning (reasoning_content, or <think> in content): train it, or drop it (counted)")
     system_prompt: str | None = _f(None, help="system message for conversations that have none")
     max_length: int = _f(2048, help="maximum tokens per example")
     overflow: Literal["truncate", "drop", "error"] = _f(
@@ -373,6 +383,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 
 def _scalar(tp: type, value: Any, where: str) -> Any:
+    if tp is Any:
+        return value
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -32,11 +32,11 @@ def test_skipped_records_are_counted_in_the_report(smol_tok, tmp_cache, tmp_path
 
 
 def test_template_mismatch_is_a_bad_record(smol_tok, tmp_cache, tmp_path):
-    hides = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ 'A: ...' }}"
-             "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
+    moves = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ 'assistant: ' if messages | length < 3 else 'model: ' }}{% endif %}")
     with pytest.raises(DataError, match=r"sharegpt.json: record 2: template 'custom' renders"):
-        dataset.load_split(cfg(FIXTURES / "sharegpt.json", template=hides), smol_tok)
-    split = dataset.load_split(cfg(FIXTURES / "sharegpt.json", template=hides, on_bad_record="skip"), smol_tok)
+        dataset.load_split(cfg(FIXTURES / "sharegpt.json", template=moves), smol_tok)
+    split = dataset.load_split(cfg(FIXTURES / "sharegpt.json", template=moves, on_bad_record="skip"), smol_tok)
     assert split.reports[0].dropped == {"bad record: template mismatch": 1}
 
 

@@ -31,14 +31,14 @@ def wrap(template, tok, content):
 
 @pytest.mark.parametrize("template", TEMPLATES, ids=IDS)
 def test_training_text_is_byte_identical_to_the_rendered_conversation(smol_tok, template):
-    enc = encoder(smol_tok, template).encode(MULTI)
+    [enc] = encoder(smol_tok, template).encode(MULTI)
     assert decode(smol_tok, enc.input_ids) == ChatTemplate(smol_tok, template).render(MULTI.messages)
 
 
 @pytest.mark.parametrize("template", TEMPLATES, ids=IDS)
 def test_prompt_tokens_equal_inference_and_reply_tokens_equal_generation(smol_tok, template):
     tpl = ChatTemplate(smol_tok, template)
-    enc = encoder(smol_tok, template).encode(MULTI)
+    [enc] = encoder(smol_tok, template).encode(MULTI)
     runs = supervised_runs(enc.input_ids, enc.labels)
     replies = [i for i, m in enumerate(MULTI.messages) if m.role == "assistant"]
     assert len(runs) == len(replies)
@@ -54,7 +54,7 @@ def test_prompt_tokens_equal_inference_and_reply_tokens_equal_generation(smol_to
 
 @pytest.mark.parametrize("template", TEMPLATES, ids=IDS)
 def test_only_replies_and_their_end_of_turn_carry_loss(smol_tok, template):
-    enc = encoder(smol_tok, template).encode(MULTI)
+    [enc] = encoder(smol_tok, template).encode(MULTI)
     runs = supervised_runs(enc.input_ids, enc.labels)
     replies = [m.content for m in MULTI.messages if m.role == "assistant"]
     assert [decode(smol_tok, ids) for _, ids in runs] == [wrap(template, smol_tok, c) for c in replies]
@@ -65,7 +65,7 @@ def test_only_replies_and_their_end_of_turn_carry_loss(smol_tok, template):
 
 
 def test_chatml_newline_after_im_end_is_not_trained(smol_tok):
-    enc = encoder(smol_tok, "chatml").encode(conv(("user", "hi"), ("assistant", "yo")))
+    [enc] = encoder(smol_tok, "chatml").encode(conv(("user", "hi"), ("assistant", "yo")))
     tokens = [decode(smol_tok, [t]) for t in enc.input_ids]
     supervised = [t for t, label in zip(tokens, enc.labels) if label != IGNORE]
     assert supervised == ["yo", "<|im_end|>"]
@@ -77,7 +77,7 @@ def test_reply_pieces_are_tokenized_apart_from_the_header(smol_tok):
     # A reply that starts with spaces: tokenizing the whole string merges the header's "\n" with the
     # first space into one "\n " token that the model never sees after the generation prompt.
     c = conv(("user", "hi"), ("assistant", "  indented"))
-    enc = encoder(smol_tok, "chatml").encode(c)
+    [enc] = encoder(smol_tok, "chatml").encode(c)
     whole = smol_tok(ChatTemplate(smol_tok, "chatml").render(c.messages), add_special_tokens=False)["input_ids"]
     prompt = smol_tok("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
     assert enc.input_ids[: len(prompt)] == prompt
@@ -85,31 +85,50 @@ def test_reply_pieces_are_tokenized_apart_from_the_header(smol_tok):
 
 
 def test_train_on_last_and_all(smol_tok):
-    last = encoder(smol_tok, "chatml", "last").encode(MULTI)
+    [last] = encoder(smol_tok, "chatml", "last").encode(MULTI)
     runs = supervised_runs(last.input_ids, last.labels)
     assert [decode(smol_tok, ids) for _, ids in runs] == [" 你好 means hello.\n<|im_end|>"]
-    everything = encoder(smol_tok, "chatml", "all").encode(MULTI)
+    [everything] = encoder(smol_tok, "chatml", "all").encode(MULTI)
     assert everything.labels == everything.input_ids
     # Token boundaries never depend on what is trained.
-    assert last.input_ids == everything.input_ids == encoder(smol_tok, "chatml").encode(MULTI).input_ids
+    assert last.input_ids == everything.input_ids == encoder(smol_tok, "chatml").encode(MULTI)[0].input_ids
 
 
 def test_auto_template_default_system_prompt_is_not_trained(smol_tok):
-    enc = encoder(smol_tok, "auto").encode(conv(("user", "hi"), ("assistant", "yo")))
+    [enc] = encoder(smol_tok, "auto").encode(conv(("user", "hi"), ("assistant", "yo")))
     text = decode(smol_tok, enc.input_ids)
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert [decode(smol_tok, ids) for _, ids in supervised_runs(enc.input_ids, enc.labels)] == ["yo<|im_end|>"]
 
 
-def test_template_that_rewrites_history_is_refused(smol_tok):
-    # Like templates that strip earlier replies: turn 1 renders differently inside the whole chat.
+def test_template_that_rewrites_history_trains_each_turn_as_inference_renders_it(smol_tok):
+    # Like templates that strip earlier replies: turn 1 renders differently inside the whole chat, so each
+    # turn is its own example: the inference prompt up to it, and the turn as rendered when last.
     hides = (
         "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ 'A: ...\n' }}"
         "{% else %}{{ m['role'] + ': ' + m['content'] + eos_token + '\n' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
     )
-    with pytest.raises(RecordProblem, match="renders assistant turn 1 differently"):
-        encoder(smol_tok, hides).encode(MULTI)
+    template = ChatTemplate(smol_tok, hides)
+    examples = encoder(smol_tok, hides).encode(MULTI)
+    replies = [i for i, m in enumerate(MULTI.messages) if m.role == "assistant"]
+    assert len(examples) == len(replies) == 2
+    for enc, i in zip(examples, replies):
+        prompt = template.render(MULTI.messages[:i], add_generation_prompt=True)
+        assert decode(smol_tok, enc.input_ids) == template.render(MULTI.messages[: i + 1])
+        assert prompt.endswith("assistant: ") and ("A: ..." in prompt) == (i > replies[0])
+        [(_, ids)] = supervised_runs(enc.input_ids, enc.labels)
+        assert decode(smol_tok, ids) == MULTI.messages[i].content + "<|im_end|>"
+    [last] = encoder(smol_tok, hides, "last").encode(MULTI)
+    assert last.input_ids == examples[-1].input_ids
+
+
+def test_a_reply_that_does_not_follow_its_generation_prompt_is_refused(smol_tok):
+    # The generation prompt changes once there is history: the rendered turn never follows it.
+    moves = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ 'assistant: ' if messages | length < 3 else 'model: ' }}{% endif %}")
+    with pytest.raises(RecordProblem, match="does not follow its own generation prompt"):
+        encoder(smol_tok, moves).encode(MULTI)
 
 
 def test_template_errors_become_record_problems(smol_tok):

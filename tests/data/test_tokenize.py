@@ -20,7 +20,7 @@ def run(tok, convs, **data):
 
 
 def test_truncate_keeps_the_head_and_counts_lost_supervision(smol_tok):
-    full = encoder(smol_tok).encode(LONG_REPLY)
+    [full] = encoder(smol_tok).encode(LONG_REPLY)
     kept, report = run(smol_tok, [SHORT, LONG_REPLY], max_length=30, overflow="truncate")
     assert [len(k.input_ids) for k in kept][1] == 30
     assert kept[1].input_ids == full.input_ids[:30]
@@ -34,7 +34,7 @@ def test_truncation_that_leaves_only_prompt_drops_and_counts(smol_tok):
     kept, report = run(smol_tok, [SHORT, LONG_PROMPT], max_length=30, overflow="truncate")
     assert len(kept) == 1
     assert report.dropped == {"prompt fills max_length (no supervised token left)": 1}
-    assert report.supervised_lost == encoder(smol_tok).encode(LONG_PROMPT).supervised
+    assert report.supervised_lost == encoder(smol_tok).encode(LONG_PROMPT)[0].supervised
 
 
 def test_drop_policy(smol_tok):
@@ -55,7 +55,7 @@ def test_report_lengths_and_round_trip(smol_tok):
 
 
 def test_text_format_trains_every_token_and_ends_with_eos(smol_tok):
-    enc = encoder(smol_tok).encode(Conversation(text="Plain text.", origin="t"))
+    [enc] = encoder(smol_tok).encode(Conversation(text="Plain text.", origin="t"))
     assert enc.labels == enc.input_ids and enc.input_ids[-1] == smol_tok.eos_token_id
 
 

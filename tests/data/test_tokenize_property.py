@@ -32,7 +32,7 @@ def expected(template, tok, conv):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(conv=conversations())
 def test_supervised_tokens_are_exactly_the_replies(smol_tok, template, conv):
-    enc = encoder(smol_tok, template).encode(conv)
+    [enc] = encoder(smol_tok, template).encode(conv)
     supervised = [t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE]
     assert decode(smol_tok, supervised) == expected(template, smol_tok, conv)
     assert len(enc.input_ids) == len(enc.labels)

@@ -108,7 +108,7 @@ def test_a_gathered_state_saves_tied_weights_once_as_the_live_model_does(tiny_mo
     run = SimpleNamespace(accelerator=accelerator, model=None, lm=lm, out=tmp_path / "sharded", template_source=None,
                           cfg=tiny_config(tiny_model_dir, tmp_path / "x", "train.method=full"),
                           tokenizer=SimpleNamespace(save_pretrained=lambda out: None),
-                          task=SimpleNamespace(save_extras=lambda out, tok: None))  # fmt: skip
+                          task=SimpleNamespace(save_extras=lambda out, tok, model: None))  # fmt: skip
     train_mod.save_model(run, train_mod._gathered_state(run))
     lm.save_pretrained(tmp_path / "plain")
     assert load_file(run.out / "model.safetensors").keys() == load_file(tmp_path / "plain" / "model.safetensors").keys()

@@ -19,7 +19,7 @@ from sftlab.data.tokenize import DatasetReport, Encoder, encode_dataset
 from sftlab.errors import DataError
 from sftlab.files import atomic_dir, cache_root, file_digest
 
-CACHE_VERSION = 1  # bump when tokenization logic changes so old caches are not reused
+CACHE_VERSION = 2  # bump when tokenization logic changes so old caches are not reused
 
 
 @dataclass
@@ -36,7 +36,7 @@ def load_split(cfg: DataConfig, tokenizer, split: str = "train") -> TokenizedSpl
     specs: list[DatasetSpec] = getattr(cfg, split)
     if not specs:
         raise DataError(f"data.{split} lists no datasets; add one: data.{split}: [{{path: file.jsonl}}]")
-    template = ChatTemplate(tokenizer, cfg.template)
+    template = ChatTemplate(tokenizer, cfg.template, cfg.template_kwargs)
     parts, reports, hits = [], [], 0
     for spec in specs:
         key = cache_key(spec, cfg, tokenizer, template.source)
@@ -81,10 +81,11 @@ def hold_out(data, fraction: float, seed: int):
 def _tokenize_spec(spec: DatasetSpec, cfg: DataConfig, tokenizer, template: ChatTemplate):
     import datasets
 
-    loaded = load_conversations(spec.path, spec.format, spec.columns, cfg.on_bad_record, cfg.system_prompt)
+    loaded = load_conversations(spec.path, spec.format, spec.columns, cfg.on_bad_record, cfg.system_prompt, spec.tools,
+                                spec.tags)  # fmt: skip
     report = DatasetReport(name=spec.label, format=loaded.format, read=loaded.read)
     report.dropped.update({f"bad record: {k}": n for k, n in loaded.skipped.items()})
-    encoder = Encoder(tokenizer, template, cfg.train_on, end_of_turn_ids(tokenizer))
+    encoder = Encoder(tokenizer, template, cfg.train_on, end_of_turn_ids(tokenizer), cfg.reasoning)
     kept = encode_dataset(encoder, loaded.conversations, cfg, report)
     features = datasets.Features(
         {"input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32"))}
@@ -102,9 +103,11 @@ def cache_key(spec: DatasetSpec, cfg: DataConfig, tokenizer, template_source: st
         "files": files,
         "format": spec.format,
         "columns": spec.columns,
+        "tools": spec.tools,
+        "tags": spec.tags,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": template_source,
-        "settings": [cfg.max_length, cfg.overflow, cfg.train_on, cfg.on_bad_record, cfg.system_prompt],
+        "settings": [cfg.max_length, cfg.overflow, cfg.train_on, cfg.on_bad_record, cfg.system_prompt, cfg.reasoning],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 

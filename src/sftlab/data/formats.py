@@ -15,37 +15,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from sftlab.data.assistant import parse_tool_calls, parse_tools, split_reasoning
+from sftlab.data.conversation import ROLES, Conversation, Message, RecordProblem
 from sftlab.errors import DataError
 
-ROLES = ("system", "user", "assistant")
+__all__ = ["ROLES", "Conversation", "Message", "RecordProblem", "load_conversations", "load_field_records"]
+
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 ROLE_ALIASES = {
     "system": "system", "developer": "system",
     "user": "user", "human": "user",
     "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "model": "assistant",
     "bard": "assistant", "bot": "assistant",
+    "tool": "tool", "ipython": "tool", "observation": "tool", "function": "tool",
+    "function_call": "assistant",  # LLaMA-Factory's ShareGPT: the assistant's call, its value the call's JSON
 }  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str  # system | user | assistant
-    content: str
-
-
-@dataclass(frozen=True)
-class Conversation:
-    messages: tuple[Message, ...] = ()
-    text: str | None = None  # format `text`: raw text trained whole, no chat template
-    origin: str = ""  # "file:line" of the record it came from
-
-
-class RecordProblem(Exception):
-    """A record that cannot be used; `kind` is the short reason counted in reports."""
-
-    def __init__(self, kind: str, detail: str):
-        super().__init__(detail)
-        self.kind = kind
+# ShareGPT-like files name their keys and roles freely; `tags:` on a dataset maps them (LLaMA-Factory's names).
+SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                 "system_tag": "system", "observation_tag": "observation", "function_tag": "function_call"}  # fmt: skip
 
 
 @dataclass
@@ -197,7 +184,7 @@ def _text(record: dict, key: str, required: bool = True) -> str:
     return str(value)
 
 
-def _alpaca(r: dict) -> list[Message]:
+def _alpaca(r: dict, tags: dict[str, str] | None = None) -> list[Message]:
     msgs = []
     if _text(r, "system", required=False):
         msgs.append(Message("system", _text(r, "system")))
@@ -215,66 +202,108 @@ def _alpaca(r: dict) -> list[Message]:
     return msgs
 
 
-def _turns(items: Any, field_name: str, role_key: str, content_key: str) -> list[Message]:
+def _turns(items: Any, field_name: str, tags: dict[str, str] | None = None) -> list[Message]:
+    """A list of turns -> Messages. `tags`: ShareGPT-like key and role names (SHAREGPT_TAGS' keys)."""
     if not isinstance(items, list) or not items:
         raise RecordProblem(
             "missing field" if items is None else "bad field type",
             f"field '{field_name}' must be a non-empty list of turns",
         )
+    tags = tags or {}
+    role_key, content_key = tags.get("role_tag", "role"), tags.get("content_tag", "content")
+    roles = {tags[f"{r}_tag"]: r for r in ("user", "assistant", "system") if f"{r}_tag" in tags}
+    roles |= {tags[k]: v for k, v in (("observation_tag", "tool"), ("function_tag", "function_call")) if k in tags}
     msgs = []
     for j, turn in enumerate(items):
         where = f"{field_name}[{j}]"
         if not isinstance(turn, dict):
             raise RecordProblem("bad field type", f"{where} must be an object with '{role_key}' and '{content_key}'")
-        role_key_here = role_key if role_key in turn else ("role" if "role" in turn else role_key)
-        content_key_here = content_key if content_key in turn else ("content" if "content" in turn else content_key)
-        raw_role = turn.get(role_key_here)
-        role = ROLE_ALIASES.get(str(raw_role).lower()) if raw_role is not None else None
-        if role is None:
-            raise RecordProblem(
-                "unknown role",
-                f"{where}.{role_key_here} is {raw_role!r}; use one of system, user, assistant "
-                "(or human/gpt in ShareGPT files)",
-            )
-        content = turn.get(content_key_here)
-        if isinstance(content, list):  # OpenAI content parts: keep the text parts, refuse others
-            kinds = {p.get("type") for p in content if isinstance(p, dict)}
-            if kinds - {"text"}:
-                raise RecordProblem("unsupported content", f"{where} has non-text parts {sorted(kinds - {'text'})}")
-            content = "".join(p.get("text", "") for p in content)
-        try:
-            msgs.append(Message(role, _text({"c": content}, "c")))
-        except RecordProblem as e:
-            raise RecordProblem(e.kind, f"{where}.{content_key_here}: {e}") from None
+        rk = role_key if role_key in turn else ("role" if "role" in turn else role_key)
+        ck = content_key if content_key in turn else ("content" if "content" in turn else content_key)
+        msgs.append(_message(turn, where, rk, ck, roles))
     return msgs
 
 
-def _sharegpt(r: dict) -> list[Message]:
-    msgs = _turns(r.get("conversations"), "conversations", "from", "value")
+def _message(turn: dict, where: str, role_key: str, content_key: str, roles: dict[str, str]) -> Message:
+    raw_role = turn.get(role_key)
+    role = roles.get(raw_role) or (ROLE_ALIASES.get(str(raw_role).lower()) if raw_role is not None else None)
+    if role is None:
+        raise RecordProblem("unknown role", f"{where}.{role_key} is {raw_role!r}; use one of system, user, "
+                            "assistant, tool (or human/gpt/function_call/observation in ShareGPT files)")  # fmt: skip
+    if role == "function_call" or (raw_role == "function_call" and role == "assistant"):
+        calls = parse_tool_calls(turn.get(content_key), f"{where}.{content_key}")
+        return Message("assistant", "", tool_calls=calls, train=_trained(turn, where))
+    content = _content(turn.get(content_key), f"{where}.{content_key}")
+    calls = parse_tool_calls(turn.get("tool_calls"), f"{where}.tool_calls") if role == "assistant" else ()
+    if not content.strip() and not calls:
+        kind = "missing field" if turn.get(content_key) is None else "empty field"
+        raise RecordProblem(kind, f"{where}.{content_key} is {kind.split()[0]}; fill it or remove the record")
+    if role != "assistant":
+        return Message(role, content, tool_call_id=_optional_text(turn, "tool_call_id", where),
+                       name=_optional_text(turn, "name", where) if role == "tool" else None)  # fmt: skip
+    reasoning, content = split_reasoning(turn, content, where)
+    return Message("assistant", content, tool_calls=calls, reasoning=reasoning, train=_trained(turn, where))
+
+
+def _content(value: Any, where: str) -> str:
+    """A turn's text: a string, a number, or OpenAI content parts (text parts only)."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        kinds = {p.get("type") for p in value if isinstance(p, dict)}
+        if kinds - {"text"} or not all(isinstance(p, dict) for p in value):
+            raise RecordProblem("unsupported content", f"{where} has non-text parts {sorted(map(str, kinds - {'text'}))}")
+        return "".join(str(p.get("text", "")) for p in value)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise RecordProblem("bad field type", f"{where} must be text, got {type(value).__name__}")
+    return str(value)
+
+
+def _optional_text(turn: dict, key: str, where: str) -> str | None:
+    value = turn.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise RecordProblem("bad field type", f"{where}.{key} must be text, got {type(value).__name__}")
+    return str(value)
+
+
+def _trained(turn: dict, where: str) -> bool:
+    """`train: false` or `weight: 0` keeps an assistant turn out of the loss (as Axolotl's `weight`)."""
+    train, weight = turn.get("train", True), turn.get("weight", 1)
+    if not isinstance(train, bool):
+        raise RecordProblem("bad field type", f"{where}.train must be true or false, got {train!r}")
+    if weight not in (0, 1) or isinstance(weight, bool):
+        raise RecordProblem("bad weight", f"{where}.weight is {weight!r}; a turn's weight is 0 (not trained) or 1")
+    return train and weight == 1
+
+
+def _sharegpt(r: dict, tags: dict[str, str] | None = None) -> list[Message]:
+    msgs = _turns(r.get("conversations"), "conversations", {**SHAREGPT_TAGS, **(tags or {})})
     if _text(r, "system", required=False) and msgs[0].role != "system":
         msgs.insert(0, Message("system", _text(r, "system")))
     return msgs
 
 
-def _messages(r: dict) -> list[Message]:
-    return _turns(r.get("messages"), "messages", "role", "content")
+def _messages(r: dict, tags: dict[str, str] | None = None) -> list[Message]:
+    return _turns(r.get("messages"), "messages", tags)
 
 
-def _prompt_completion(r: dict) -> list[Message]:
+def _prompt_completion(r: dict, tags: dict[str, str] | None = None) -> list[Message]:
     # TRL allows both plain strings and message lists for prompt and completion.
     prompt, completion = r.get("prompt"), r.get("completion")
     if isinstance(prompt, list):
-        msgs = _turns(prompt, "prompt", "role", "content")
+        msgs = _turns(prompt, "prompt")
     else:
         msgs = [Message("user", _text(r, "prompt"))]
     if isinstance(completion, list):
-        msgs += _turns(completion, "completion", "role", "content")
+        msgs += _turns(completion, "completion")
     else:
         msgs.append(Message("assistant", _text(r, "completion")))
     return msgs
 
 
-CONVERTERS: dict[str, Callable[[dict], list[Message]]] = {
+CONVERTERS: dict[str, Callable[[dict, dict | None], list[Message]]] = {
     "alpaca": _alpaca,
     "sharegpt": _sharegpt,
     "messages": _messages,
@@ -287,6 +316,8 @@ def check_turns(msgs: list[Message]) -> None:
     for j, m in enumerate(msgs):
         if m.role == "system" and j > 0:
             raise RecordProblem("misplaced system", f"message {j} is a system message; only the first may be")
+        if m.role == "tool" and not (msgs[j - 1].tool_calls or msgs[j - 1].role == "tool"):
+            raise RecordProblem("bad turn order", f"message {j} is a tool result with no tool call before it")
     body = msgs[1:] if msgs and msgs[0].role == "system" else msgs
     if not body or body[0].role != "user":
         raise RecordProblem("bad turn order", "the conversation must start with a user message (after an optional system)")
@@ -297,24 +328,32 @@ def check_turns(msgs: list[Message]) -> None:
         raise RecordProblem("no assistant turn", "the conversation has no assistant turn, so nothing to learn")
 
 
-def to_conversation(record: Any, fmt: str, origin: str, system_prompt: str | None) -> Conversation:
+def to_conversation(record: Any, fmt: str, origin: str, system_prompt: str | None,
+                    tools: tuple[dict, ...] = (), tags: dict[str, str] | None = None) -> Conversation:  # fmt: skip
+    """One record -> a Conversation; `tools` (the dataset's) apply where the record names none."""
     if not isinstance(record, dict):
         raise RecordProblem("not an object", f"expected a JSON object, got {type(record).__name__}")
     if fmt == "text":
         return Conversation(text=_text(record, "text"), origin=origin)
-    msgs = CONVERTERS[fmt](record)
+    msgs = CONVERTERS[fmt](record, tags)
     if system_prompt and msgs[0].role != "system":
         msgs.insert(0, Message("system", system_prompt))
     check_turns(msgs)
-    return Conversation(messages=tuple(msgs), origin=origin)
+    own = parse_tools(record.get("tools"), "tools")
+    return Conversation(messages=tuple(msgs), origin=origin, tools=own or tools)
 
 
 def load_conversations(
     path: str, fmt: str = "auto", columns: dict[str, str] | None = None,
-    on_bad_record: str = "error", system_prompt: str | None = None,
+    on_bad_record: str = "error", system_prompt: str | None = None, tools=None, tags: dict[str, str] | None = None,
 ) -> LoadResult:  # fmt: skip
-    """Read every file of one dataset spec; bad records raise or are counted, never silently lost."""
+    """Read every file of one dataset spec; bad records raise or are counted, never silently lost.
+    `tools`: function schemas for every record without its own; `tags`: ShareGPT key and role names."""
     result = LoadResult()
+    try:
+        dataset_tools = parse_tools(tools, "tools")
+    except RecordProblem as e:
+        raise DataError(f"{path}: the dataset's {e}") from None
     rename = {src: dst for dst, src in (columns or {}).items()}
     for file in expand_paths(path):
         pairs = list(read_records(file))
@@ -331,7 +370,7 @@ def load_conversations(
                 if isinstance(record, RecordProblem):
                     raise record
                 record = _renamed(record, rename) if isinstance(record, dict) else record
-                result.conversations.append(to_conversation(record, file_fmt, origin, system_prompt))
+                result.conversations.append(to_conversation(record, file_fmt, origin, system_prompt, dataset_tools, tags))
                 result.records.append(record)
             except RecordProblem as e:
                 if on_bad_record == "error":

@@ -90,6 +90,8 @@ def print_report(console: Console, reports: list[DatasetReport], title: str) -> 
     for r in reports:
         for reason, n in sorted(r.dropped.items()):
             console.print(f"  {r.name}: dropped {n} — {reason}", markup=False, highlight=False)
+        for note, n in sorted(r.notes.items()):
+            console.print(f"  {r.name}: {note}: {n}", markup=False, highlight=False)
         for w in r.warnings:
             console.print(f"  {r.name}: warning — {w}", style="yellow", markup=False, highlight=False)
 

@@ -1,59 +1,32 @@
 """Chat templates, and the split of a rendered conversation into prompt and response pieces.
 
-Every template is Jinja rendered by the tokenizer's own `apply_chat_template`, so training and
-inference share one renderer. Response spans are found without `{% generation %}` tags (most real
-templates lack them): the text of turn k's response is what rendering up to turn k adds after
-rendering the prompt of turn k with the generation prompt. That is exactly what a model sees and
-produces at inference, so the training text cannot drift from it.
+Every template is Jinja rendered by the tokenizer's own `apply_chat_template` (with the record's
+`tools` and `data.template_kwargs`), so training and inference share one renderer. Response spans
+are found without `{% generation %}` tags (most real templates lack them): turn k's response is
+what rendering the conversation up to turn k adds after rendering its prompt with the generation
+prompt, which is exactly what a model sees and produces at inference.
+
+Where the whole conversation renders each turn that way, it is one example. Where it does not (a
+template that renders earlier turns differently: reasoning kept only after the last user turn, the
+system text moved into the last user turn, an end token only after the final turn), each assistant
+turn becomes its own example: the inference prompt up to that turn, and that turn as rendered when
+it is last (docs/correctness.md rule 9).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import jinja2
 
-from sftlab.data.formats import Conversation, RecordProblem
+from sftlab.data.assistant import THINK_CLOSE, THINK_OPEN, knows_reasoning, lost_parts, template_message
+from sftlab.data.chat_templates import BUILTIN, END_OF_TURN_TOKENS
+from sftlab.data.conversation import Conversation, Message, RecordProblem
 from sftlab.errors import ConfigError
 
-CHATML = (
-    "{%- for message in messages -%}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
-)
-
-# Meta's Llama-2-chat layout: the system prompt folds into the first [INST] block, and the reply
-# begins with the space after [/INST], so that space is generated (and trained) with the reply.
-LLAMA2 = (
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{%- set system = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}{%- set system = none -%}{%- set loop_messages = messages -%}{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{ bos_token + '[INST] ' }}"
-    "{%- if loop.first and system is not none -%}{{ '<<SYS>>\n' + system + '\n<</SYS>>\n\n' }}{%- endif -%}"
-    "{{ message['content'] + ' [/INST]' }}"
-    "{%- else -%}{{ ' ' + message['content'] + ' ' + eos_token }}{%- endif -%}"
-    "{%- endfor -%}"
-)
-
-ALPACA = (
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{{ messages[0]['content'] }}{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}"
-    "{{ 'Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.' }}"
-    "{%- set loop_messages = messages -%}{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'user' -%}{{ '\n\n### Instruction:\n' + message['content'] }}"
-    "{%- else -%}{{ '\n\n### Response:\n' + message['content'] + eos_token }}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '\n\n### Response:\n' }}{%- endif -%}"
-)
-
-BUILTIN = {"chatml": CHATML, "llama2": LLAMA2, "alpaca": ALPACA}
+TEMPLATE_ERRORS = (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError)
 
 
 @dataclass(frozen=True)
@@ -61,46 +34,198 @@ class Segment:
     text: str
     response: bool  # an assistant reply (content + end-of-turn + whatever follows it in the template)
     last: bool = False  # the conversation's final reply (for train_on: last)
+    train: bool = True  # False: the message asked to stay out of the loss
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """A conversation as examples of prompt/response segments, and how it was handed to the template."""
+
+    mode: "Mode"
+    examples: list[list[Segment]]
+    per_turn: bool = False  # one example per assistant turn (the template renders earlier turns differently)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How a conversation is handed to a template that refuses the plain form."""
+
+    merge_system: bool = False  # the system text opens the first user turn (templates without a system role)
+    parts: bool = False  # content as a list of text parts (templates that index content[0]['text'])
 
 
 class ChatTemplate:
-    """One Jinja chat template bound to a tokenizer."""
+    """One Jinja chat template bound to a tokenizer, with the arguments every render gets."""
 
-    def __init__(self, tokenizer, spec: str = "auto"):
+    def __init__(self, tokenizer, spec: str = "auto", kwargs: dict | None = None):
         self.tokenizer = tokenizer
-        self.name, self.source = resolve_template(tokenizer, spec)
+        self.name, raw = resolve_template(tokenizer, spec)
+        self.kwargs = dict(kwargs or {})
+        self.source = bake_kwargs(raw, self.kwargs)  # rendered in training and saved with the run
+        self.reasoning_field = knows_reasoning(raw)
 
-    def render(self, messages, add_generation_prompt: bool = False) -> str:
-        msgs = [{"role": m.role, "content": m.content} for m in messages]
+    def render(self, messages, add_generation_prompt: bool = False, tools=(), mode: Mode = Mode()) -> str:
+        dicts = [template_message(m, self.reasoning_field, mode.parts) for m in _merged(messages, mode)]
         return self.tokenizer.apply_chat_template(
-            msgs, chat_template=self.source, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+            dicts, tools=list(tools) or None, chat_template=self.source, tokenize=False,
+            add_generation_prompt=add_generation_prompt, **self.kwargs,
+        )  # fmt: skip
 
-    def segments(self, conv: Conversation) -> list[Segment]:
-        """Split the full rendering into alternating prompt and response pieces."""
-        msgs = conv.messages
+    def mode(self, conv: Conversation) -> Mode:
+        """The first form of the conversation this template renders (plain first)."""
+        first_error = None
+        merge = (False, True) if conv.messages and conv.messages[0].role == "system" else (False,)
+        for mode in (Mode(m, p) for m in merge for p in (False, True)):
+            try:
+                self.render(conv.messages, tools=conv.tools, mode=mode)
+                return mode
+            except TEMPLATE_ERRORS as e:
+                first_error = first_error or e
+        raise RecordProblem("template error", f"template '{self.name}' cannot render this conversation: "
+                            f"{first_error}; use another data.template or fix the record")  # fmt: skip
+
+    def examples(self, conv: Conversation, train_on: str) -> Rendering:
+        """The conversation as examples of prompt/response segments: one when the full render holds every
+        turn as inference renders it, else one per assistant turn. `train_on: all` keeps the full render."""
+        mode = self.mode(conv)
         try:
-            full = self.render(msgs)
-            replies = [i for i, m in enumerate(msgs) if m.role == "assistant"]
-            pieces, pos = [], 0
-            for k, i in enumerate(replies):
-                start = self.render(msgs[:i], add_generation_prompt=True)
-                end = self.render(msgs[: i + 1])
-                if not (full.startswith(start) and full.startswith(end) and pos <= len(start) < len(end)):
-                    raise RecordProblem(
-                        "template mismatch",
-                        f"template '{self.name}' renders assistant turn {k + 1} differently inside the "
-                        "whole conversation than after its own prompt, so training text would differ from "
-                        "inference; use another data.template (e.g. chatml) or a custom Jinja template",
-                    )
-                pieces.append(Segment(full[pos : len(start)], response=False))
-                pieces.append(Segment(full[len(start) : len(end)], response=True, last=k == len(replies) - 1))
-                pos = len(end)
-        except (jinja2.TemplateError, ValueError, TypeError) as e:
+            full = self.render(conv.messages, tools=conv.tools, mode=mode)
+            lost = lost_parts(conv, full)
+            if lost:
+                raise RecordProblem("template drops tool calls", f"template '{self.name}' does not render "
+                                    f"{', '.join(lost)}; use a template with tool support (e.g. data.template=qwen "
+                                    "or llama3) or the model's own")  # fmt: skip
+            whole = self._split(conv, full, mode)
+            if whole is not None:
+                return Rendering(mode, [whole])
+            if train_on == "all":  # every token trains: the full render as it is
+                return Rendering(mode, [[Segment(full, response=False)]])
+            return Rendering(mode, self._per_turn(conv, mode, train_on), per_turn=True)
+        except TEMPLATE_ERRORS as e:
             raise RecordProblem("template error", f"template '{self.name}' failed: {e}") from None
+
+    def _split(self, conv: Conversation, full: str, mode: Mode) -> list[Segment] | None:
+        """Alternating prompt and response pieces of the full render, or None where a turn inside it
+        differs from that turn rendered last after its own prompt."""
+        msgs, replies = conv.messages, _replies(conv)
+        pieces, pos = [], 0
+        for k, i in enumerate(replies):
+            start = self.render(msgs[:i], add_generation_prompt=True, tools=conv.tools, mode=mode)
+            end = self.render(msgs[: i + 1], tools=conv.tools, mode=mode)
+            if not (full.startswith(start) and full.startswith(end) and pos <= len(start) < len(end)):
+                return None
+            reply = full[len(start) : len(end)]
+            if not _holds_reasoning(msgs[i], reply):
+                return None
+            pieces.append(Segment(full[pos : len(start)], response=False))
+            pieces.append(Segment(reply, response=True, last=k == len(replies) - 1, train=msgs[i].train))
+            pos = len(end)
         if pos < len(full):
             pieces.append(Segment(full[pos:], response=False))
         return [p for p in pieces if p.text]
+
+    def _per_turn(self, conv: Conversation, mode: Mode, train_on: str) -> list[list[Segment]]:
+        replies = _replies(conv)
+        wanted = replies[-1:] if train_on == "last" else replies
+        examples = []
+        for i in wanted:
+            if not conv.messages[i].train:
+                continue
+            prompt = self.render(conv.messages[:i], add_generation_prompt=True, tools=conv.tools, mode=mode)
+            reply = self._reply_as_last(conv, i, prompt, mode)
+            examples.append([Segment(prompt, response=False), Segment(reply, True, last=i == replies[-1])])
+        return examples
+
+    def _reply_as_last(self, conv: Conversation, i: int, prompt: str, mode: Mode) -> str:
+        """What inference must generate after `prompt` for assistant turn i: that turn as the template
+        renders it when it is the conversation's last."""
+        msgs, message = conv.messages, conv.messages[i]
+        as_last = self.render(msgs[: i + 1], tools=conv.tools, mode=mode)
+        if as_last.startswith(prompt):
+            reply = as_last[len(prompt) :]
+        else:
+            before = self.render(msgs[:i], tools=conv.tools, mode=mode)
+            if not prompt.startswith(before):
+                raise _mismatch(self.name, i, message)
+            generation_prompt, turn = prompt[len(before) :], as_last[_turn_start(before, as_last) :]
+            reply = _after_generation_prompt(generation_prompt, turn, message)
+            if reply is None:
+                raise _mismatch(self.name, i, message)
+        if not _holds_reasoning(message, reply):
+            raise RecordProblem("reasoning dropped by template", f"template '{self.name}' does not render the "
+                                f"reasoning of assistant message {i}; set data.reasoning=drop to train without "
+                                "it, or use a template that renders reasoning_content")  # fmt: skip
+        return reply
+
+
+def _replies(conv: Conversation) -> list[int]:
+    return [i for i, m in enumerate(conv.messages) if m.role == "assistant"]
+
+
+def _merged(messages, mode: Mode) -> list[Message]:
+    """The messages as the template gets them: a leading system message folded into the first user turn."""
+    messages = list(messages)
+    if not (mode.merge_system and messages and messages[0].role == "system"):
+        return messages
+    system, rest = messages[0], messages[1:]
+    if rest and rest[0].role == "user":
+        rest[0] = replace(rest[0], content=f"{system.content}\n\n{rest[0].content}")
+    return rest
+
+
+def _holds_reasoning(message: Message, reply: str) -> bool:
+    return not message.reasoning or message.reasoning.strip() in reply
+
+
+def _turn_start(before: str, as_last: str) -> int:
+    """Where the last turn begins in `as_last`: after the longest tail of `before` found in it (the
+    rest of `before` may sit elsewhere in `as_last`, e.g. a system text the template moves)."""
+    lo, hi = 0, len(before)
+    while lo < hi:  # a tail found implies every shorter tail is found: binary search its length
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if before[-mid:] in as_last else (lo, mid - 1)
+    return as_last.find(before[-lo:]) + lo if lo else 0
+
+
+def _after_generation_prompt(generation_prompt: str, turn: str, message: Message) -> str | None:
+    """The reply after the generation prompt: the turn past it, or where the turn does not start with it, the one case
+    known: a prompt that opens a reasoning block the rendered turn lacks (DeepSeek-R1 distills), where
+    inference generates the reasoning, closes the block and answers."""
+    if turn.startswith(generation_prompt):
+        return turn[len(generation_prompt) :]
+    common = 0
+    while common < min(len(generation_prompt), len(turn)) and generation_prompt[common] == turn[common]:
+        common += 1
+    if generation_prompt[common:].strip() != THINK_OPEN:
+        return None
+    return f"{message.reasoning or ''}\n{THINK_CLOSE}\n\n" + turn[common:].lstrip("\n")
+
+
+def _mismatch(name: str, i: int, message: Message) -> RecordProblem:
+    hint = ("; its generation prompt may leave no room for reasoning (e.g. enable_thinking: false): set "
+            "data.reasoning=drop" if message.reasoning else "")
+    return RecordProblem("template mismatch", f"template '{name}' renders assistant message {i} in a way that "
+                         "does not follow its own generation prompt, so training text would differ from inference"
+                         f"{hint}; use another data.template (e.g. chatml) or a custom Jinja template")  # fmt: skip
+
+
+def bake_kwargs(source: str, kwargs: dict) -> str:
+    """The template with data.template_kwargs set at its top, so whatever renders the saved template
+    (transformers, vLLM, llama.cpp) renders as training did."""
+    sets = "".join(f"{{%- set {k} = {_jinja_literal(v)} -%}}" for k, v in kwargs.items())
+    return sets + source
+
+
+def _jinja_literal(value) -> str:
+    if value is None or isinstance(value, bool):
+        return {None: "none", True: "true", False: "false"}[value]
+    if isinstance(value, (int, float, str)):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_jinja_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {_jinja_literal(v)}" for k, v in value.items()) + "}"
+    raise ConfigError(f"data.template_kwargs: {value!r} is not a YAML scalar, list or mapping")
 
 
 def resolve_template(tokenizer, spec: str) -> tuple[str, str]:
@@ -112,7 +237,7 @@ def resolve_template(tokenizer, spec: str) -> tuple[str, str]:
         if not source:
             raise ConfigError(
                 "data.template is auto but the tokenizer has no chat template; "
-                "set data.template to chatml, llama2, alpaca, a Jinja string or a .jinja file"
+                f"set data.template to one of {', '.join(BUILTIN)}, a Jinja string or a .jinja file"
             )
         return "auto", source
     if spec in BUILTIN:
@@ -128,19 +253,26 @@ def resolve_template(tokenizer, spec: str) -> tuple[str, str]:
     )
 
 
-# Special tokens that close a turn in the templates we know; the tokenizer's EOS is always one too.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
-
-
 def end_of_turn_ids(tok) -> set[int]:
     """Ids of special tokens that end an assistant turn: EOS plus known end-of-turn markers."""
     ids = set()
     if tok.eos_token_id is not None:
         ids.add(tok.eos_token_id)
-    special = set(tok.all_special_tokens) | {
-        t.content for t in tok.added_tokens_decoder.values() if t.special
-    }
+    special = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values() if t.special}
     for token in END_OF_TURN_TOKENS:
         if token in special:
             ids.add(tok.convert_tokens_to_ids(token))
     return ids
+
+
+def stop_ids(tokenizer, source: str) -> list[int]:
+    """EOS and the end-of-turn tokens `source` writes after a reply: where generation must stop."""
+    candidates = end_of_turn_ids(tokenizer)
+    sample = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    try:
+        text = tokenizer.apply_chat_template(sample, chat_template=source, tokenize=False)
+        written = set(tokenizer(text, add_special_tokens=False)["input_ids"]) & candidates
+    except TEMPLATE_ERRORS:  # a template that refuses this sample: every known end-of-turn token
+        written = candidates
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    return sorted(written | eos)

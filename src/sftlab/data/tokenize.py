@@ -6,10 +6,10 @@ Labels are built here and nowhere else: -100 marks a token that carries no loss.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from sftlab.config import DataConfig
-from sftlab.data.formats import Conversation, RecordProblem
+from sftlab.data.conversation import Conversation, RecordProblem
 from sftlab.data.templates import ChatTemplate
 from sftlab.errors import DataError
 
@@ -41,6 +41,7 @@ class DatasetReport:
     supervised_lost: int = 0  # supervised tokens cut by truncation or lost with dropped examples
     length: dict = field(default_factory=dict)  # mean / p50 / p95 / max of kept examples' lengths
     warnings: list[str] = field(default_factory=list)
+    notes: Counter = field(default_factory=Counter)  # what was done to fit the template: tools, reasoning, per-turn
 
     def set_lengths(self, lengths: list[int]) -> None:
         s = sorted(lengths) or [0]
@@ -48,49 +49,93 @@ class DatasetReport:
         self.length = {"mean": round(sum(s) / len(s), 1), "p50": pct(0.5), "p95": pct(0.95), "max": s[-1]}
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "dropped": dict(self.dropped)}
+        return {**asdict(self), "dropped": dict(self.dropped), "notes": dict(self.notes)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "DatasetReport":
-        return cls(**{**d, "dropped": Counter(d["dropped"])})
+        return cls(**{**d, "dropped": Counter(d["dropped"]), "notes": Counter(d.get("notes", {}))})
 
 
 class Encoder:
     """Tokenizes conversations piece by piece so each reply has the tokens inference would give it."""
 
-    def __init__(self, tokenizer, template: ChatTemplate, train_on: str, eot_ids: set[int]):
+    def __init__(self, tokenizer, template: ChatTemplate, train_on: str, eot_ids: set[int], reasoning: str = "train"):
         self.tok = tokenizer
         self.template = template
         self.train_on = train_on
         self.eot_ids = eot_ids
+        self.reasoning = reasoning  # data.reasoning: train | drop
         self.missing_eot = 0  # replies whose template emits no end-of-turn token (model cannot learn to stop)
+        self.eot_inside = 0  # replies whose text holds an end-of-turn token before their end
+        self.notes: Counter = Counter()  # what was done to fit the template, for the report
 
-    def encode(self, conv: Conversation) -> Encoded:
+    def encode(self, conv: Conversation) -> list[Encoded]:
+        """The conversation's examples: one, or one per assistant turn where the template needs it."""
         if conv.text is not None:
             ids = self.tok(conv.text, add_special_tokens=True)["input_ids"]
             if self.tok.eos_token_id is not None and ids[-1:] != [self.tok.eos_token_id]:
                 ids = ids + [self.tok.eos_token_id]
-            return Encoded(ids, list(ids))
+            return [Encoded(ids, list(ids))]
+        conv = self._reasoning(conv)
+        rendering = self.template.examples(conv, self.train_on)
+        examples = [self._encode(segments) for segments in rendering.examples]
+        if not any(e.supervised for e in examples):
+            raise RecordProblem("nothing to train", "no assistant turn carries loss (each has train: false or "
+                                "weight: 0)")  # fmt: skip
+        self._note(conv, rendering, examples)
+        return examples
+
+    def _encode(self, segments) -> Encoded:
         input_ids, labels = [], []
-        for seg in self.template.segments(conv):
+        for seg in segments:
             # Pieces are tokenized separately: BPE must not merge the role header into the reply.
             ids = self.tok(seg.text, add_special_tokens=False)["input_ids"]
             input_ids += ids
             if self.train_on == "all":
                 labels += ids
-            elif seg.response and (self.train_on == "assistant" or seg.last):
+            elif seg.response and seg.train and (self.train_on == "assistant" or seg.last):
                 labels += self._reply_labels(ids)
             else:
                 labels += [IGNORE] * len(ids)
         return Encoded(input_ids, labels)
 
     def _reply_labels(self, ids: list[int]) -> list[int]:
-        """Supervise the reply through its end-of-turn token; the separator after it is template text."""
-        last_eot = max((j for j, t in enumerate(ids) if t in self.eot_ids), default=None)
-        if last_eot is None:
+        """Supervise the reply through the end-of-turn token that closes it; what the template writes after
+        it (a separator, an EOS after the final turn) is template text."""
+        eot = next((j for j, t in enumerate(ids) if t in self.eot_ids), None)
+        if eot is None:
             self.missing_eot += 1
             return list(ids)
-        return ids[: last_eot + 1] + [IGNORE] * (len(ids) - last_eot - 1)
+        if self.tok.decode(ids[eot + 1 :], skip_special_tokens=True).strip():
+            self.eot_inside += 1
+        return ids[: eot + 1] + [IGNORE] * (len(ids) - eot - 1)
+
+    def _reasoning(self, conv: Conversation) -> Conversation:
+        turns = sum(m.reasoning is not None for m in conv.messages)
+        if not turns:
+            return conv
+        if self.reasoning == "drop":
+            self.notes["reasoning dropped (data.reasoning=drop)"] += turns
+            return replace(conv, messages=tuple(replace(m, reasoning=None) for m in conv.messages))
+        how = "rendered by the template" if self.template.reasoning_field else "written as <think> before the content"
+        self.notes[f"reasoning trained, {how}"] += turns
+        return conv
+
+    def _note(self, conv: Conversation, rendering, examples: list[Encoded]) -> None:
+        counts = {
+            "tool calls (trained)": sum(len(m.tool_calls) for m in conv.messages),
+            "tool results (never trained)": sum(m.role == "tool" for m in conv.messages),
+            "assistant turns kept out of the loss (train: false)": sum(
+                m.role == "assistant" and not m.train for m in conv.messages),
+            "system text put in the first user turn (the template has no system role)": rendering.mode.merge_system,
+            "content passed as text parts (the template reads parts)": rendering.mode.parts,
+        }  # fmt: skip
+        if rendering.per_turn:
+            lengths = [len(e.input_ids) for e in examples]
+            counts |= {"conversations trained one example per assistant turn (the template renders earlier "
+                       "turns differently)": 1, "examples from those conversations": len(examples),
+                       "tokens those examples add beyond their longest": sum(lengths) - max(lengths)}  # fmt: skip
+        self.notes.update({k: int(n) for k, n in counts.items() if n})
 
 
 # The drop reasons of the length policy, one set for every task (data reports count by these).
@@ -127,28 +172,38 @@ def encode_dataset(encoder: Encoder, conversations, cfg: DataConfig, report: Dat
     lengths = []
     for conv in conversations:
         try:
-            enc = encoder.encode(conv)
+            encoded = encoder.encode(conv)
         except RecordProblem as e:  # the template cannot render this record consistently
             if cfg.on_bad_record == "error":
                 raise DataError(f"{conv.origin}: {e}") from None
             report.dropped[f"bad record: {e.kind}"] += 1
             continue
-        out, outcome = apply_length_policy(enc, cfg.max_length, cfg.overflow, conv.origin)
-        if out is None:
-            report.dropped[outcome] += 1
-            report.supervised_lost += enc.supervised
-            continue
-        kept.append(out)
-        report.kept += 1
-        report.truncated += outcome == "truncated"
-        report.tokens += len(out.input_ids)
-        report.supervised_kept += out.supervised
-        report.supervised_lost += enc.supervised - out.supervised
-        lengths.append(len(out.input_ids))
+        for enc in encoded:
+            _keep(enc, cfg, conv.origin, report, kept, lengths)
     report.set_lengths(lengths)
+    report.notes.update(encoder.notes)
     if encoder.missing_eot:
         report.warnings.append(
             f"{encoder.missing_eot} replies have no end-of-turn token after them in template "
             f"'{encoder.template.name}': the model will not learn to stop"
         )
+    if encoder.eot_inside:
+        report.warnings.append(f"{encoder.eot_inside} replies hold an end-of-turn token inside their text: "
+                               "each is trained up to that token only")  # fmt: skip
     return kept
+
+
+def _keep(enc: Encoded, cfg: DataConfig, origin: str, report: DatasetReport, kept: list, lengths: list) -> None:
+    """The length policy for one example, counted in the report."""
+    out, outcome = apply_length_policy(enc, cfg.max_length, cfg.overflow, origin)
+    if out is None:
+        report.dropped[outcome] += 1
+        report.supervised_lost += enc.supervised
+        return
+    kept.append(out)
+    report.kept += 1
+    report.truncated += outcome == "truncated"
+    report.tokens += len(out.input_ids)
+    report.supervised_kept += out.supervised
+    report.supervised_lost += enc.supervised - out.supervised
+    lengths.append(len(out.input_ids))

@@ -42,7 +42,8 @@ def merge(run_dir: str, output: str, atol: float = 1e-4) -> float:
     out = Path(output)
     merged.save_pretrained(out, safe_serialization=True)
     loaded.tokenizer.save_pretrained(out)
-    for extra in ("config.yaml", "data_report.json", "summary.json"):  # provenance of the export
+    # generation_config.json: the run's stop tokens (its template's end of turn); the rest: provenance
+    for extra in ("generation_config.json", "config.yaml", "data_report.json", "summary.json"):
         if (Path(run_dir) / extra).is_file():
             shutil.copy(Path(run_dir) / extra, out / extra)
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

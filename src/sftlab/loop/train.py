@@ -424,7 +424,7 @@ def save_model(run: Run, whole: dict | None = None) -> None:
     if run.template_source is not None:
         run.tokenizer.chat_template = run.template_source  # inference renders exactly as training did
     run.tokenizer.save_pretrained(run.out)
-    run.task.save_extras(run.out, run.tokenizer)
+    run.task.save_extras(run.out, run.tokenizer, run.lm)
 
 
 def _write_final_eval(run: Run, restored_best: bool) -> None:

@@ -211,6 +211,17 @@ def for_training(lm, cfg, precision: str, total_steps: int):
     return lm
 
 
+def save_generation_config(model, out, eos_ids: list[int]) -> None:
+    """generation_config.json in `out` (a full model's or an adapter's directory) with `eos_ids` as the
+    tokens that end generation, the model's other generation defaults kept."""
+    from transformers import GenerationConfig
+
+    own = getattr(model, "generation_config", None)
+    config = GenerationConfig.from_dict(own.to_dict()) if own is not None else GenerationConfig()
+    config.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else list(eos_ids)
+    config.save_pretrained(out)
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total), counting tied weights once."""
     seen, trainable, total = set(), 0, 0

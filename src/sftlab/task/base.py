@@ -47,7 +47,8 @@ class Task(Protocol):
     def chat_template(self, tokenizer) -> str | None:
         """The chat template trained with, saved beside the model (None: the task has none)."""
 
-    def save_extras(self, out, tokenizer) -> None: ...
+    def save_extras(self, out, tokenizer, model) -> None:
+        """Files beside the saved model that inference needs (labels, the generation config's stop tokens)."""
 
 
 def score_eval(task: Task, loss_module, lm, tokenizer, data, batch_size: int, out, accelerator=None) -> dict:

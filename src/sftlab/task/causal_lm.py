@@ -9,8 +9,8 @@ import torch
 from sftlab.config import Config
 from sftlab.data.batching import collate, collate_packed, supervised_count
 from sftlab.data.dataset import load_train_eval
-from sftlab.data.templates import ChatTemplate
-from sftlab.model.load import load_base_for
+from sftlab.data.templates import ChatTemplate, stop_ids
+from sftlab.model.load import load_base_for, save_generation_config
 from sftlab.model.loss import SupervisedLoss
 
 
@@ -48,7 +48,9 @@ class CausalLM:
         return {}  # generation metrics run through `sftlab eval` and eval.generate_every
 
     def chat_template(self, tokenizer) -> str | None:
-        return ChatTemplate(tokenizer, self.cfg.data.template).source
+        return ChatTemplate(tokenizer, self.cfg.data.template, self.cfg.data.template_kwargs).source
 
-    def save_extras(self, out, tokenizer) -> None:
-        pass
+    def save_extras(self, out, tokenizer, model) -> None:
+        # transformers, vLLM and llama.cpp stop at the generation config's EOS ids: list the template's
+        # end-of-turn tokens there too, or a model whose EOS differs from them generates past its turn.
+        save_generation_config(model, out, stop_ids(tokenizer, self.chat_template(tokenizer)))

@@ -130,7 +130,7 @@ class Classification:
     def chat_template(self, tokenizer) -> None:
         return None
 
-    def save_extras(self, out: Path, tokenizer) -> None:
+    def save_extras(self, out: Path, tokenizer, model) -> None:
         (Path(out) / LABELS_FILE).write_text(json.dumps({"labels": self.labels, "type": self.label_type}, indent=1))
 
 

@@ -104,7 +104,7 @@ class Seq2Seq:
     def chat_template(self, tokenizer) -> None:
         return None
 
-    def save_extras(self, out: Path, tokenizer) -> None:
+    def save_extras(self, out: Path, tokenizer, model) -> None:
         pass
 
 

@@ -1,0 +1,34 @@
+"""The one internal conversation type every data format becomes, and the error a bad record raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # system | user | assistant | tool
+    content: str
+    tool_calls: tuple[dict, ...] = ()  # assistant: [{id?, type: function, function: {name, arguments: {...}}}]
+    tool_call_id: str | None = None  # tool: the call this result answers
+    name: str | None = None  # tool: the function's name, when the record gives it
+    reasoning: str | None = None  # assistant: its reasoning trace (sftlab.data.assistant)
+    train: bool = True  # assistant: False keeps this turn out of the loss (`train: false` / `weight: 0`)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    messages: tuple[Message, ...] = ()
+    text: str | None = None  # format `text`: raw text trained whole, no chat template
+    origin: str = ""  # "file:line" of the record it came from
+    tools: tuple[dict, ...] = ()  # function schemas offered to the model (rendered by the template)
+
+
+class RecordProblem(Exception):
+    """A record that cannot be used; `kind` is the short reason counted in reports."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
