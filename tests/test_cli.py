@@ -9,6 +9,7 @@ import pytest
 from conftest import FIXTURES, ROOT, write_jsonl
 
 from sftlab.cli import main
+from sftlab.errors import SftlabError
 
 
 @pytest.fixture
@@ -120,11 +121,31 @@ def test_inspection_config_takes_a_data_file_or_a_run_yaml(run_yaml):
 def test_generate_conversations_from_prompts_and_a_file_open_with_the_system_message(tmp_path):
     from sftlab.generate import gather_conversations
 
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "two"}])
-    conversations = gather_conversations(["one"], str(prompts), "be brief")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "two", "expected": "2"}])
+    conversations, expected = gather_conversations(["one"], str(prompts), "be brief")
     system = {"role": "system", "content": "be brief"}
     assert conversations == [[system, {"role": "user", "content": "one"}], [system, {"role": "user", "content": "two"}]]
-    assert gather_conversations(["one"], None, None) == [[{"role": "user", "content": "one"}]]
+    assert expected == [None, "2"]
+    assert gather_conversations(["one"], None, None) == ([[{"role": "user", "content": "one"}]], [None])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "two", "expected": 2}])
+    with pytest.raises(SftlabError, match=r"bad.jsonl:1: \"expected\" must be non-empty text"):
+        gather_conversations([], str(bad), None)
+
+
+def test_generate_marks_answers_right_or_wrong_and_counts_them(monkeypatch):
+    from types import SimpleNamespace
+
+    import sftlab.generate as generate
+
+    assert generate.is_right("The capital is Ｏttawa.", "ottawa") and not generate.is_right("Toronto", "Ottawa")
+    fake = {k: SimpleNamespace(model=None, tokenizer=None) for k in ("response", "base_response")}
+    replies, lines = iter(["7,000 meters", "0.07 meters", "Ottawa", "Ottawa"]), []
+    monkeypatch.setattr(generate, "generate_answers", lambda *a, **k: [next(replies)])
+    rows = generate.answer_prompts(fake, [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]],
+                                   generate.Sampling(), say=lambda *a: lines.append(" ".join(map(str, a))),
+                                   expected=["7,000", "Ottawa"])  # fmt: skip
+    assert [(r["response_right"], r["base_response_right"]) for r in rows] == [(True, False), (True, True)]
+    assert lines[-1] == "right: tuned 2/2, base 1/2" and "(wrong; expected '7,000')" in lines[2]
 
 
 def test_train_command_end_to_end(tiny_model_dir, tmp_path, capsys):

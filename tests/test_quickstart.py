@@ -4,7 +4,7 @@ import pytest
 from conftest import ROOT
 
 from sftlab.config import load_config
-from sftlab.generate import answer
+from sftlab.generate import Sampling, answer, answer_prompts, gather_conversations
 from sftlab.loop.train import train
 from sftlab.rundir import load_run
 
@@ -17,6 +17,13 @@ def test_quickstart_trains_and_the_tuned_model_answers(tmp_path):
     assert summary["final_eval_loss"] < 0.8 * summary["first_eval_loss"]
     tuned = load_run(str(tmp_path / "qs"))
     assert answer(tuned, [{"role": "user", "content": "Convert 7 kilometers to meters."}]) == "7 kilometers is 7,000 meters."
+    # The demo's prompts: the tuned model is right on at least 4 of 6, and on more than the base.
+    prompts = str(ROOT / "examples" / "prompts.jsonl")
+    conversations, expected = gather_conversations([], prompts, None)
+    models = {"response": tuned, "base_response": load_run(tuned.base_name)}
+    rows = answer_prompts(models, conversations, Sampling(64), say=lambda *a: None, expected=expected)
+    right = {k: sum(r[f"{k}_right"] for r in rows) for k in models}
+    assert len(rows) == 6 and right["response"] >= 4 and right["response"] > right["base_response"], right
     # After the quickstart, eval --compare and report show whether the tune helped (fewer prompts here).
     from sftlab.evaluate.report import write_report
     from sftlab.evaluate.runner import run_eval

@@ -362,12 +362,12 @@ def cmd_generate(args) -> int:
     from sftlab.generate import Sampling, answer_prompts, gather_conversations
     from sftlab.rundir import load_run
 
-    conversations = gather_conversations(args.prompt, args.prompts, args.system)  # bad input fails before loading
+    conversations, expected = gather_conversations(args.prompt, args.prompts, args.system)  # fails before loading
     models = {"response": load_run(args.source)}
     if args.base:
         models["base_response"] = load_run(models["response"].base_name)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    answer_prompts(models, conversations, sampling, args.output)
+    answer_prompts(models, conversations, sampling, args.output, expected=expected)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,25 +35,43 @@ def answer(loaded, messages: list[dict], max_new_tokens: int = 128, temperature:
 
 
 def answer_prompts(models: dict[str, object], conversations: list[list[dict]], sampling: Sampling,
-                   output: str | None = None, say: Callable[..., None] = print) -> list[dict]:  # fmt: skip
+                   output: str | None = None, say: Callable[..., None] = print,
+                   expected: list[str | None] | None = None) -> list[dict]:  # fmt: skip
     """`sftlab generate`: every conversation answered by every model, each answer printed as it comes.
 
     `models` maps a result field to a loaded model (sftlab.rundir.Loaded, loaded by the caller: rundir is
-    this module's layer): "response", and "base_response" for the base side by side. Returns one
-    {messages, response[, base_response]} row per conversation, also written as JSONL to `output`."""
+    this module's layer): "response", and "base_response" for the base side by side. `expected`: per
+    conversation the text a right answer contains (or None); each answer is then marked right or wrong
+    and the counts printed. Returns one {messages, response[, base_response][, expected, <field>_right]}
+    row per conversation, also written as JSONL to `output`."""
     labels = {"response": "tuned" if "base_response" in models else "answer", "base_response": "base"}
+    expected = expected or [None] * len(conversations)
     results = []
-    for messages in conversations:
-        result = {"messages": messages}
+    for messages, wanted in zip(conversations, expected):
+        result = {"messages": messages} | ({"expected": wanted} if wanted is not None else {})
         say(f"### {messages[-1]['content']}")
         for key, loaded in models.items():
             result[key] = generate_answers(loaded.model, loaded.tokenizer, [messages], sampling)[0]
-            say(f"[{labels[key]}] {result[key]}")
+            mark = ""
+            if wanted is not None:
+                result[f"{key}_right"] = is_right(result[key], wanted)
+                mark = "  (right)" if result[f"{key}_right"] else f"  (wrong; expected {wanted!r})"
+            say(f"[{labels[key]}] {result[key]}{mark}")
         say()
         results.append(result)
+    if any(w is not None for w in expected):
+        scored = sum(w is not None for w in expected)
+        say("right: " + ", ".join(f"{labels[k]} {sum(r.get(f'{k}_right', False) for r in results)}/{scored}"
+                                  for k in models))  # fmt: skip
     if output:
         Path(output).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
     return results
+
+
+def is_right(answer: str, expected: str) -> bool:
+    """Whether an answer holds the expected text (case and width folded)."""
+    fold = lambda t: unicodedata.normalize("NFKC", t).casefold()  # noqa: E731
+    return fold(expected) in fold(answer)
 
 
 def generate_answers(model, tokenizer, conversations: list[list[dict]], sampling: Sampling, batch_size: int = 8,
@@ -129,26 +148,26 @@ def inference_mode(model):
         model.train(was_training)
 
 
-def gather_conversations(prompts: list[str], prompts_file: str | None, system: str | None) -> list[list[dict]]:
-    """`sftlab generate`'s conversations: each --prompt as a user turn, then those of --prompts, each
-    opened by the --system message when there is one."""
+def gather_conversations(prompts: list[str], prompts_file: str | None,
+                         system: str | None) -> tuple[list[list[dict]], list[str | None]]:  # fmt: skip
+    """`sftlab generate`'s conversations and their expected answers: each --prompt as a user turn, then those
+    of --prompts, each opened by the --system message when there is one."""
     conversations = [[{"role": "user", "content": p}] for p in prompts]
-    conversations += read_prompts(prompts_file) if prompts_file else []
+    expected: list[str | None] = [None] * len(prompts)
+    if prompts_file:
+        conversations += read_prompts(prompts_file)
+        expected += expected_answers(prompts_file)
     if not conversations:
         raise ConfigError("give at least one --prompt TEXT or --prompts FILE.jsonl")
     if system:
         conversations = [[{"role": "system", "content": system}] + c for c in conversations]
-    return conversations
+    return conversations, expected
 
 
 def read_prompts(path: str) -> list[list[dict]]:
     """A JSONL file of {"prompt": str} or {"messages": [...]} per line -> message lists."""
-    from sftlab.data.formats import read_jsonl_objects
-
-    if not Path(path).is_file():
-        raise DataError(f"{path}: no such prompts file")
     conversations = []
-    for where, record in read_jsonl_objects(Path(path)):
+    for where, record in _prompt_records(path):
         if isinstance(record.get("prompt"), str):
             conversations.append([{"role": "user", "content": record["prompt"]}])
         elif isinstance(record.get("messages"), list):
@@ -157,6 +176,26 @@ def read_prompts(path: str) -> list[list[dict]]:
             conversations.append(msgs[:-1] if msgs and msgs[-1].get("role") == "assistant" else msgs)
         else:
             raise DataError(f"{where}: expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}")
-    if not conversations:
-        raise DataError(f"{path}: no prompts")
     return conversations
+
+
+def expected_answers(path: str) -> list[str | None]:
+    """Each prompt's optional "expected" field: text a right answer contains."""
+    found = []
+    for where, record in _prompt_records(path):
+        value = record.get("expected")
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise DataError(f"{where}: \"expected\" must be non-empty text, got {value!r}")
+        found.append(value)
+    return found
+
+
+def _prompt_records(path: str):
+    from sftlab.data.formats import read_jsonl_objects
+
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such prompts file")
+    records = list(read_jsonl_objects(Path(path)))
+    if not records:
+        raise DataError(f"{path}: no prompts")
+    return records

@@ -144,7 +144,7 @@ def conversations(draw):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(conv=conversations())
 def test_random_conversations_keep_the_invariants(tok, name, conv):
     check(name, tok, conv)

@@ -35,16 +35,21 @@ def _json(value: Any, where: str, kind: str) -> Any:
         raise RecordProblem(kind, f"{where} is not valid JSON ({e.msg} at column {e.colno}); fix it") from None
 
 
-def parse_tools(value: Any, where: str) -> tuple[dict, ...]:
-    """Function schemas from a list, one schema, or a JSON string of either."""
+def _objects(value: Any, where: str, kind: str, what: str) -> list[dict]:
+    """A list of objects from a list, one object, or a JSON string of either ([] for none)."""
     if value is None or value == "" or value == []:
-        return ()
-    value = _json(value, where, "bad tools")
+        return []
+    value = _json(value, where, kind)
     value = [value] if isinstance(value, dict) else value
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-        raise RecordProblem("bad tools", f"{where} must be a list of function schemas")
+        raise RecordProblem(kind, f"{where} must be a list of {what}")
+    return value
+
+
+def parse_tools(value: Any, where: str) -> tuple[dict, ...]:
+    """Function schemas from a list, one schema, or a JSON string of either."""
     tools = []
-    for j, t in enumerate(value):
+    for j, t in enumerate(_objects(value, where, "bad tools", "function schemas")):
         schema = t if isinstance(t.get("function"), dict) else {"type": "function", "function": t}
         if not isinstance(schema["function"].get("name"), str) or not schema["function"]["name"]:
             raise RecordProblem("bad tools", f"{where}[{j}] names no function (expected function.name)")
@@ -54,14 +59,8 @@ def parse_tools(value: Any, where: str) -> tuple[dict, ...]:
 
 def parse_tool_calls(value: Any, where: str) -> tuple[dict, ...]:
     """OpenAI tool calls (or flat {name, arguments} calls) with their arguments as a mapping."""
-    if value is None or value == []:
-        return ()
-    value = _json(value, where, "bad tool call")
-    value = [value] if isinstance(value, dict) else value
-    if not isinstance(value, list) or not all(isinstance(c, dict) for c in value):
-        raise RecordProblem("bad tool call", f"{where} must be a list of tool calls")
     calls = []
-    for j, call in enumerate(value):
+    for j, call in enumerate(_objects(value, where, "bad tool call", "tool calls")):
         fn = call["function"] if isinstance(call.get("function"), dict) else call
         at = f"{where}[{j}]" + (".function" if fn is not call else "")
         if not isinstance(fn.get("name"), str) or not fn["name"]:

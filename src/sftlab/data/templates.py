@@ -147,7 +147,8 @@ class ChatTemplate:
             before = self.render(msgs[:i], tools=conv.tools, mode=mode)
             if not prompt.startswith(before):
                 raise _mismatch(self.name, i, message)
-            generation_prompt, turn = prompt[len(before) :], as_last[_turn_start(before, as_last) :]
+            start = _turn_start(before, as_last, message.content)
+            generation_prompt, turn = prompt[len(before) :], as_last[start:]
             reply = _after_generation_prompt(generation_prompt, turn, message)
             if reply is None:
                 raise _mismatch(self.name, i, message)
@@ -177,14 +178,16 @@ def _holds_reasoning(message: Message, reply: str) -> bool:
     return not message.reasoning or message.reasoning.strip() in reply
 
 
-def _turn_start(before: str, as_last: str) -> int:
-    """Where the last turn begins in `as_last`: after the longest tail of `before` found in it (the
-    rest of `before` may sit elsewhere in `as_last`, e.g. a system text the template moves)."""
+def _turn_start(before: str, as_last: str, content: str) -> int:
+    """Where the last turn begins in `as_last`: after the last place, before the turn's content, where the
+    longest tail of `before` (the render up to the turn) stands. The rest of `before` may sit elsewhere
+    in `as_last` (a system text the template moves into the last user turn)."""
+    region = as_last[: as_last.rfind(content)] if content and content in as_last else as_last
     lo, hi = 0, len(before)
     while lo < hi:  # a tail found implies every shorter tail is found: binary search its length
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if before[-mid:] in as_last else (lo, mid - 1)
-    return as_last.find(before[-lo:]) + lo if lo else 0
+        lo, hi = (mid, hi) if before[-mid:] in region else (lo, mid - 1)
+    return region.rfind(before[-lo:]) + lo if lo else 0
 
 
 def _after_generation_prompt(generation_prompt: str, turn: str, message: Message) -> str | None:
