@@ -155,8 +155,8 @@ def gather_conversations(prompts: list[str], prompts_file: str | None,
     conversations = [[{"role": "user", "content": p}] for p in prompts]
     expected: list[str | None] = [None] * len(prompts)
     if prompts_file:
-        conversations += read_prompts(prompts_file)
-        expected += expected_answers(prompts_file)
+        from_file, wanted = read_prompts(prompts_file)
+        conversations, expected = conversations + from_file, expected + wanted
     if not conversations:
         raise ConfigError("give at least one --prompt TEXT or --prompts FILE.jsonl")
     if system:
@@ -164,9 +164,10 @@ def gather_conversations(prompts: list[str], prompts_file: str | None,
     return conversations, expected
 
 
-def read_prompts(path: str) -> list[list[dict]]:
-    """A JSONL file of {"prompt": str} or {"messages": [...]} per line -> message lists."""
-    conversations = []
+def read_prompts(path: str) -> tuple[list[list[dict]], list[str | None]]:
+    """A JSONL file of {"prompt": str} or {"messages": [...]} per line -> (message lists, each line's optional
+    "expected": text a right answer contains)."""
+    conversations, expected = [], []
     for where, record in _prompt_records(path):
         if isinstance(record.get("prompt"), str):
             conversations.append([{"role": "user", "content": record["prompt"]}])
@@ -176,18 +177,11 @@ def read_prompts(path: str) -> list[list[dict]]:
             conversations.append(msgs[:-1] if msgs and msgs[-1].get("role") == "assistant" else msgs)
         else:
             raise DataError(f"{where}: expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}")
-    return conversations
-
-
-def expected_answers(path: str) -> list[str | None]:
-    """Each prompt's optional "expected" field: text a right answer contains."""
-    found = []
-    for where, record in _prompt_records(path):
         value = record.get("expected")
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise DataError(f"{where}: \"expected\" must be non-empty text, got {value!r}")
-        found.append(value)
-    return found
+        expected.append(value)
+    return conversations, expected
 
 
 def _prompt_records(path: str):

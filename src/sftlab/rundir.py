@@ -138,8 +138,8 @@ def _load_dir(path: Path, kind: str, cfg: Config | None, task: str):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if kind == "full":
         model = auto_cls.from_pretrained(path, dtype=torch.float32, **extra)
-        return model, tokenizer, base_of(path) if cfg is not None else str(path)
-    base_name = base_of(path)
+        return model, tokenizer, cfg.model.name if cfg is not None else str(path)
+    base_name = cfg.model.name if cfg is not None else base_of(path)
     base_cfg = cfg.model if cfg is not None else ModelConfig(name=base_name)
     if base_cfg.init == "random":
         raise ModelError(f"{path}: an adapter trained on a randomly initialized base (model.init=random) cannot be "

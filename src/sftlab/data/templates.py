@@ -73,12 +73,15 @@ class ChatTemplate:
 
     def mode(self, conv: Conversation) -> Mode:
         """The first form of the conversation this template renders (plain first)."""
+        return self._first_render(conv)[0]
+
+    def _first_render(self, conv: Conversation) -> tuple[Mode, str]:
+        """(mode, the whole conversation rendered in it) for the first form the template takes."""
         first_error = None
         merge = (False, True) if conv.messages and conv.messages[0].role == "system" else (False,)
         for mode in (Mode(m, p) for m in merge for p in (False, True)):
             try:
-                self.render(conv.messages, tools=conv.tools, mode=mode)
-                return mode
+                return mode, self.render(conv.messages, tools=conv.tools, mode=mode)
             except TEMPLATE_ERRORS as e:
                 first_error = first_error or e
         raise RecordProblem("template error", f"template '{self.name}' cannot render this conversation: "
@@ -87,9 +90,8 @@ class ChatTemplate:
     def examples(self, conv: Conversation, train_on: str) -> Rendering:
         """The conversation as examples of prompt/response segments: one when the full render holds every
         turn as inference renders it, else one per assistant turn. `train_on: all` keeps the full render."""
-        mode = self.mode(conv)
+        mode, full = self._first_render(conv)
         try:
-            full = self.render(conv.messages, tools=conv.tools, mode=mode)
             lost = lost_parts(conv, full)
             if lost:
                 raise RecordProblem("template drops tool calls", f"template '{self.name}' does not render "
