@@ -23,7 +23,7 @@ from sftlab.data.conversation import Conversation, Message, RecordProblem
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _THINK = re.compile(r"\s*<think>(.*?)</think>\s*", re.S)
-REASONING_FIELD = "reasoning_content"  # the field name templates read (Qwen3, QwQ, DeepSeek, gpt-oss style)
+REASONING_FIELD = "reasoning_content"  # the field name templates read (Qwen3 and QwQ style)
 
 
 def _json(value: Any, where: str, kind: str) -> Any:
