@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.setup-stamp
 
-.PHONY: setup quickstart test inspect full evaluate classify translate ui
+.PHONY: setup quickstart test inspect full evaluate classify translate ui llama-cpp export
 
 setup: $(STAMP)
 
@@ -29,6 +29,15 @@ quickstart: setup
 evaluate: setup
 	.venv/bin/sftlab eval runs/quickstart --compare
 	.venv/bin/sftlab report runs/quickstart
+
+# llama.cpp itself (k-quants and the llama.cpp check in `sftlab export`): llama-cpp-python built once from
+# its pinned source package (~10 minutes on 2 cores; the wheel is cached under $$SFTLAB_CACHE/wheels).
+llama-cpp: setup
+	$(PY) -m sftlab.export.llama_cpp
+
+# After quickstart: the tuned model as a GGUF for Ollama, checked against the run on the bundled prompts.
+export: setup
+	.venv/bin/sftlab export runs/quickstart --format ollama --quant q8_0 --output runs/quickstart-gguf --prompts examples/prompts.jsonl
 
 # Web app on http://127.0.0.1:7860: watch runs train live, rate base vs tuned answers blind, read win rates.
 ui: setup

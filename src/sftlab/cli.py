@@ -211,7 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="fold a LoRA run into a full Hugging Face model")
     p.add_argument("run_dir")
     p.add_argument("--output", required=True, help="directory for the merged model")
+    p.add_argument("--into", choices=["nf4", "full-precision"], default=None,
+                   help="qlora runs: fold into the dequantized NF4 weights it trained on (default) or the "
+                        "original full-precision base")  # fmt: skip
     p.set_defaults(run=cmd_merge)
+
+    p = sub.add_parser("export", help="the tuned model for llama.cpp/Ollama (GGUF) or vLLM (merged 16-bit), "
+                                      "checked against the run before it is kept")  # fmt: skip
+    p.add_argument("run_dir")
+    p.add_argument("--format", choices=["gguf", "ollama", "hf"], default="gguf",
+                   help="gguf: one GGUF file; ollama: GGUF + Modelfile; hf: merged Hugging Face model (vLLM)")
+    p.add_argument("--quant", help="gguf/ollama: f32|f16|bf16|q8_0|q4_k_m|q5_k_m|q6_k|... (default q8_0); "
+                                   "hf: bf16|f16|f32 (default bf16)")  # fmt: skip
+    p.add_argument("--adapter-only", action="store_true",
+                   help="gguf/ollama: the base's GGUF plus the LoRA as a GGUF adapter (llama.cpp --lora, Ollama ADAPTER)")
+    p.add_argument("--output", required=True, help="directory to write into")
+    p.add_argument("--prompts", help="JSONL prompts to check the export on (default: six built-in prompts)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="length of each checked greedy answer")
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("config", help="print the resolved config, or every key with its help")
     p.add_argument("config", nargs="?", help="run YAML file")
@@ -465,8 +482,34 @@ def cmd_plan(args) -> int:
 def cmd_merge(args) -> int:
     from sftlab.export.merge import merge
 
-    diff = merge(args.run_dir, args.output)
+    diff = merge(args.run_dir, args.output, into=args.into)
     print(f"merged {args.run_dir} into {args.output}; reloaded export matches the adapter (max logit diff {diff:.2e})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from sftlab.errors import ConfigError
+    from sftlab.generate import read_prompts
+
+    prompts = read_prompts(args.prompts)[0] if args.prompts else None
+    if args.format == "hf":
+        from sftlab.export.hf import export_hf
+
+        if args.adapter_only:
+            raise ConfigError("--adapter-only: the run directory is the adapter vLLM loads; use --format hf without it")
+        result = export_hf(args.run_dir, args.output, args.quant or "bf16", prompts, args.max_new_tokens)
+        print(f"wrote {result.path} ({result.dtype}, {result.size_bytes / 2**20:.0f} MiB)")
+    else:
+        from sftlab.export.gguf import export_gguf
+
+        result = export_gguf(args.run_dir, args.output, args.quant or "q8_0", prompts, args.adapter_only,
+                             args.format == "ollama", args.max_new_tokens)  # fmt: skip
+        written = [result.path, result.adapter, result.modelfile]
+        print("wrote " + ", ".join(str(p) for p in written if p) + f" ({result.size_bytes / 2**20:.0f} MiB GGUF)")
+    for note in result.notes:
+        print(f"note: {note}")
+    for command in result.commands:
+        print(f"  {command}")
     return 0
 
 

@@ -15,6 +15,7 @@
       tokenizer files with chat_template.jinja (the template trained with); labels.json (classification)
 
 `load_run` is how generate, chat, serve, eval, predict, translate and merge read a run (or any model).
+A qlora run is loaded on the 4-bit NF4 base it trained on, so every reader sees the model training computed.
 """
 
 from __future__ import annotations
@@ -110,9 +111,12 @@ class Loaded:
     cfg: Config | None = None  # the run's config, when `source` is a run of ours
 
 
-def load_run(source: str, task: str = "causal_lm") -> Loaded:
+def load_run(source: str, task: str = "causal_lm", *, full_precision_base: bool = False) -> Loaded:
     """A run directory (adapter or full model), an exported model directory, or (causal_lm) anything
-    model.name accepts. Classification and seq2seq load their runs with their heads."""
+    model.name accepts. Classification and seq2seq load their runs with their heads.
+
+    A qlora run's adapter goes on the 4-bit NF4 base it trained on; full_precision_base puts it on the
+    original full-precision base instead (what `sftlab merge --into full-precision` folds into)."""
     path = Path(source)
     cfg = read_config(path) if is_run(path) else None
     if task != "causal_lm" and (cfg is None or cfg.task != task):
@@ -124,15 +128,15 @@ def load_run(source: str, task: str = "causal_lm") -> Loaded:
         raise ModelError(f"{source}: neither a run directory (no {PEFT_CONFIG} or {MODEL_CONFIG}) nor a model")
     if kind is None:
         return _named_model(source)
-    model, tokenizer, base = _load_dir(path, kind, cfg, task)
+    model, tokenizer, base = _load_dir(path, kind, cfg, task, full_precision_base)
     return Loaded(model.eval(), tokenizer, base, kind != "full", cfg)
 
 
-def _load_dir(path: Path, kind: str, cfg: Config | None, task: str):
+def _load_dir(path: Path, kind: str, cfg: Config | None, task: str, full_precision_base: bool = False):
     import torch
     from transformers import AutoTokenizer
 
-    from sftlab.model.load import load_model
+    from sftlab.model.load import load_4bit, load_model, trains_on_4bit
 
     auto_cls, extra = _auto_class(task, path)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -144,7 +148,10 @@ def _load_dir(path: Path, kind: str, cfg: Config | None, task: str):
     if base_cfg.init == "random":
         raise ModelError(f"{path}: an adapter trained on a randomly initialized base (model.init=random) cannot be "
                          "loaded: that base was never saved. Train with train.method=full to keep the whole model.")  # fmt: skip
-    base = load_model(base_cfg, auto_cls=auto_cls, **extra)
+    if cfg is not None and kind == "peft" and trains_on_4bit(cfg) and not full_precision_base:
+        base = load_4bit(base_cfg, auto_cls=auto_cls, **extra)  # the base the adapter trained with, not its original
+    else:
+        base = load_model(base_cfg, auto_cls=auto_cls, **extra)
     if kind == "bottleneck":
         from sftlab.model.methods import load_bottleneck
 

@@ -6,7 +6,7 @@ from conftest import FIXTURES, tiny_config, write_jsonl
 from helpers import losses
 
 from sftlab.config import MERGEABLE
-from sftlab.export.merge import ExportError, merge
+from sftlab.export.merge import NF4_ATOL, ExportError, merge
 from sftlab.generate import answer
 from sftlab.loop.train import train
 from sftlab.rundir import load_run, read_metrics
@@ -48,6 +48,10 @@ def test_method_trains_saves_reloads_and_merges_or_refuses(method, tiny_model_di
         changed = {k for k in base if not torch.equal(base[k], tuned[k])}
         if method == "freeze":  # only the last layer (peft.freeze_layers=1) moved
             assert changed and all(k.startswith("model.layers.1.") for k in changed)
+    elif method == "qlora":  # the base is the 4-bit NF4 model it trained on, not the original weights
+        from sftlab.model.load import is_4bit
+
+        assert is_4bit(loaded.model)
     else:  # the base weights inside the reloaded model are the original ones
         inner = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
         state = inner.state_dict()
@@ -56,7 +60,7 @@ def test_method_trains_saves_reloads_and_merges_or_refuses(method, tiny_model_di
             assert match and torch.equal(state[match[0]], value), key
 
     if method in MERGEABLE:
-        assert merge(str(tmp_path / "run"), str(tmp_path / "merged")) < 1e-3
+        assert merge(str(tmp_path / "run"), str(tmp_path / "merged")) < (NF4_ATOL if method == "qlora" else 1e-3)
     elif method in ("full", "freeze"):
         with pytest.raises(ExportError, match="full model already"):
             merge(str(tmp_path / "run"), str(tmp_path / "merged"))

@@ -175,15 +175,41 @@ def frozen_dtype(method: str, precision: str):
 
 def load_base_for(cfg, precision: str):
     """The base model as the method needs it: 4-bit NF4 for qlora, else in frozen_dtype."""
+    if trains_on_4bit(cfg):
+        return load_4bit(cfg.model)
+    return load_model(cfg.model, frozen_dtype(cfg.train.method, precision))
+
+
+def trains_on_4bit(cfg) -> bool:
+    """Whether a run's base is the 4-bit NF4 model (train.method=qlora of a causal LM; classification and
+    seq2seq load their bases as for lora)."""
+    return cfg.train.method == "qlora" and cfg.task == "causal_lm"
+
+
+def load_4bit(cfg: ModelConfig, auto_cls=None, **kwargs):
+    """QLoRA's base, the one way training and every reader of a qlora run build it: NF4 weights
+    (methods.quantization_config), the modules bitsandbytes leaves unquantized (embeddings, norms,
+    lm_head) in bf16."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    if cfg.train.method == "qlora":
-        from sftlab.model.methods import quantization_config
+    from sftlab.model.methods import quantization_config
 
-        return from_pretrained(AutoModelForCausalLM, cfg.model, dtype=torch.bfloat16,
-                               quantization_config=quantization_config())  # fmt: skip
-    return load_model(cfg.model, frozen_dtype(cfg.train.method, precision))
+    model = from_pretrained(auto_cls or AutoModelForCausalLM, cfg, dtype=torch.bfloat16,
+                            quantization_config=quantization_config(), **kwargs)  # fmt: skip
+    # On avx512_bf16 CPUs bitsandbytes repacks a Linear4bit's weight at its first eval-mode forward for an
+    # inference kernel that has no backward, and keeps it repacked: after training's step-0 eval no
+    # gradient would reach the layers below. One kernel for training, eval and serving instead.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def is_4bit(model) -> bool:
+    """Whether `model` (or the base inside a peft wrapper) holds bitsandbytes 4-bit weights: such a model
+    must not be cast to another dtype (its unquantized modules would leave the dtype it trained in)."""
+    return any(hasattr(p, "quant_state") for p in model.parameters())  # bitsandbytes' Params4bit
 
 
 def label_kwargs(labels: list[str]) -> dict:

@@ -80,6 +80,7 @@ def load_served(source: str, adapters: list[str] = (), precision: str = "fp32") 
         templates[name] = AutoTokenizer.from_pretrained(path).chat_template
     import torch
 
+    from sftlab.model.load import is_4bit
     from sftlab.model.precision import dtype_of, resolve_precision
 
     if precision == "auto" and not torch.cuda.is_available():
@@ -87,7 +88,7 @@ def load_served(source: str, adapters: list[str] = (), precision: str = "fp32") 
     dtype = dtype_of(resolve_precision(precision))
     if torch.cuda.is_available():
         model = model.cuda()
-    model = model.to(dtype).eval()
+    model = (model if is_4bit(model) else model.to(dtype)).eval()  # a qlora run: the dtypes it trained in
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     return Served(model, tok, templates, ids, int(context), end_of_turn_ids(tok))
 
