@@ -68,22 +68,26 @@ def tiny_config(model_dir, out_dir, *overrides, data=FIXTURES / "train_small.jso
     return load_config(None, base + list(overrides))
 
 
-@pytest.fixture(scope="session")
-def lively_model_dir(tmp_path_factory, tiny_model_dir):
-    """The tiny model with larger random weights: greedy decoding then varies instead of repeating one token."""
+def redrawn_model(model_dir, out, std: float, seed: int = 1):
+    """A copy of the model in `model_dir` whose matrices are drawn again from N(0, std), saved to `out`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.3)
-    out = tmp_path_factory.mktemp("lively")
+                p.normal_(0, std)
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def lively_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model with larger random weights: greedy decoding then varies instead of repeating one token."""
+    return redrawn_model(tiny_model_dir, tmp_path_factory.mktemp("lively"), std=0.3)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import FIXTURES, tiny_config
+from conftest import FIXTURES, redrawn_model, tiny_config
 
 from sftlab.export.merge import NF4_ATOL, ExportError, _check_batch, _logits, merge
 from sftlab.loop.train import train
@@ -22,17 +22,7 @@ def qlora_run(tiny_model_dir, tmp_path_factory):
     """A qlora run (fp32 path, 4-bit NF4 base) of the tiny model with weights of std 0.1: large enough
     that NF4 rounding moves the eval loss and logits well beyond the checks' tolerances (the default
     tiny model's std 0.02 weights would hide it), small enough that bf16 compute noise stays low."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1)
-    base = tmp_path_factory.mktemp("std01")
-    model.save_pretrained(base)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(base)
+    base = redrawn_model(tiny_model_dir, tmp_path_factory.mktemp("std01"), std=0.1)
     out = tmp_path_factory.mktemp("qlora-run")
     train(tiny_config(base, out, "train.method=qlora", "train.lr=1e-2", f"data.eval=[{EVAL}]"), **QUIET)
     return out

@@ -15,17 +15,17 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from sftlab.export.merge import CHECK_PROMPTS as MERGE_PROMPTS
 from sftlab.export.merge import ExportError
 from sftlab.generate import inference_mode
 
 TIE_NATS = 0.1  # below this log-prob gap between its top two tokens the tuned model itself has no preference
 
+# merge's three prompts, then three with longer answers
 CHECK_PROMPTS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Compute 12 × 7."}],
+    *MERGE_PROMPTS,
     [{"role": "user", "content": "Give three tips for learning a new language."}],
     [{"role": "user", "content": "Translate 'good morning' into French."}],
-    [{"role": "user", "content": "你好，请介绍一下你自己。"}],
     [{"role": "user", "content": "Write a haiku about the sea."}],
 ]
 

@@ -60,8 +60,7 @@ def export_gguf(run_dir: str, output: str, quant: str = "q8_0", prompts: list[li
     name = Path(run_dir).resolve().name
     with tempfile.TemporaryDirectory(dir=out, prefix=".staging-") as tmp:
         staging = Path(tmp) / "hf"
-        base_only = adapter_only
-        _stage(run_dir, loaded, staging, base_only)
+        _stage(run_dir, loaded, staging, base_only=adapter_only)
         eos = _reply_end(loaded.tokenizer)
         _set_eos(staging, eos, loaded.tokenizer.convert_tokens_to_ids(eos))
         path = out / f"{name}{'-base' if adapter_only else ''}-{quant}.gguf"

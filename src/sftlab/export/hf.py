@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from sftlab.export import check, vllm
-from sftlab.export.merge import ExportError, merge
+from sftlab.export.merge import ExportError, copy_run_files, merge
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 
@@ -41,9 +41,7 @@ def export_hf(run_dir: str, output: str, dtype: str = "bf16", prompts: list[list
     else:
         model = loaded.model
         loaded.tokenizer.save_pretrained(out)
-        for extra in ("generation_config.json", "config.yaml"):
-            if (Path(run_dir) / extra).is_file():
-                shutil.copy(Path(run_dir) / extra, out / extra)
+        copy_run_files(run_dir, out)
     model.to(DTYPES[dtype]).save_pretrained(out, safe_serialization=True)
     del model
     result = HfExport(out, dtype, sum(f.stat().st_size for f in out.glob("*.safetensors")))

@@ -77,10 +77,7 @@ def merge(run_dir: str, output: str, atol: float | None = None, into: str | None
     out = Path(output)
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    # generation_config.json: the run's stop tokens (its template's end of turn); the rest: provenance
-    for extra in ("generation_config.json", "config.yaml", "data_report.json", "summary.json"):
-        if (Path(run_dir) / extra).is_file():
-            shutil.copy(Path(run_dir) / extra, out / extra)
+    copy_run_files(run_dir, out)
     del merged
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     diff = (expected - _logits(reloaded, batch)).abs().max().item()
@@ -88,6 +85,13 @@ def merge(run_dir: str, output: str, atol: float | None = None, into: str | None
         shutil.rmtree(out)
         raise ExportError(f"the merged export's logits differ from the adapter's by {diff:.3g}; export removed")
     return diff
+
+
+def copy_run_files(run_dir: str, out: Path) -> None:
+    """generation_config.json (the run's stop tokens: its template's end of turn) and the run's provenance."""
+    for extra in ("generation_config.json", "config.yaml", "data_report.json", "summary.json"):
+        if (Path(run_dir) / extra).is_file():
+            shutil.copy(Path(run_dir) / extra, out / extra)
 
 
 def _is_qlora_run(path: Path) -> bool:
