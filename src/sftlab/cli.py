@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="directory for metrics.json and samples.jsonl (default: the run's eval/)")
     p.add_argument("--compare", nargs="?", const="base", metavar="BASE", action=CompareAction,
                    help="also evaluate BASE (default: the run's base model) and print deltas")
+    p.add_argument("--precision", choices=["as-trained", "fp32"], default="as-trained",
+                   help="as-trained (default): the run's precision path and attention kernel, so eval loss "
+                        "matches training's; fp32: both models in fp32")  # fmt: skip
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("report", help="one self-contained HTML page: curves, data report, metrics, samples")
@@ -222,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["gguf", "ollama", "hf"], default="gguf",
                    help="gguf: one GGUF file; ollama: GGUF + Modelfile; hf: merged Hugging Face model (vLLM)")
     p.add_argument("--quant", help="gguf/ollama: f32|f16|bf16|q8_0|q4_k_m|q5_k_m|q6_k|... (default q8_0); "
-                                   "hf: bf16|f16|f32 (default bf16)")  # fmt: skip
+                                   "hf: bf16|f16|f32 (default bf16), or int8|nf4 (bitsandbytes)")  # fmt: skip
     p.add_argument("--adapter-only", action="store_true",
                    help="gguf/ollama: the base's GGUF plus the LoRA as a GGUF adapter (llama.cpp --lora, Ollama ADAPTER)")
     p.add_argument("--output", required=True, help="directory to write into")
@@ -391,7 +394,7 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from sftlab.evaluate.runner import run_eval
 
-    run_eval(args.config, args.overrides, args.output, args.compare)
+    run_eval(args.config, args.overrides, args.output, args.compare, precision=args.precision)
     return 0
 
 
@@ -499,6 +502,9 @@ def cmd_export(args) -> int:
             raise ConfigError("--adapter-only: the run directory is the adapter vLLM loads; use --format hf without it")
         result = export_hf(args.run_dir, args.output, args.quant or "bf16", prompts, args.max_new_tokens)
         print(f"wrote {result.path} ({result.dtype}, {result.size_bytes / 2**20:.0f} MiB)")
+        if result.eval_loss.get(result.dtype) is not None:
+            before, after = result.eval_loss["unquantized"], result.eval_loss[result.dtype]
+            print(f"eval loss {after:.4f} ({result.dtype}) against {before:.4f} unquantized ({after - before:+.4f})")
     else:
         from sftlab.export.gguf import export_gguf
 

@@ -111,9 +111,11 @@ class Loaded:
     cfg: Config | None = None  # the run's config, when `source` is a run of ours
 
 
-def load_run(source: str, task: str = "causal_lm", *, full_precision_base: bool = False) -> Loaded:
+def load_run(source: str, task: str = "causal_lm", *, full_precision_base: bool = False, dtype=None) -> Loaded:
     """A run directory (adapter or full model), an exported model directory, or (causal_lm) anything
     model.name accepts. Classification and seq2seq load their runs with their heads.
+
+    dtype: of the full model or an adapter's base (default fp32; a 4-bit base keeps its own).
 
     A qlora run's adapter goes on the 4-bit NF4 base it trained on; full_precision_base puts it on the
     original full-precision base instead (what `sftlab merge --into full-precision` folds into)."""
@@ -127,12 +129,12 @@ def load_run(source: str, task: str = "causal_lm", *, full_precision_base: bool 
             raise ModelError(f"{path}: no model saved (the run did not finish); finish it with `sftlab train --resume`")
         raise ModelError(f"{source}: neither a run directory (no {PEFT_CONFIG} or {MODEL_CONFIG}) nor a model")
     if kind is None:
-        return _named_model(source)
-    model, tokenizer, base = _load_dir(path, kind, cfg, task, full_precision_base)
+        return _named_model(source, dtype)
+    model, tokenizer, base = _load_dir(path, kind, cfg, task, full_precision_base, dtype)
     return Loaded(model.eval(), tokenizer, base, kind != "full", cfg)
 
 
-def _load_dir(path: Path, kind: str, cfg: Config | None, task: str, full_precision_base: bool = False):
+def _load_dir(path: Path, kind: str, cfg: Config | None, task: str, full_precision_base: bool = False, dtype=None):
     import torch
     from transformers import AutoTokenizer
 
@@ -141,7 +143,7 @@ def _load_dir(path: Path, kind: str, cfg: Config | None, task: str, full_precisi
     auto_cls, extra = _auto_class(task, path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if kind == "full":
-        model = auto_cls.from_pretrained(path, dtype=torch.float32, **extra)
+        model = auto_cls.from_pretrained(path, dtype=dtype or torch.float32, **extra)
         return model, tokenizer, cfg.model.name if cfg is not None else str(path)
     base_name = cfg.model.name if cfg is not None else base_of(path)
     base_cfg = cfg.model if cfg is not None else ModelConfig(name=base_name)
@@ -151,7 +153,7 @@ def _load_dir(path: Path, kind: str, cfg: Config | None, task: str, full_precisi
     if cfg is not None and kind == "peft" and trains_on_4bit(cfg) and not full_precision_base:
         base = load_4bit(base_cfg, auto_cls=auto_cls, **extra)  # the base the adapter trained with, not its original
     else:
-        base = load_model(base_cfg, auto_cls=auto_cls, **extra)
+        base = load_model(base_cfg, dtype, auto_cls=auto_cls, **extra)
     if kind == "bottleneck":
         from sftlab.model.methods import load_bottleneck
 
@@ -174,8 +176,24 @@ def _auto_class(task: str, path: Path):
     return transformers.AutoModelForCausalLM, {}
 
 
-def _named_model(source: str) -> Loaded:
+def _named_model(source: str, dtype=None) -> Loaded:
     from sftlab.model.load import load_model, load_tokenizer
 
     cfg = ModelConfig(name=source)
-    return Loaded(load_model(cfg).eval(), load_tokenizer(cfg), source, False)
+    return Loaded(load_model(cfg, dtype).eval(), load_tokenizer(cfg), source, False)
+
+
+def read_compute(path: Path):
+    """The precision path and attention kernel the run's model trained with (speed.as_trained.Compute),
+    or None: not a run, one from before they were recorded, or a merged export of an adapter run (a
+    model that run never computed)."""
+    from sftlab.config import FROZEN_BASE
+    from sftlab.speed.as_trained import from_record
+
+    if not is_run(path) or (model_kind(path) == "full" and read_config(path).train.method in FROZEN_BASE):
+        return None
+    try:
+        summary = json.loads((Path(path) / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return from_record(summary.get("compute")) if isinstance(summary, dict) else None

@@ -8,7 +8,7 @@ from conftest import FIXTURES, ROOT, tiny_config, write_jsonl
 
 from sftlab.cli import main
 from sftlab.evaluate import benchmarks as B
-from sftlab.evaluate.runner import prepare_inputs, score_model
+from sftlab.evaluate.runner import prepare_inputs, run_eval, score_model
 from sftlab.generate import Sampling, generate_answers
 from sftlab.loop.train import train
 from sftlab.rundir import load_run, read_metrics
@@ -127,3 +127,24 @@ def test_quickstart_yaml_tasks_exist():
     assert [t.type for t in cfg.eval.tasks] == ["multiple_choice", "exact_match", "code"]
     for spec in cfg.eval.tasks:
         assert B.load_benchmark(spec)
+
+
+def test_eval_of_a_bf16_run_computes_as_trained(lively_model_dir, tmp_path):
+    """A LoRA run trained in bf16 (a bf16 base under bf16 autocast, training's attention kernel):
+    `sftlab eval` reads the same eval loss; in fp32 the same weights read differently."""
+    out = tmp_path / "bf16-run"
+    cfg = tiny_config(lively_model_dir, out, "train.method=lora", "train.precision=bf16", f"data.eval=[{EVAL}]")
+    train(cfg, **QUIET)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["compute"]["precision"] == "bf16" and summary["compute"]["autocast"] == "bf16"
+    overrides = ["eval.max_examples=1", "eval.max_new_tokens=2", "eval.semantic=false"]
+    record = run_eval(str(out), overrides, output=str(tmp_path / "e1"), **QUIET)
+    assert record["models"]["model"]["metrics"]["eval/loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-4)
+    assert record["compute"] == summary["compute"]
+    fp32 = run_eval(str(out), overrides, output=str(tmp_path / "e2"), precision="fp32", **QUIET)
+    assert fp32["models"]["model"]["metrics"]["eval/loss"] != pytest.approx(summary["final_eval_loss"], rel=1e-4)
+    from sftlab.export.merge import merge
+    from sftlab.rundir import read_compute
+
+    merge(str(out), str(tmp_path / "merged"))  # carries the run's summary, but is a model the run never computed
+    assert read_compute(out).precision == "bf16" and read_compute(tmp_path / "merged") is None

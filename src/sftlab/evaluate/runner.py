@@ -16,6 +16,7 @@ from sftlab.config import Config, TaskSpec, load_config
 from sftlab.errors import ConfigError, DataError, ModelError
 from sftlab.evaluate.benchmarks import Item
 from sftlab.rundir import load_run
+from sftlab.speed.as_trained import FP32, computing, weights_dtype
 from sftlab.task import get_task
 from sftlab.task.base import score_eval
 
@@ -51,19 +52,23 @@ def resolve_target(target: str, overrides: list[str]) -> tuple[Config, str, Path
 def prepare_inputs(cfg: Config, tokenizer) -> EvalInputs:
     from sftlab.evaluate.benchmarks import load_benchmark
 
-    eval_data = None
-    if cfg.data.eval or (cfg.data.train and cfg.data.eval_split > 0):
-        from sftlab.data.dataset import load_split, load_train_eval
-
-        if cfg.data.eval:
-            eval_data = load_split(cfg.data, tokenizer, "eval").dataset
-        else:
-            eval_data = load_train_eval(cfg.data, tokenizer, cfg.train.seed)[1]
+    data = eval_data(cfg, tokenizer)
     references = reference_items(cfg, cfg.eval.max_examples)
     tasks = [(spec, load_benchmark(spec)) for spec in cfg.eval.tasks]
-    if eval_data is None and not references and not tasks:
+    if data is None and not references and not tasks:
         raise ConfigError("nothing to evaluate: add data.eval (or data.eval_split) or eval.tasks to the config")
-    return EvalInputs(cfg, tokenizer, eval_data, references, tasks)
+    return EvalInputs(cfg, tokenizer, data, references, tasks)
+
+
+def eval_data(cfg: Config, tokenizer):
+    """The tokenized data.eval, or the run's seeded data.eval_split hold-out; None when it has neither."""
+    if not (cfg.data.eval or (cfg.data.train and cfg.data.eval_split > 0)):
+        return None
+    from sftlab.data.dataset import load_split, load_train_eval
+
+    if cfg.data.eval:
+        return load_split(cfg.data, tokenizer, "eval").dataset
+    return load_train_eval(cfg.data, tokenizer, cfg.train.seed)[1]
 
 
 def reference_items(cfg: Config, limit: int = 0) -> list[Item]:
@@ -80,8 +85,14 @@ def reference_items(cfg: Config, limit: int = 0) -> list[Item]:
     return items[:limit] if limit else items
 
 
-def score_model(model, inputs: EvalInputs, label: str, embedder=None) -> tuple[dict, dict]:
-    """Flat metrics {"eval/loss": ..., "<task>/accuracy": ...} and answers {(source, index): text}."""
+def score_model(model, inputs: EvalInputs, label: str, embedder=None, compute=FP32) -> tuple[dict, dict]:
+    """Flat metrics {"eval/loss": ..., "<task>/accuracy": ...} and answers {(source, index): text},
+    computed on `compute`'s path (speed.as_trained: the run's autocast; its attention for the loss)."""
+    with computing(model, compute, kernels=False):
+        return _score(model, inputs, label, embedder, compute)
+
+
+def _score(model, inputs: EvalInputs, label: str, embedder, compute) -> tuple[dict, dict]:
     from sftlab.evaluate import benchmarks as B
     from sftlab.generate import Sampling, generate_answers
     from sftlab.metrics.text import numeric_match, text_metrics
@@ -99,8 +110,9 @@ def score_model(model, inputs: EvalInputs, label: str, embedder=None) -> tuple[d
         from sftlab.metrics.perplexity import eval_loss
         from sftlab.model.loss import SupervisedLoss
 
-        result = eval_loss(SupervisedLoss(model, inputs.cfg.train.loss_chunk_tokens), inputs.eval_data,
-                           cfg.batch_size, tok.pad_token_id)  # fmt: skip
+        with computing(model, compute):  # training's batches: the same padding, the same rounding
+            result = eval_loss(SupervisedLoss(model, inputs.cfg.train.loss_chunk_tokens), inputs.eval_data,
+                               inputs.cfg.train.batch_size, tok.pad_token_id)  # fmt: skip
         metrics |= {"eval/loss": result["eval_loss"], "eval/ppl": result["eval_ppl"]}
     if inputs.references:
         replies = [r[0] for r in generate(inputs.references, "eval data")]
@@ -130,8 +142,11 @@ def score_model(model, inputs: EvalInputs, label: str, embedder=None) -> tuple[d
 
 
 def run_eval(target: str, overrides: list[str] = (), output: str | None = None, compare: str | None = None,
-             say=print) -> dict:  # fmt: skip
-    """Evaluate a run (and its base with compare="base", or any model.name); write metrics.json and samples.jsonl."""
+             say=print, precision: str = "as-trained") -> dict:  # fmt: skip
+    """Evaluate a run (and its base with compare="base", or any model.name); write metrics.json and samples.jsonl.
+
+    precision: "as-trained" computes both models on the run's precision path (summary.json's
+    `compute`; fp32 for a run without one), so eval loss reads as training's did; "fp32" in fp32."""
     cfg, source, default_out = resolve_target(target, overrides)
     out = Path(output) if output else default_out
     if cfg.task != "causal_lm":
@@ -139,11 +154,13 @@ def run_eval(target: str, overrides: list[str] = (), output: str | None = None, 
             raise ConfigError("--compare is for chat (causal_lm) runs; classification and seq2seq runs print their own metrics")
         return eval_task_run(source, cfg, out, say)
     started = time.perf_counter()
-    loaded = load_run(source)
+    compute = (rundir.read_compute(Path(source)) if precision == "as-trained" else None) or FP32
+    dtype = weights_dtype(compute, adapter=rundir.model_kind(Path(source)) not in (None, "full"))
+    loaded = load_run(source, dtype=dtype)
     inputs = prepare_inputs(cfg, loaded.tokenizer)
     embedder = _embedder(cfg, say) if inputs.references or any(s.type == "generation" for s, _ in inputs.tasks) else None
-    say(f"evaluating {source}")
-    results = {"model": score_model(loaded.model, inputs, "model", embedder)}
+    say(f"evaluating {source} ({_describe(compute)})")
+    results = {"model": score_model(loaded.model, inputs, "model", embedder, compute)}
     base_source = None
     if compare:
         base_source = loaded.base_name if compare == "base" else compare
@@ -151,13 +168,21 @@ def run_eval(target: str, overrides: list[str] = (), output: str | None = None, 
             raise ConfigError(f"--compare {compare}: {source} is not a fine-tune of another model; name the base")
         del loaded
         say(f"evaluating the base {base_source}")
-        base = load_run(base_source)
-        results["base"] = score_model(base.model, inputs, "base", embedder)
+        base = load_run(base_source, dtype=dtype)
+        results["base"] = score_model(base.model, inputs, "base", embedder, compute)
     record = _record(cfg, source, base_source, results, time.perf_counter() - started)
+    record["compute"] = compute.record()
     write_results(out, record, _samples(inputs, results))
     say(format_table(record))
     say(f"wrote {out / 'metrics.json'} and {out / 'samples.jsonl'}")
     return record
+
+
+def _describe(compute) -> str:
+    if compute == FP32:
+        return "fp32"
+    cast = f", {compute.autocast} autocast" if compute.autocast != "no" else ""
+    return f"as trained: {compute.precision}{cast}, attention {compute.attention}"
 
 
 def eval_task_run(run_dir: str, cfg: Config, out: Path, say=print) -> dict:

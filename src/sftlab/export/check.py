@@ -144,13 +144,14 @@ def required_same(quant: str, prompts: int) -> tuple[int, float]:
     """What an export of type `quant` must reach: (same greedy answers, next-token agreement).
 
     16/32-bit floats round weights only: every answer the same. q8_0: 99% of next tokens and all but
-    one answer in six. 4-bit and smaller types: 90% of next tokens (answers reported, not required),
+    one answer in six. bitsandbytes' int8 (LLM.int8) rounds the activations to 8 bits per row as well:
+    95%, as q5/q6. 4-bit and smaller types: 90% of next tokens (answers reported, not required),
     the tolerance their ~0.5 bit-per-weight error allows on a small model."""
     if quant in ("f32", "f16"):
         return prompts, 0.99
     if quant in ("bf16", "q8_0"):
         return math.ceil(prompts * 5 / 6), 0.99
-    if quant in ("q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1"):
+    if quant in ("q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1", "int8"):
         return 0, 0.95
     return 0, 0.90
 

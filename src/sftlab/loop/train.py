@@ -444,7 +444,8 @@ def _summary(run: Run, state: RunState, outcome: str) -> dict:
     t = max(state.train_time, 1e-9)
     return {
         "outcome": outcome, "steps": state.step, "total_steps": run.total_steps, "method": run.cfg.train.method,
-        "precision": run.speed.precision, "trainable_params": run.params[0], "total_params": run.params[1],
+        "precision": run.speed.precision, "compute": run.speed.compute().record(),
+        "trainable_params": run.params[0], "total_params": run.params[1],
         "train_time_s": round(state.train_time, 1), "tokens": state.tokens,
         "supervised_tokens": state.supervised_tokens, "tokens_per_s": round(state.tokens / t, 1),
         "supervised_tokens_per_s": round(state.supervised_tokens / t, 1),

@@ -66,6 +66,12 @@ class Speed:
             return masters.MasterWeights(lm)
         return ModelWeights(lm, accelerator)
 
+    def compute(self):
+        """The precision path and attention kernel, as summary.json records them (speed.as_trained)."""
+        from sftlab.speed.as_trained import Compute
+
+        return Compute(self.precision, self.masters, self.mixed_precision, self.attention)
+
     def describe(self) -> str:
         path = " (fp32 master weights)" if self.masters else ""
         return f"precision {self.precision}{path}; attention {self.attention}; batches {self.layout}"
