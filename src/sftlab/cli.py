@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from sftlab.auth import LOOPBACK_BINDS as LOOPBACK
 from sftlab.errors import SftlabError
 
 
@@ -191,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get at shutdown")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="weights and compute (auto: bf16/fp16 on a GPU, fp32 on CPU where it decodes as fast)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (413 above)")
+    p.add_argument("--max-connections", type=int, default=256, help="open connections before 503")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send its headers")
+    p.add_argument("--max-stop", type=int, default=4, help="stop strings per request")
+    p.add_argument("--max-stop-chars", type=int, default=256, help="characters per stop string")
+    p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (behind the key)")
     p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("ui", help="web app: live runs dashboard and blind side-by-side human rating")
@@ -415,9 +422,6 @@ def cmd_chat(args) -> int:
     return 0
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 def cmd_serve(args) -> int:
     from sftlab.errors import ConfigError
 
@@ -425,18 +429,19 @@ def cmd_serve(args) -> int:
     if args.host not in LOOPBACK and not api_key:
         raise ConfigError(f"--host {args.host} exposes the server beyond this machine: set --api-key KEY "
                           "(or SFTLAB_API_KEY), or bind 127.0.0.1")  # fmt: skip
-    import uvicorn
-
+    from sftlab.serve import guard
     from sftlab.serve.adapters import load_served
     from sftlab.serve.api import Limits, create_app
     from sftlab.serve.engine import Engine
 
     served = load_served(args.source, args.adapter, args.precision)
     engine = Engine(served, max_batch=args.max_batch, max_queue=args.max_queue)
-    app = create_app(engine, Limits(max_tokens=args.max_tokens), api_key, args.grace)
+    limits = Limits(max_tokens=args.max_tokens, max_stop=args.max_stop, max_stop_chars=args.max_stop_chars)
+    app = create_app(engine, limits, api_key, args.grace, docs=args.docs)
+    edge = guard.HttpLimits(args.max_body_bytes, args.max_connections, args.header_timeout)
     print(f"serving {', '.join(served.ids)} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", flush=True)  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.grace, log_level="warning")
+    guard.run(guard.guarded(app, edge, loopback_keyless=api_key is None), args.host, args.port, edge, args.grace)
     return 0
 
 

@@ -42,6 +42,7 @@ class FakeServed:
         self.templates = {"alpha": "ALPHA-TEMPLATE"}
         self.tokenizer = FakeTokenizer()
         self.context_length = context_length
+        self.vocab_size = 1000
 
     @property
     def ids(self):
@@ -143,7 +144,7 @@ def test_schema_errors_name_the_first_problem_without_the_body_prefix():
 def test_an_unknown_model_is_404_model_not_found():
     api = _api()
     api.check_model("alpha")
-    for fn, body in ((api.chat_prompt, _chat(model="gpt-4")), (api.completion_prompt, CompletionRequest(model="gpt-4",
+    for fn, body in ((api.chat_prompt, _chat(model="gpt-4")), (api.completion_prompts, CompletionRequest(model="gpt-4",
                                                                                                        prompt="x"))):  # fmt: skip
         err = _error(fn, body)
         assert (err.status, err.code, err.param) == (404, "model_not_found", "model")
@@ -170,12 +171,41 @@ def test_a_conversation_the_template_rejects_is_400_on_messages():
     assert (err.status, err.param) == (400, "messages") and "conversations start with the user" in str(err)
 
 
-def test_completion_prompt_takes_one_prompt_with_special_tokens():
+def test_completion_prompts_take_text_texts_ids_and_lists_of_ids():
     api = _api()
-    assert api.completion_prompt(CompletionRequest(model="base", prompt="ab")) == [0, 97, 98]
-    assert api.completion_prompt(CompletionRequest(model="base", prompt=["ab"])) == [0, 97, 98]
-    err = _error(api.completion_prompt, CompletionRequest(model="base", prompt=["a", "b"]))
-    assert (err.status, err.param) == (400, "prompt")
+    prompts = lambda p: api.completion_prompts(CompletionRequest(model="base", prompt=p))  # noqa: E731
+    assert prompts("ab") == [[0, 97, 98]]  # text: with the model's special tokens
+    assert prompts(["ab"]) == [[0, 97, 98]]
+    assert prompts(["a", "b"]) == [[0, 97], [0, 98]]
+    assert prompts([5, 6]) == [[5, 6]]  # ids: as sent (lm-evaluation-harness)
+    assert prompts([[5], [6, 7]]) == [[5], [6, 7]]
+    for bad, where in (("", "prompt"), ([], "prompt"), ([[]], "prompt"), ([5, 1000], "prompt"), (["a", ""], "prompt.1"),
+                       ("\ud800x", "prompt")):  # fmt: skip
+        err = _error(prompts, bad)
+        assert (err.status, err.param) == (400, "prompt") and str(err).startswith(where), (bad, str(err))
+    assert "outside the vocabulary (0..999)" in str(_error(prompts, [5, 1000]))
+    assert "not valid Unicode" in str(_error(prompts, "\ud800x"))
+    err = _error(prompts, ["a"] * 65)
+    assert "65 prompts, above this server's limit of 64" in str(err)
+
+
+def test_a_field_the_server_cannot_honour_is_refused_by_name():
+    api = _api()
+    for field in ("logit_bias", "tools", "best_of", "suffix", "made_up"):
+        err = _error(api.chat_prompt, _chat(**{field: {"x": 1}}))
+        assert (err.status, err.param) == (400, field) and "not supported" in str(err)
+    api.chat_prompt(_chat(user="u", metadata={"k": "v"}, store=False, made_up=None))  # no effect on the answer
+
+
+def test_seed_out_of_range_and_lone_surrogates_are_400_not_500():
+    from pydantic import ValidationError
+
+    for seed in (-1, 2**63, 2**64):
+        with pytest.raises(ValidationError):
+            _chat(seed=seed)
+    _chat(seed=2**63 - 1)
+    err = _error(_api().chat_prompt, _chat(messages=[{"role": "user", "content": "a\udfffb"}]))
+    assert (err.status, err.param) == (400, "messages.0.content")
 
 
 # ------------------------------------------------------------------ make_request: the size checks
@@ -224,13 +254,29 @@ def test_without_max_tokens_the_default_shrinks_to_the_room_left():
     assert _request(api, CompletionRequest(model="base", prompt="x"), [1]).max_tokens == 16  # the legacy default
 
 
-def test_at_most_4_stop_strings_and_empty_ones_are_ignored():
+def test_stop_strings_are_bounded_in_number_and_length_and_empty_ones_are_ignored():
     api = _api()
     err = _error(api.make_request, _chat(stop=["a", "b", "c", "d", "e"]), [1])
     assert (err.status, err.param) == (400, "stop")
     assert _request(api, _chat(stop=["", "a", "", "b", "c", "d", ""]), [1]).stop == ["a", "b", "c", "d"]
     assert _request(api, _chat(stop=[""]), [1]).stop == []
+    assert _request(api, _chat(stop=""), [1]).stop == []  # a bare "" would end every answer at once
     assert _request(api, _chat(), [1]).stop == []
+    err = _error(api.make_request, _chat(stop=["x" * 257]), [1])
+    assert (err.status, err.param) == (400, "stop") and "at most 256 characters" in str(err)
+    assert _request(_api(Limits(max_stop=8)), _chat(stop=list("abcdefgh")), [1]).stop == list("abcdefgh")
+
+
+def test_a_batched_completion_is_one_request_per_prompt_on_one_queue():
+    api = _api()
+
+    async def go():
+        return api.make_requests(CompletionRequest(model="base", prompt=["a", "b"], n=1), [[1], [2, 3]])
+
+    group = _run(go())
+    assert [r.prompt_ids for r in group] == [[1], [2, 3]] and [r.first_choice for r in group] == [0, 1]
+    assert group[0].events is group[1].events
+    assert usage(group, [1, 2]) == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
 
 
 def test_submit_turns_a_full_queue_and_shutdown_into_503():
@@ -244,14 +290,14 @@ def test_start_queues_the_request_and_names_the_response():
     api = _api()
 
     async def go():
-        return api.start(_chat(), [1], chat=True), api.start(CompletionRequest(model="base", prompt="x"), [1], False)
+        return api.start(_chat(), [[1]], chat=True), api.start(CompletionRequest(model="base", prompt="x"), [[1]], False)
 
-    (chat_req, chat_id), (cmpl_req, cmpl_id) = _run(go())
+    ([chat_req], chat_id), ([cmpl_req], cmpl_id) = _run(go())
     assert api.engine.submitted == [chat_req, cmpl_req]
     assert chat_id.startswith("chatcmpl-") and len(chat_id) == 9 + 24 and cmpl_id.startswith("cmpl-")
 
     async def too_long():
-        return api.start(_chat(max_tokens=99), [1], True)
+        return api.start(_chat(max_tokens=99), [[1]], True)
 
     with pytest.raises(ApiError):  # nothing is queued when a check fails
         _run(too_long())
@@ -267,7 +313,7 @@ def test_complete_assembles_texts_finish_reasons_and_usage_from_engine_events():
 
     async def go(chat):
         request = _events(2, *events)
-        return request, await complete(request, "rid-1", chat, _connected)
+        return request, await complete([request], "rid-1", chat, _connected)
 
     request, out = _run(go(chat=True))
     assert request.cancelled  # the rows are released either way
@@ -289,7 +335,7 @@ def test_complete_turns_an_engine_error_into_503_at_shutdown_else_500():
         async def go(message):
             request = _events(1, ("delta", 0, "x"), ("error", message))
             with pytest.raises(ApiError) as err:
-                await complete(request, "r", True, _connected)
+                await complete([request], "r", True, _connected)
             return request, err.value
 
         request, err = _run(go(message))
@@ -305,7 +351,7 @@ def test_complete_gives_up_when_the_client_has_gone():
 
     async def go():
         request = _events(1, ("delta", 0, "x"))
-        return request, await complete(request, "r", True, gone, poll_s=0.01)
+        return request, await complete([request], "r", True, gone, poll_s=0.01)
 
     request, out = _run(go())
     assert out == {} and len(asked) == 2 and request.cancelled  # cancelled: the engine drops its rows
@@ -318,7 +364,7 @@ def test_complete_waits_on_events_the_engine_emits_from_its_thread():
         request = _events(1)
         worker = threading.Thread(target=lambda: [request.emit("delta", 0, "ok"), request.emit("done", 0, "stop", 1)])
         worker.start()
-        out = await complete(request, "r", False, _connected, poll_s=0.01)
+        out = await complete([request], "r", False, _connected, poll_s=0.01)
         worker.join()
         return out
 
@@ -333,7 +379,7 @@ def _stream(n, events, chat=True, include_usage=False):
 
     async def go():
         request = _events(n, *events)
-        return request, [e async for e in stream(request, "rid-2", chat, body)]
+        return request, [e async for e in stream([request], "rid-2", chat, body)]
 
     request, lines = _run(go())
     assert request.cancelled
@@ -384,7 +430,7 @@ def test_an_engine_error_ends_the_stream_with_an_error_event():
 def test_a_stream_closed_early_cancels_the_request():
     async def go():
         request = _events(1, ("delta", 0, "a"))
-        events = stream(request, "r", True, _chat(stream=True))
+        events = stream([request], "r", True, _chat(stream=True))
         await events.__anext__()  # the role chunk; then the client hangs up
         await events.aclose()
         return request

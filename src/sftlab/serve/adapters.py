@@ -23,6 +23,11 @@ class Served:
     def ids(self) -> list[str]:
         return list(self.adapters)
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold: the embedding's rows (some models pad them past the tokenizer)."""
+        return int(self.model.get_input_embeddings().num_embeddings)
+
     @contextlib.contextmanager
     def select(self, model_id: str):
         """The model with `model_id`'s adapter active (or every adapter off for the base)."""

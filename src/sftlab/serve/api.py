@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import Request as HttpRequest  # at module level: FastAPI resolves string annotations here
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from sftlab.auth import bearer, same_secret
 from sftlab.generate import prompt_ids
@@ -27,6 +27,9 @@ class Limits:
     max_tokens: int = 1024  # largest max_tokens a request may ask for
     default_max_tokens: int = 256
     max_n: int = 8
+    max_stop: int = 4  # stop strings per request (OpenAI's limit)
+    max_stop_chars: int = 256  # each stop string's length
+    max_prompts: int = 64  # prompts in one /v1/completions request
 
 
 class ApiError(Exception):
@@ -53,15 +56,22 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+SEED_MAX = 2**63 - 1  # what torch's generators take (with room for one seed per choice)
+# Fields that never change an answer: accepted and not used.
+NO_EFFECT = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key")
+
+
 class Sampling(BaseModel):
+    model_config = ConfigDict(extra="allow")  # extras are refused by name (Api.check_fields), never ignored
+
     model: str
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=128)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -72,7 +82,8 @@ class ChatRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str]
+    # a string, strings, token ids, or lists of token ids (lm-evaluation-harness sends ids); one choice set each
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # the legacy endpoint's documented default
 
 
@@ -109,33 +120,71 @@ class Api:
             raise ApiError(404, f"model {model!r} does not exist; served: {', '.join(self.served.ids)}",
                            code="model_not_found", param="model")  # fmt: skip
 
+    def check_fields(self, body: Sampling) -> None:
+        """A field this server would not honour is refused by name: a client must not get an answer that
+        silently ignored what it asked for."""
+        for name, value in (body.model_extra or {}).items():
+            if name not in NO_EFFECT and value is not None:
+                raise ApiError(400, f"{name}: not supported by this server; leave it out", param=name)
+
     def chat_prompt(self, body: ChatRequest) -> list[int]:
         """The conversation rendered with the requested model's chat template, as token ids."""
         self.check_model(body.model)  # first: the model picks the template
+        self.check_fields(body)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
                     for m in body.messages]  # fmt: skip
+        for i, m in enumerate(messages):
+            _check_unicode(m["content"], f"messages.{i}.content")
         try:
             return prompt_ids(self.served.tokenizer, messages, self.served.templates.get(body.model))
         except Exception as e:  # a template that rejects this conversation (role order, say)
             raise ApiError(400, f"messages: the chat template cannot render them: {e}", param="messages") from None
 
-    def completion_prompt(self, body: CompletionRequest) -> list[int]:
+    def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
+        """Each prompt as token ids: text is tokenized with the model's special tokens, ids are taken as sent."""
         self.check_model(body.model)
-        prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
-        if len(prompts) != 1:
-            raise ApiError(400, "prompt: send one prompt per request", param="prompt")
-        return list(self.served.tokenizer(prompts[0], add_special_tokens=True)["input_ids"])
+        self.check_fields(body)
+        raw = body.prompt
+        if isinstance(raw, str) or (raw and all(isinstance(x, int) for x in raw)):
+            raw = [raw]
+        if not raw:
+            raise ApiError(400, "prompt: empty; send the text (or token ids) to continue", param="prompt")
+        if len(raw) > self.limits.max_prompts:
+            raise ApiError(400, f"prompt: {len(raw)} prompts, above this server's limit of {self.limits.max_prompts}",
+                           param="prompt")  # fmt: skip
+        return [self._one_prompt(p, f"prompt.{i}" if len(raw) > 1 else "prompt") for i, p in enumerate(raw)]
+
+    def _one_prompt(self, prompt: str | list[int], where: str) -> list[int]:
+        tok = self.served.tokenizer
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ApiError(400, f"{where}: empty; send the text to continue", param="prompt")
+            _check_unicode(prompt, where)
+            return list(tok(prompt, add_special_tokens=True)["input_ids"])
+        if not prompt:
+            raise ApiError(400, f"{where}: an empty list of token ids", param="prompt")
+        vocab = self.served.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"{where}: token id {bad} is outside the vocabulary (0..{vocab - 1})", param="prompt")
+        return list(prompt)
 
     def make_request(self, body: Sampling, prompt: list[int]) -> Request:
         """The engine request for `body`, once its sizes fit this server and the model's context.
 
         Call it inside the event loop that will read the request's events."""
+        return self.make_requests(body, [prompt])[0]
+
+    def make_requests(self, body: Sampling, prompts: list[list[int]]) -> list[Request]:
+        """One engine request per prompt, sharing one event queue; choice k*n+j is prompt k's j-th."""
         asked = self._asked_tokens(body)
-        n = self._check_n(body.n)
-        max_tokens = self._fit_context(asked, len(prompt))
-        stop = _stop_strings(body.stop)
-        return Request(prompt, body.model, max_tokens, body.temperature, body.top_p, n, stop, body.seed,
-                       asyncio.Queue(), asyncio.get_running_loop())  # fmt: skip
+        self._check_n(body.n * len(prompts))
+        n = body.n
+        stop = _stop_strings(body.stop, self.limits)
+        budgets = [self._fit_context(asked, len(p)) for p in prompts]
+        events, loop = asyncio.Queue(), asyncio.get_running_loop()
+        return [Request(p, body.model, budget, body.temperature, body.top_p, n, stop, body.seed, events, loop,
+                        first_choice=k * n) for k, (p, budget) in enumerate(zip(prompts, budgets))]  # fmt: skip
 
     def _asked_tokens(self, body: Sampling) -> int | None:
         asked = body.max_completion_tokens or body.max_tokens
@@ -147,7 +196,7 @@ class Api:
     def _check_n(self, n: int) -> int:
         most = min(self.limits.max_n, self.engine.max_batch)  # each choice is a row of one running batch
         if n > most:
-            raise ApiError(400, f"n {n} is above this server's limit of {most}", param="n")
+            raise ApiError(400, f"n {n} (choices of all prompts) is above this server's limit of {most}", param="n")
         return n
 
     def _fit_context(self, asked: int | None, prompt_len: int) -> int:
@@ -172,30 +221,53 @@ class Api:
         except Closing as e:
             raise ApiError(503, str(e), "server_error", "shutting_down") from None
 
-    def start(self, body: Sampling, prompt: list[int], chat: bool) -> tuple[Request, str]:
-        """Check and queue the request; the id its response carries."""
-        request = self.make_request(body, prompt)
-        self.submit(request)
-        return request, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    def start(self, body: Sampling, prompts: list[list[int]], chat: bool) -> tuple[list[Request], str]:
+        """Check and queue the requests (one per prompt); the id their response carries."""
+        group = self.make_requests(body, prompts)
+        try:
+            for request in group:
+                self.submit(request)
+        except ApiError:
+            for request in group:
+                request.cancelled = True  # the ones already queued are skipped by the engine
+            raise
+        return group, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
 
-def _stop_strings(stop: str | list[str] | None) -> list[str]:
-    stop = [stop] if isinstance(stop, str) else [s for s in stop or [] if s]
-    if len(stop) > 4:
-        raise ApiError(400, "stop: at most 4 sequences", param="stop")
+def _stop_strings(stop: str | list[str] | None, limits: Limits) -> list[str]:
+    """The non-empty stop strings (an empty one would end every answer before it starts), bounded."""
+    stop = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
+    if len(stop) > limits.max_stop:
+        raise ApiError(400, f"stop: at most {limits.max_stop} sequences", param="stop")
+    if any(len(s) > limits.max_stop_chars for s in stop):
+        raise ApiError(400, f"stop: each sequence at most {limits.max_stop_chars} characters", param="stop")
     return stop
 
 
-async def complete(request: Request, rid: str, chat: bool, is_disconnected, poll_s: float = 0.5) -> dict:
+def _check_unicode(text: str, where: str) -> None:
+    """Lone surrogates (JSON allows \\ud800) cannot be tokenized: a 400 naming the field, not a 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{where}: not valid Unicode ({e.reason} at character {e.start})", param=where) from None
+
+
+def _choices(group: list[Request]) -> int:
+    return sum(r.n for r in group)
+
+
+async def complete(group: list[Request], rid: str, chat: bool, is_disconnected, poll_s: float = 0.5) -> dict:
     """The whole response once every choice is done; {} when the client left first.
 
-    `is_disconnected` is an async callable (the HTTP request's); it is asked every `poll_s` without events, so a
-    client that gave up stops costing batch rows."""
-    texts, reasons, tokens = [""] * request.n, [None] * request.n, [0] * request.n
+    `group`: the requests of one response (one per prompt), sharing an event queue. `is_disconnected` is an
+    async callable (the HTTP request's); it is asked every `poll_s` without events, so a client that gave
+    up stops costing batch rows."""
+    events, total = group[0].events, _choices(group)
+    texts, reasons, tokens = [""] * total, [None] * total, [0] * total
     try:
         while any(r is None for r in reasons):
             try:
-                event = await asyncio.wait_for(request.events.get(), timeout=poll_s)
+                event = await asyncio.wait_for(events.get(), timeout=poll_s)
             except TimeoutError:
                 if await is_disconnected():
                     return {}
@@ -207,11 +279,12 @@ async def complete(request: Request, rid: str, chat: bool, is_disconnected, poll
             else:
                 reasons[event[1]], tokens[event[1]] = event[2], event[3]
     finally:
-        request.cancelled = True  # a no-op when finished; frees the rows when the client left
-    return completion_body(request, rid, chat, texts, reasons, tokens)
+        for request in group:
+            request.cancelled = True  # a no-op when finished; frees the rows when the client left
+    return completion_body(group, rid, chat, texts, reasons, tokens)
 
 
-def completion_body(request: Request, rid: str, chat: bool, texts: list[str], reasons: list[str],
+def completion_body(group: list[Request], rid: str, chat: bool, texts: list[str], reasons: list[str],
                     tokens: list[int]) -> dict:  # fmt: skip
     choices = [
         {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": None} if chat
@@ -219,21 +292,22 @@ def completion_body(request: Request, rid: str, chat: bool, texts: list[str], re
         for i, (t, r) in enumerate(zip(texts, reasons))
     ]  # fmt: skip
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": request.model, "choices": choices, "usage": usage(request, tokens)}  # fmt: skip
+            "model": group[0].model, "choices": choices, "usage": usage(group, tokens)}  # fmt: skip
 
 
-async def stream(request: Request, rid: str, chat: bool, body: Sampling):
+async def stream(group: list[Request], rid: str, chat: bool, body: Sampling):
     """Server-sent events: (chat) a role chunk per choice, the deltas, a finish chunk per choice, the usage when
     asked, then [DONE]. An engine error ends the stream with an error event."""
     head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
-            "model": request.model}  # fmt: skip
-    tokens, open_choices = [0] * request.n, request.n
+            "model": group[0].model}  # fmt: skip
+    total = _choices(group)
+    tokens, open_choices = [0] * total, total
     try:
         if chat:
-            for i in range(request.n):
+            for i in range(total):
                 yield chunk(head, chat, i, role=True)
         while open_choices:
-            event = await request.events.get()
+            event = await group[0].events.get()
             if event[0] == "error":
                 yield _sse(ApiError(500, event[1], "server_error").body())
                 break
@@ -244,10 +318,11 @@ async def stream(request: Request, rid: str, chat: bool, body: Sampling):
                 open_choices -= 1
                 yield chunk(head, chat, event[1], reason=event[2])
         if body.stream_options and body.stream_options.include_usage:
-            yield _sse({**head, "choices": [], "usage": usage(request, tokens)})
+            yield _sse({**head, "choices": [], "usage": usage(group, tokens)})
         yield "data: [DONE]\n\n"
     finally:
-        request.cancelled = True  # the client disconnected (or we finished): free its rows
+        for request in group:
+            request.cancelled = True  # the client disconnected (or we finished): free its rows
 
 
 def chunk(head: dict, chat: bool, index: int, content: str | None = None, reason: str | None = None,
@@ -265,8 +340,9 @@ def _sse(payload: dict, ensure_ascii: bool = True) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=ensure_ascii)}\n\n"
 
 
-def usage(request: Request, tokens: list[int]) -> dict:
-    prompt = len(request.prompt_ids)
+def usage(group: list[Request] | Request, tokens: list[int]) -> dict:
+    group = group if isinstance(group, list) else [group]
+    prompt = sum(len(r.prompt_ids) for r in group)  # once per prompt, whatever n (as OpenAI counts)
     return {"prompt_tokens": prompt, "completion_tokens": sum(tokens), "total_tokens": prompt + sum(tokens)}
 
 
@@ -286,13 +362,16 @@ def _text(content) -> str:
     return "".join(part.text for part in content if part.type == "text")
 
 
-def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None = None, grace_s: float = 10.0):
-    """The FastAPI app: routes, error bodies and auth around an Api; on exit the engine finishes for up to grace_s."""
+def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None = None, grace_s: float = 10.0,
+               docs: bool = False):  # fmt: skip
+    """The FastAPI app: routes, error bodies and auth around an Api; on exit the engine finishes for up to grace_s.
+    docs: serve /docs and /openapi.json (behind the key, when there is one)."""
     from contextlib import asynccontextmanager
 
     from fastapi import Depends, FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
 
     api = Api(engine, limits, api_key)
 
@@ -301,7 +380,7 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
         yield
         await asyncio.to_thread(engine.shutdown, grace_s)
 
-    app = FastAPI(title="sftlab", lifespan=lifespan)
+    app = FastAPI(title="sftlab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(ApiError)
     async def api_error(_, exc: ApiError):
@@ -311,6 +390,11 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
     async def bad_schema(_, exc: RequestValidationError):
         return await api_error(_, schema_error(exc.errors()))
 
+    @app.exception_handler(HTTPException)  # an unparseable body (bad UTF-8, nesting), an unknown route or method
+    async def http_error(_, exc: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return await api_error(_, ApiError(exc.status_code, f"{exc.detail}", code=code))
+
     @app.exception_handler(Exception)
     async def unexpected(_, exc: Exception):
         return await api_error(_, ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
@@ -318,12 +402,15 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
     async def authorize(request: HttpRequest) -> None:
         api.authorize(request.headers.get("authorization", ""))
 
-    async def respond(body: Sampling, prompt: list[int], http: HttpRequest, chat: bool):
-        request, rid = api.start(body, prompt, chat)
+    async def respond(body: Sampling, prompts: list[list[int]], http: HttpRequest, chat: bool):
+        group, rid = api.start(body, prompts, chat)
         if body.stream:
-            return StreamingResponse(stream(request, rid, chat, body), media_type="text/event-stream",
+            return StreamingResponse(stream(group, rid, chat, body), media_type="text/event-stream",
                                      headers=_SSE_HEADERS)  # fmt: skip
-        return await complete(request, rid, chat, http.is_disconnected)
+        return await complete(group, rid, chat, http.is_disconnected)
+
+    if docs:
+        _add_docs(app, authorize)
 
     @app.get("/health")
     async def health():
@@ -333,12 +420,28 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
     async def models():
         return api.models()
 
+    # Tokenizing and rendering a template take milliseconds per long prompt: off the event loop, so streams
+    # beside them keep flowing.
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(body: ChatRequest, http: HttpRequest):
-        return await respond(body, api.chat_prompt(body), http, chat=True)
+        return await respond(body, [await asyncio.to_thread(api.chat_prompt, body)], http, chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, http: HttpRequest):
-        return await respond(body, api.completion_prompt(body), http, chat=False)
+        return await respond(body, await asyncio.to_thread(api.completion_prompts, body), http, chat=False)
 
     return app
+
+
+def _add_docs(app, authorize) -> None:
+    from fastapi import Depends
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import JSONResponse
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorize)])
+    async def openapi():
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=[Depends(authorize)])
+    async def swagger():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="sftlab")

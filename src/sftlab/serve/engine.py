@@ -39,49 +39,80 @@ class Request:
     n: int = 1
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
-    events: asyncio.Queue | None = None  # ("delta", index, text) | ("done", index, reason, tokens) | ("error", msg)
+    events: asyncio.Queue | None = None  # ("delta", choice, text) | ("done", choice, reason, tokens) | ("error", msg)
     loop: asyncio.AbstractEventLoop | None = None
     cancelled: bool = False
+    first_choice: int = 0  # the choice index of its first row: prompts of one batched request share a queue
 
     def emit(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class _Row:
-    """One sequence being generated: a choice of a request."""
+    """One sequence being generated: a choice of a request.
+
+    Text is detokenized incrementally and stop strings are looked for in the new text and the stop's
+    length before it, so a token costs the same at position 10 and 10,000."""
+
+    WINDOW = 6  # tokens decoded before the new ones: enough context for a merge or a split character
 
     def __init__(self, request: Request, index: int):
-        self.request, self.index = request, index
+        self.request, self.index = request, request.first_choice + index  # index: the choice in the response
         self.ids: list[int] = []
+        self.text = ""  # decoded so far (held-back tail included)
         self.sent = 0  # characters of text already emitted
+        self.prefix, self.read = 0, 0  # ids[prefix:read] decoded to the text's tail already
+        self.longest_stop = max(map(len, request.stop), default=0)
         self.done = False
         self.generator = None
         if request.temperature > 0:
             self.generator = torch.Generator()
-            self.generator.manual_seed(request.seed + index if request.seed is not None else torch.seed())
+            self.generator.manual_seed(request.seed + self.index if request.seed is not None else torch.seed())
+
+    def _decode_new(self, tokenizer) -> str:
+        """The text the new tokens add; "" while they end inside a multi-byte character."""
+        before = tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        after = tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if after.endswith("\ufffd") or len(after) < len(before):  # a character split across tokens: wait
+            return ""
+        self.prefix, self.read = max(0, len(self.ids) - self.WINDOW), len(self.ids)
+        return after[len(before) :]
 
     def text_delta(self, tokenizer) -> tuple[str, bool]:
         """New text safe to send, and whether a stop string ended the choice."""
-        text = tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
-            return "", False
+        start = len(self.text)
+        self.text += self._decode_new(tokenizer)
+        text = self.text
         for stop in self.request.stop:
-            at = text.find(stop, max(0, self.sent - len(stop)))
+            at = text.find(stop, max(self.sent, start - len(stop) + 1))
             if at >= 0:
                 delta, self.sent = text[self.sent : at], at
                 return delta, True
-        hold = max((k for s in self.request.stop for k in range(len(s) - 1, 0, -1) if text.endswith(s[:k])), default=0)
-        safe = max(self.sent, len(text) - hold)  # keep back what may be the start of a stop string
+        safe = max(self.sent, len(text) - self._held(text))  # keep back what may be the start of a stop string
         delta, self.sent = text[self.sent : safe], safe
         return delta, False
 
+    def _held(self, text: str) -> int:
+        """The longest end of `text` that begins a stop string."""
+        if not text or not self.longest_stop:
+            return 0
+        last = text[-1]
+        return max((k for s in self.request.stop for k in range(min(len(s) - 1, len(text)), 0, -1)
+                    if s[k - 1] == last and text.endswith(s[:k])), default=0)  # fmt: skip
+
     def finish(self, reason: str, tokenizer) -> None:
         if reason != "stop_string":
-            text = tokenizer.decode(self.ids, skip_special_tokens=True)
-            if text[self.sent :]:
-                self.request.emit("delta", self.index, text[self.sent :])
+            self.text += self._flush(tokenizer)
+            if self.text[self.sent :]:
+                self.request.emit("delta", self.index, self.text[self.sent :])
         self.done = True
         self.request.emit("done", self.index, "length" if reason == "length" else "stop", len(self.ids))
+
+    def _flush(self, tokenizer) -> str:
+        """Whatever the last tokens decode to, a dangling partial character included."""
+        before = tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        after = tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        return after[len(before) :] if after.startswith(before) else ""
 
 
 class _Batch:
@@ -192,7 +223,8 @@ class Engine:
                 new = self._take(batch.model_id if batch else None, room, wait=batch is None)
                 if new:
                     batch = batch or _Batch(new[0].model)
-                    self._admit(batch, new)
+                    self._admit_or_fail(batch, new)
+                    new = []  # admitted or answered: an error below concerns the running batch only
                 if batch is not None and batch.rows:
                     self._step(batch)
                 if batch is not None:
@@ -233,6 +265,16 @@ class Engine:
             self._pending = kept
             self.busy += len(taken)
         return taken
+
+    def _admit_or_fail(self, batch: _Batch, requests: list[Request]) -> None:
+        """Admit `requests`; if that fails (a bad prompt, say), only they get the error: the running batch
+        is untouched until the prefilled rows join it, so its streams go on."""
+        try:
+            self._admit(batch, requests)
+        except Exception as e:  # noqa: BLE001 -- whatever one request breaks, it alone gets the error
+            for request in requests:
+                request.cancelled = True
+                request.emit("error", f"generation failed: {type(e).__name__}: {e}")
 
     def _admit(self, batch: _Batch, requests: list[Request]) -> None:
         """Prefill new requests together (left-padded) and join them to the running batch."""

@@ -20,7 +20,7 @@ from urllib.parse import urlencode
 from fastapi import Request
 from pydantic import BaseModel, Field
 
-from sftlab.auth import bearer, same_secret
+from sftlab.auth import bearer, is_loopback_host, same_secret
 from sftlab.ui import runs as run_info
 from sftlab.ui import stats
 from sftlab.ui.store import SCORE_COLUMNS, Pair, Store, UiError
@@ -29,7 +29,6 @@ from sftlab.ui.studies import sync_studies
 STATIC = Path(__file__).parent / "static"
 PAGES = {"/": "index.html", "/run": "run.html", "/rate": "rate.html", "/results": "results.html"}
 ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 COOKIE = "sftlab_ui_token"
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")  # fmt: skip
@@ -234,7 +233,7 @@ def guard(settings: Settings):
 
     async def middleware(request: Request, call_next):
         if settings.token is None:
-            if (request.url.hostname or "") not in LOOPBACK_HOSTS:  # DNS rebinding: a foreign name for 127.0.0.1
+            if not is_loopback_host(request.url.hostname):  # DNS rebinding: a foreign name for 127.0.0.1
                 return _error(400, "this server answers only to localhost/127.0.0.1")
         else:
             query = request.query_params.get("token")
