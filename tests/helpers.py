@@ -71,3 +71,30 @@ def training_model(lm, cfg, precision: str, steps: int = 10):
     lm = for_training(lm, cfg, precision, steps)
     configure(cfg, precision, True).apply(lm, SimpleNamespace(device=torch.device("cpu")), get_task(cfg))
     return lm
+
+
+def live_server(app, limits=None):
+    """Serve `app` on a free loopback port through sftlab.serve.guard's uvicorn config, in a thread.
+    Returns (url, stop); call stop() to shut it down."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from sftlab.serve import guard
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(guard.config(app, "127.0.0.1", port, limits or guard.HttpLimits(), grace_s=2))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join(timeout=30)
+
+    return f"http://127.0.0.1:{port}", stop

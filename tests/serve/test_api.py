@@ -308,8 +308,8 @@ def test_start_queues_the_request_and_names_the_response():
 
 
 def test_complete_assembles_texts_finish_reasons_and_usage_from_engine_events():
-    events = [("delta", 1, "wor"), ("delta", 0, "hel"), ("delta", 0, "lo"), ("done", 0, "stop", 4),
-              ("delta", 1, "ld"), ("done", 1, "length", 6)]  # fmt: skip
+    events = [("delta", 1, "wor", None), ("delta", 0, "hel", None), ("delta", 0, "lo", None), ("done", 0, "stop", 4),
+              ("delta", 1, "ld", None), ("done", 1, "length", 6)]  # fmt: skip
 
     async def go(chat):
         request = _events(2, *events)
@@ -333,7 +333,7 @@ def test_complete_turns_an_engine_error_into_503_at_shutdown_else_500():
     for message, status in (("the server shut down before this request ran", 503), ("generation failed: boom", 500)):
 
         async def go(message):
-            request = _events(1, ("delta", 0, "x"), ("error", message))
+            request = _events(1, ("delta", 0, "x", None), ("error", message))
             with pytest.raises(ApiError) as err:
                 await complete([request], "r", True, _connected)
             return request, err.value
@@ -350,7 +350,7 @@ def test_complete_gives_up_when_the_client_has_gone():
         return len(asked) >= 2
 
     async def go():
-        request = _events(1, ("delta", 0, "x"))
+        request = _events(1, ("delta", 0, "x", None))
         return request, await complete([request], "r", True, gone, poll_s=0.01)
 
     request, out = _run(go())
@@ -362,7 +362,7 @@ def test_complete_waits_on_events_the_engine_emits_from_its_thread():
 
     async def go():
         request = _events(1)
-        worker = threading.Thread(target=lambda: [request.emit("delta", 0, "ok"), request.emit("done", 0, "stop", 1)])
+        worker = threading.Thread(target=lambda: [request.emit("delta", 0, "ok", None), request.emit("done", 0, "stop", 1)])
         worker.start()
         out = await complete([request], "r", False, _connected, poll_s=0.01)
         worker.join()
@@ -388,7 +388,7 @@ def _stream(n, events, chat=True, include_usage=False):
 
 
 def test_stream_sends_role_deltas_finish_usage_and_done():
-    out = _stream(1, [("delta", 0, "hé"), ("delta", 0, "llo"), ("done", 0, "stop", 3)], include_usage=True)
+    out = _stream(1, [("delta", 0, "hé", None), ("delta", 0, "llo", None), ("done", 0, "stop", 3)], include_usage=True)
     assert out[-1] == "[DONE]"
     events = [json.loads(x) for x in out[:-1]]
     assert all((e["id"], e["object"], e["model"]) == ("rid-2", "chat.completion.chunk", "alpha") for e in events)
@@ -403,7 +403,7 @@ def test_stream_sends_role_deltas_finish_usage_and_done():
 
 
 def test_stream_without_usage_and_with_several_choices():
-    out = _stream(2, [("delta", 1, "b"), ("done", 1, "length", 1), ("delta", 0, "a"), ("done", 0, "stop", 2)])
+    out = _stream(2, [("delta", 1, "b", None), ("done", 1, "length", 1), ("delta", 0, "a", None), ("done", 0, "stop", 2)])
     events = [json.loads(x) for x in out[:-1]]
     assert out[-1] == "[DONE]" and not any("usage" in e for e in events)
     assert [(e["choices"][0]["index"], e["choices"][0]["delta"], e["choices"][0]["finish_reason"]) for e in events] == [
@@ -412,7 +412,7 @@ def test_stream_without_usage_and_with_several_choices():
 
 
 def test_a_completion_stream_has_text_chunks_and_no_role_chunk():
-    out = _stream(1, [("delta", 0, "ab"), ("done", 0, "stop", 1)], chat=False, include_usage=True)
+    out = _stream(1, [("delta", 0, "ab", None), ("done", 0, "stop", 1)], chat=False, include_usage=True)
     events = [json.loads(x) for x in out[:-1]]
     assert [e["object"] for e in events] == ["text_completion"] * 3
     assert [(e["choices"][0]["text"], e["choices"][0]["finish_reason"]) for e in events[:2]] == [("ab", None),
@@ -421,7 +421,7 @@ def test_a_completion_stream_has_text_chunks_and_no_role_chunk():
 
 
 def test_an_engine_error_ends_the_stream_with_an_error_event():
-    out = _stream(2, [("delta", 0, "a"), ("error", "generation failed: boom"), ("delta", 1, "never")])
+    out = _stream(2, [("delta", 0, "a", None), ("error", "generation failed: boom"), ("delta", 1, "never", None)])
     assert out[-1] == "[DONE]" and len(out) == 5  # 2 role chunks, 1 delta, the error, [DONE]
     assert json.loads(out[3]) == {"error": {"message": "generation failed: boom", "type": "server_error",
                                             "param": None, "code": None}}  # fmt: skip
@@ -429,7 +429,7 @@ def test_an_engine_error_ends_the_stream_with_an_error_event():
 
 def test_a_stream_closed_early_cancels_the_request():
     async def go():
-        request = _events(1, ("delta", 0, "a"))
+        request = _events(1, ("delta", 0, "a", None))
         events = stream([request], "r", True, _chat(stream=True))
         await events.__anext__()  # the role chunk; then the client hangs up
         await events.aclose()

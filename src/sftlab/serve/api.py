@@ -8,6 +8,7 @@ the functions below it, which need no server or HTTP client to test.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -79,12 +80,42 @@ class Sampling(BaseModel):
 
 class ChatRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def scoring(self) -> tuple[int | None, bool]:
+        """(alternatives per token, or None for no logprobs; echo)."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs: set logprobs: true as well", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None, False
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a raw prompt, or messages rendered with the model's chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    tokens: list[int]
 
 
 class CompletionRequest(Sampling):
     # a string, strings, token ids, or lists of token ids (lm-evaluation-harness sends ids); one choice set each
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # the legacy endpoint's documented default
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+    def scoring(self) -> tuple[int | None, bool]:
+        return self.logprobs, self.echo
 
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -140,6 +171,23 @@ class Api:
         except Exception as e:  # a template that rejects this conversation (role order, say)
             raise ApiError(400, f"messages: the chat template cannot render them: {e}", param="messages") from None
 
+    def tokenize(self, body: TokenizeRequest) -> dict:
+        """Token ids of a prompt or a conversation, as the server would feed them to the model."""
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "send either prompt or messages", param="prompt")
+        if body.messages is not None:
+            ids = self.chat_prompt(ChatRequest(model=body.model, messages=body.messages))
+        else:
+            self.check_model(body.model)
+            _check_unicode(body.prompt, "prompt")
+            ids = list(self.served.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"])
+        return {"count": len(ids), "max_model_len": self.served.context_length, "tokens": ids, "token_strs": None}
+
+    def detokenize(self, body: DetokenizeRequest) -> dict:
+        self.check_model(body.model)
+        self._one_prompt(body.tokens or [0], "tokens")  # the range check
+        return {"prompt": self.served.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
     def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
         """Each prompt as token ids: text is tokenized with the model's special tokens, ids are taken as sent."""
         self.check_model(body.model)
@@ -182,9 +230,11 @@ class Api:
         n = body.n
         stop = _stop_strings(body.stop, self.limits)
         budgets = [self._fit_context(asked, len(p)) for p in prompts]
+        logprobs, echo = body.scoring() if hasattr(body, "scoring") else (None, False)
         events, loop = asyncio.Queue(), asyncio.get_running_loop()
         return [Request(p, body.model, budget, body.temperature, body.top_p, n, stop, body.seed, events, loop,
-                        first_choice=k * n) for k, (p, budget) in enumerate(zip(prompts, budgets))]  # fmt: skip
+                        first_choice=k * n, logprobs=logprobs, echo=echo)
+                for k, (p, budget) in enumerate(zip(prompts, budgets))]  # fmt: skip
 
     def _asked_tokens(self, body: Sampling) -> int | None:
         asked = body.max_completion_tokens or body.max_tokens
@@ -256,7 +306,8 @@ def _choices(group: list[Request]) -> int:
     return sum(r.n for r in group)
 
 
-async def complete(group: list[Request], rid: str, chat: bool, is_disconnected, poll_s: float = 0.5) -> dict:
+async def complete(group: list[Request], rid: str, chat: bool, is_disconnected, poll_s: float = 0.5,
+                   tokenizer=None) -> dict:  # fmt: skip
     """The whole response once every choice is done; {} when the client left first.
 
     `group`: the requests of one response (one per prompt), sharing an event queue. `is_disconnected` is an
@@ -264,6 +315,7 @@ async def complete(group: list[Request], rid: str, chat: bool, is_disconnected, 
     up stops costing batch rows."""
     events, total = group[0].events, _choices(group)
     texts, reasons, tokens = [""] * total, [None] * total, [0] * total
+    scored = [[] for _ in range(total)]
     try:
         while any(r is None for r in reasons):
             try:
@@ -276,32 +328,36 @@ async def complete(group: list[Request], rid: str, chat: bool, is_disconnected, 
                 raise ApiError(503 if "shut down" in event[1] else 500, event[1], "server_error")
             if event[0] == "delta":
                 texts[event[1]] += event[2]
+                scored[event[1]] += event[3] or []
             else:
                 reasons[event[1]], tokens[event[1]] = event[2], event[3]
     finally:
         for request in group:
             request.cancelled = True  # a no-op when finished; frees the rows when the client left
-    return completion_body(group, rid, chat, texts, reasons, tokens)
+    wanted = group[0].logprobs is not None
+    logprobs = [logprobs_body(tokenizer, chat, s) if wanted else None for s in scored]
+    return completion_body(group, rid, chat, texts, reasons, tokens, logprobs)
 
 
 def completion_body(group: list[Request], rid: str, chat: bool, texts: list[str], reasons: list[str],
-                    tokens: list[int]) -> dict:  # fmt: skip
+                    tokens: list[int], logprobs: list | None = None) -> dict:  # fmt: skip
+    logprobs = logprobs or [None] * len(texts)
     choices = [
-        {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": None} if chat
-        else {"index": i, "text": t, "finish_reason": r, "logprobs": None}
-        for i, (t, r) in enumerate(zip(texts, reasons))
+        {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": lp} if chat
+        else {"index": i, "text": t, "finish_reason": r, "logprobs": lp}
+        for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))
     ]  # fmt: skip
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": group[0].model, "choices": choices, "usage": usage(group, tokens)}  # fmt: skip
 
 
-async def stream(group: list[Request], rid: str, chat: bool, body: Sampling):
+async def stream(group: list[Request], rid: str, chat: bool, body: Sampling, tokenizer=None):
     """Server-sent events: (chat) a role chunk per choice, the deltas, a finish chunk per choice, the usage when
     asked, then [DONE]. An engine error ends the stream with an error event."""
     head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
             "model": group[0].model}  # fmt: skip
     total = _choices(group)
-    tokens, open_choices = [0] * total, total
+    tokens, open_choices, offsets = [0] * total, total, [0] * total
     try:
         if chat:
             for i in range(total):
@@ -312,7 +368,11 @@ async def stream(group: list[Request], rid: str, chat: bool, body: Sampling):
                 yield _sse(ApiError(500, event[1], "server_error").body())
                 break
             if event[0] == "delta":
-                yield chunk(head, chat, event[1], event[2])
+                lp = None
+                if event[3] is not None:
+                    lp = logprobs_body(tokenizer, chat, event[3], offsets[event[1]])
+                    offsets[event[1]] += sum(map(len, lp.get("tokens", ())))
+                yield chunk(head, chat, event[1], event[2], logprobs=lp)
             else:
                 tokens[event[1]] = event[3]
                 open_choices -= 1
@@ -326,18 +386,38 @@ async def stream(group: list[Request], rid: str, chat: bool, body: Sampling):
 
 
 def chunk(head: dict, chat: bool, index: int, content: str | None = None, reason: str | None = None,
-          role: bool = False) -> str:  # fmt: skip
+          role: bool = False, logprobs: dict | None = None) -> str:  # fmt: skip
     """One streamed event for choice `index`; `head` holds the id, object, created and model every chunk repeats."""
     if chat:
         delta = {"role": "assistant", "content": ""} if role else ({"content": content} if content else {})
-        choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
+        choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
     else:
-        choice = {"index": index, "text": content or "", "finish_reason": reason, "logprobs": None}
+        choice = {"index": index, "text": content or "", "finish_reason": reason, "logprobs": logprobs}
     return _sse({**head, "choices": [choice]}, ensure_ascii=False)
 
 
 def _sse(payload: dict, ensure_ascii: bool = True) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=ensure_ascii)}\n\n"
+
+
+def logprobs_body(tokenizer, chat: bool, scored: list[tuple], start: int = 0) -> dict:
+    """OpenAI's logprobs for (token, logprob, alternatives) records: chat's {"content": [...]} or the
+    completions' parallel lists (tokens, token_logprobs, top_logprobs, text_offset; the echoed prompt's
+    first token has no logprob, as OpenAI's)."""
+    def piece(t: int) -> str:
+        return tokenizer.decode([t], skip_special_tokens=False)
+
+    def entry(t: int, lp: float) -> dict:
+        return {"token": piece(t), "logprob": lp, "bytes": list(piece(t).encode("utf-8"))}
+
+    if chat:
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top or []]}
+                            for t, lp, top in scored]}  # fmt: skip
+    tokens = [piece(t) for t, _, _ in scored]
+    offsets = [start + o for o in itertools.accumulate(map(len, tokens), initial=0)][:-1]
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in scored],
+            "top_logprobs": [None if top is None else {piece(a): alp for a, alp in top} for _, _, top in scored],
+            "text_offset": offsets}  # fmt: skip
 
 
 def usage(group: list[Request] | Request, tokens: list[int]) -> dict:
@@ -405,9 +485,9 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
     async def respond(body: Sampling, prompts: list[list[int]], http: HttpRequest, chat: bool):
         group, rid = api.start(body, prompts, chat)
         if body.stream:
-            return StreamingResponse(stream(group, rid, chat, body), media_type="text/event-stream",
-                                     headers=_SSE_HEADERS)  # fmt: skip
-        return await complete(group, rid, chat, http.is_disconnected)
+            return StreamingResponse(stream(group, rid, chat, body, api.served.tokenizer),
+                                     media_type="text/event-stream", headers=_SSE_HEADERS)  # fmt: skip
+        return await complete(group, rid, chat, http.is_disconnected, tokenizer=api.served.tokenizer)
 
     if docs:
         _add_docs(app, authorize)
@@ -425,6 +505,14 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(body: ChatRequest, http: HttpRequest):
         return await respond(body, [await asyncio.to_thread(api.chat_prompt, body)], http, chat=True)
+
+    @app.post("/tokenize", dependencies=[Depends(authorize)])
+    async def tokenize(body: TokenizeRequest):
+        return await asyncio.to_thread(api.tokenize, body)
+
+    @app.post("/detokenize", dependencies=[Depends(authorize)])
+    async def detokenize(body: DetokenizeRequest):
+        return await asyncio.to_thread(api.detokenize, body)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, http: HttpRequest):

@@ -39,10 +39,14 @@ class Request:
     n: int = 1
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
-    events: asyncio.Queue | None = None  # ("delta", choice, text) | ("done", choice, reason, tokens) | ("error", msg)
+    # ("delta", choice, text, tokens) | ("done", choice, reason, count) | ("error", msg); tokens: the
+    # (id, logprob, [(id, logprob), ...] alternatives) behind the text when logprobs is set, else None
+    events: asyncio.Queue | None = None
     loop: asyncio.AbstractEventLoop | None = None
     cancelled: bool = False
     first_choice: int = 0  # the choice index of its first row: prompts of one batched request share a queue
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: off)
+    echo: bool = False  # first send the prompt back, with its tokens' log-probabilities when logprobs is set
 
     def emit(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -63,6 +67,7 @@ class _Row:
         self.sent = 0  # characters of text already emitted
         self.prefix, self.read = 0, 0  # ids[prefix:read] decoded to the text's tail already
         self.longest_stop = max(map(len, request.stop), default=0)
+        self.scored: list[tuple] | None = [] if request.logprobs is not None else None  # tokens not yet sent
         self.done = False
         self.generator = None
         if request.temperature > 0:
@@ -100,11 +105,18 @@ class _Row:
         return max((k for s in self.request.stop for k in range(min(len(s) - 1, len(text)), 0, -1)
                     if s[k - 1] == last and text.endswith(s[:k])), default=0)  # fmt: skip
 
+    def send(self, text: str) -> None:
+        """Emit new text with the scored tokens behind it (tokens whose text is held back wait for it)."""
+        scored, self.scored = self.scored, [] if self.scored is not None else None
+        if text or scored:
+            self.request.emit("delta", self.index, text, scored)
+
     def finish(self, reason: str, tokenizer) -> None:
         if reason != "stop_string":
             self.text += self._flush(tokenizer)
-            if self.text[self.sent :]:
-                self.request.emit("delta", self.index, self.text[self.sent :])
+            self.send(self.text[self.sent :])
+        elif self.scored:
+            self.send("")
         self.done = True
         self.request.emit("done", self.index, "length" if reason == "length" else "stop", len(self.ids))
 
@@ -253,13 +265,16 @@ class Engine:
                                             for t, r in self._pending):  # fmt: skip
                 return []  # let the running batch drain so the other model gets its turn
             taken, kept = [], deque()
+            alone = False  # an echo prefill keeps every position's logits: it is admitted by itself
             for t, request in self._pending:
                 if request.cancelled:
                     continue
                 model_id = model_id or request.model
-                if request.model == model_id and request.n <= room:
+                fits = request.model == model_id and request.n <= room and not alone
+                if fits and not (request.echo and taken):
                     taken.append(request)
                     room -= request.n
+                    alone = request.echo
                 else:
                     kept.append((t, request))
             self._pending = kept
@@ -290,8 +305,13 @@ class Engine:
         cache = DynamicCache()
         with self.served.select(batch.model_id) as model:
             device = next(model.parameters()).device
+            echo = any(r.echo for r in requests)
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position.to(device),
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+                        past_key_values=cache, use_cache=True, logits_to_keep=0 if echo else 1)  # fmt: skip
+        if echo:
+            for row, prompt, logits in zip(rows, prompts, out.logits):
+                if row.request.echo:
+                    _echo(row, prompt, logits[width - len(prompt) :], tok)
         chosen = self._accept(rows, out.logits[:, -1, :])
         self.joined_rows += len(rows) if batch.rows else 0
         batch.join(rows, out.past_key_values, mask, torch.tensor(chosen).unsqueeze(1), position[:, -1:] + 1)
@@ -310,10 +330,14 @@ class Engine:
     def _accept(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """Sample a token per row, stream it, and mark rows that are finished."""
         tok, stops = self.served.tokenizer, self.served.eos_ids
-        chosen = self._sample(logits.float().cpu(), rows)
+        logits = logits.float().cpu()
+        scored = _scores(rows, logits)  # from the model's own distribution, before temperature and top-p
+        chosen = self._sample(logits, rows)
         for row, token in zip(rows, chosen):
             if row.done:
                 continue
+            if row.scored is not None and token not in stops:
+                row.scored.append(scored(row, token))
             if row.request.cancelled:
                 row.done = True
                 self.dropped_rows += 1
@@ -323,7 +347,7 @@ class Engine:
                 row.ids.append(token)
                 delta, stopped = row.text_delta(tok)
                 if delta:
-                    row.request.emit("delta", row.index, delta)
+                    row.send(delta)
                 if stopped:
                     row.finish("stop_string", tok)
                 elif len(row.ids) >= row.request.max_tokens:
@@ -347,3 +371,34 @@ class Engine:
             u = torch.rand(1, generator=row.generator) * cdf[-1]
             chosen[i] = min(int(torch.searchsorted(cdf, u)), len(cdf) - 1)
         return chosen
+
+
+def _scores(rows: list[_Row], logits: torch.Tensor):
+    """A function (row, token) -> (token, logprob, alternatives) over the rows that report logprobs."""
+    wanted = {id(r): i for i, r in enumerate(rows) if r.scored is not None and not r.done}
+    logp = torch.log_softmax(logits[list(wanted.values())], -1) if wanted else None
+    where = {key: j for j, key in enumerate(wanted)}
+
+    def score(row: _Row, token: int) -> tuple:
+        dist = logp[where[id(row)]]
+        return token, float(dist[token]), _top(dist, row.request.logprobs)
+
+    return score
+
+
+def _top(dist: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    if not k:
+        return []
+    values, ids = dist.topk(k)
+    return list(zip(ids.tolist(), values.tolist()))
+
+
+def _echo(row: _Row, prompt: list[int], logits: torch.Tensor, tokenizer) -> None:
+    """Send the prompt back as the first text; with logprobs, each prompt token's log-probability given
+    the tokens before it (the first has none), from the prefill's own logits."""
+    scored = None
+    if row.scored is not None:
+        logp = torch.log_softmax(logits[:-1].float(), -1)
+        scored = [(prompt[0], None, None)] + [(t, float(logp[i, t]), _top(logp[i], row.request.logprobs))
+                                              for i, t in enumerate(prompt[1:])]  # fmt: skip
+    row.request.emit("delta", row.index, tokenizer.decode(prompt, skip_special_tokens=False), scored)
