@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-stop", type=int, default=4, help="stop strings per request")
     p.add_argument("--max-stop-chars", type=int, default=256, help="characters per stop string")
     p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (behind the key)")
+    p.add_argument("--tool-call-parser", default="auto", choices=["auto", "none", "hermes", "llama3_json", "mistral"],
+                   help="how replies' tool calls are read (auto: from the chat template)")
     p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("ui", help="web app: live runs dashboard and blind side-by-side human rating")
@@ -437,7 +439,7 @@ def cmd_serve(args) -> int:
     served = load_served(args.source, args.adapter, args.precision)
     engine = Engine(served, max_batch=args.max_batch, max_queue=args.max_queue)
     limits = Limits(max_tokens=args.max_tokens, max_stop=args.max_stop, max_stop_chars=args.max_stop_chars)
-    app = create_app(engine, limits, api_key, args.grace, docs=args.docs)
+    app = create_app(engine, limits, api_key, args.grace, docs=args.docs, tool_parser=args.tool_call_parser)
     edge = guard.HttpLimits(args.max_body_bytes, args.max_connections, args.header_timeout)
     print(f"serving {', '.join(served.ids)} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", flush=True)  # fmt: skip

@@ -116,10 +116,11 @@ def complete_ids(model, tokenizer, prompts: list[list[int]], sampling: Sampling,
     return results
 
 
-def prompt_ids(tokenizer, messages: list[dict], chat_template: str | None = None) -> list[int]:
+def prompt_ids(tokenizer, messages: list[dict], chat_template: str | None = None, tools: list[dict] | None = None
+               ) -> list[int]:  # fmt: skip
     """The generation prompt's token ids: the conversation rendered with the (given or saved) template."""
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
-                                        chat_template=chat_template)  # fmt: skip
+                                        chat_template=chat_template, tools=tools)  # fmt: skip
     return list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)  # some tokenizers return an encoding
 
 

@@ -29,6 +29,11 @@ class FakeTokenizer:
     def __call__(self, text, add_special_tokens=True):
         return {"input_ids": [0] * add_special_tokens + [ord(c) for c in text]}
 
+    chat_template = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(map(chr, ids))
+
     def apply_chat_template(self, messages, chat_template=None, **kw):
         if any(m["role"] == "assistant" for m in messages[:1]):
             raise ValueError("conversations start with the user")
@@ -155,7 +160,7 @@ def test_an_unknown_model_is_404_model_not_found():
 def test_chat_prompt_renders_with_the_models_template_and_openai_roles():
     api = _api()
     body = _chat(messages=[{"role": "developer", "content": "be"}, {"role": "user", "content": [
-        {"type": "text", "text": "h"}, {"type": "image_url"}, {"type": "text", "text": "i"}]},
+        {"type": "text", "text": "h"}, {"type": "text", "text": "i"}]},
         {"role": "assistant", "content": None}])  # fmt: skip
     assert api.chat_prompt(body) == [ord(c) for c in "behi"]
     messages, template, kw = api.served.tokenizer.rendered[0]
@@ -164,6 +169,12 @@ def test_chat_prompt_renders_with_the_models_template_and_openai_roles():
     assert template == "ALPHA-TEMPLATE" and kw["add_generation_prompt"] is True
     api.chat_prompt(_chat(model="base"))
     assert api.served.tokenizer.rendered[1][1] is None  # the base model: the tokenizer's own template
+
+
+def test_a_content_part_a_text_model_cannot_read_is_refused_not_dropped():
+    body = _chat(messages=[{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "image_url"}]}])
+    err = _error(_api().chat_prompt, body)
+    assert (err.status, err.param) == (400, "messages") and "'image_url'" in str(err)
 
 
 def test_a_conversation_the_template_rejects_is_400_on_messages():
@@ -191,7 +202,7 @@ def test_completion_prompts_take_text_texts_ids_and_lists_of_ids():
 
 def test_a_field_the_server_cannot_honour_is_refused_by_name():
     api = _api()
-    for field in ("logit_bias", "tools", "best_of", "suffix", "made_up"):
+    for field in ("functions", "best_of", "suffix", "made_up"):
         err = _error(api.chat_prompt, _chat(**{field: {"x": 1}}))
         assert (err.status, err.param) == (400, field) and "not supported" in str(err)
     api.chat_prompt(_chat(user="u", metadata={"k": "v"}, store=False, made_up=None))  # no effect on the answer

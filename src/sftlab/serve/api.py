@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sftlab.auth import bearer, same_secret
 from sftlab.generate import prompt_ids
-from sftlab.serve.engine import Closing, Engine, QueueFull, Request
+from sftlab.serve.engine import Adjust, Closing, Engine, QueueFull, Request
 
 
 @dataclass
@@ -49,8 +49,15 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[dict] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this result answers
+    name: str | None = None
+    reasoning_content: str | None = None  # assistant: its reasoning, for templates that render it
+
+    def text(self) -> str:
+        return _text(self.content)
 
 
 class StreamOptions(BaseModel):
@@ -76,12 +83,21 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's layout) -> -100..100
+    stop_token_ids: list[int] | None = None  # vLLM's extra field
+    top_k: int | None = Field(None, ge=-1)  # vLLM's extra field; -1 and 0: off
+    response_format: dict | None = None  # {type: text | json_object | json_schema, json_schema: {schema, ...}}
 
 
 class ChatRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None  # none | auto | required | {type: function, function: {name}}
+    parallel_tool_calls: bool = True
 
     def scoring(self) -> tuple[int | None, bool]:
         """(alternatives per token, or None for no logprobs; echo)."""
@@ -121,12 +137,24 @@ class CompletionRequest(Sampling):
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+@dataclass
+class Prepared:
+    """A request made ready off the event loop: its prompts and what decoding and the reply need."""
+
+    prompts: list[list[int]]
+    adjust: Adjust | None = None
+    plan: object = None  # serve.tools.Plan for chat
+    in_reasoning: bool = False  # the prompt left a <think> block open
+
+
 class Api:
     """What the routes do, as plain methods: they read the engine and its served models, raise ApiError, and need
     no server or HTTP client to test."""
 
-    def __init__(self, engine: Engine, limits: Limits | None = None, api_key: str | None = None):
+    def __init__(self, engine: Engine, limits: Limits | None = None, api_key: str | None = None,
+                 tool_parser: str = "auto"):  # fmt: skip
         self.engine, self.served = engine, engine.served
+        self.tool_parser = tool_parser  # --tool-call-parser: auto | none | hermes | llama3_json | mistral
         self.limits = limits or Limits()
         self.api_key = api_key
         self.created = int(time.time())
@@ -160,16 +188,36 @@ class Api:
 
     def chat_prompt(self, body: ChatRequest) -> list[int]:
         """The conversation rendered with the requested model's chat template, as token ids."""
+        return self.prepare_chat(body).prompts[0]
+
+    def template_of(self, model: str) -> str:
+        return self.served.templates.get(model) or self.served.tokenizer.chat_template or ""
+
+    def prepare_chat(self, body: ChatRequest) -> Prepared:
+        """The rendered prompt, the tool plan (what to render, how to read the reply back) and the sampling
+        adjustments, a forced tool call's schema included."""
+        from sftlab.serve import tools
+
         self.check_model(body.model)  # first: the model picks the template
         self.check_fields(body)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
-                    for m in body.messages]  # fmt: skip
+        template = self.template_of(body.model)
+        try:
+            plan = tools.plan(body.tools, body.tool_choice, body.parallel_tool_calls, template, self.tool_parser)
+            messages = tools.template_messages(body.messages)
+        except tools.ToolError as e:
+            raise ApiError(400, str(e), param=e.param) from None
         for i, m in enumerate(messages):
             _check_unicode(m["content"], f"messages.{i}.content")
         try:
-            return prompt_ids(self.served.tokenizer, messages, self.served.templates.get(body.model))
+            ids = prompt_ids(self.served.tokenizer, messages, self.served.templates.get(body.model), plan.tools)
         except Exception as e:  # a template that rejects this conversation (role order, say)
             raise ApiError(400, f"messages: the chat template cannot render them: {e}", param="messages") from None
+        if plan.schema is not None and body.response_format is not None:
+            raise ApiError(400, "response_format: not with tool_choice required or a named function (the reply "
+                                "is the call)", param="response_format")  # fmt: skip
+        forced = {"type": "json_schema", "json_schema": {"schema": plan.schema}} if plan.schema else None
+        opened = tools.tp.prompt_opens_reasoning(self.served.tokenizer.decode(ids[-8:], skip_special_tokens=False))
+        return Prepared([ids], self.adjustments(body, forced), plan, plan.reasoning and opened)
 
     def tokenize(self, body: TokenizeRequest) -> dict:
         """Token ids of a prompt or a conversation, as the server would feed them to the model."""
@@ -217,13 +265,48 @@ class Api:
             raise ApiError(400, f"{where}: token id {bad} is outside the vocabulary (0..{vocab - 1})", param="prompt")
         return list(prompt)
 
+    def prepare_completion(self, body: CompletionRequest) -> Prepared:
+        return Prepared(self.completion_prompts(body), self.adjustments(body))
+
+    def adjustments(self, body: Sampling, response_format: dict | None = None) -> Adjust | None:
+        """The request's changes to the distribution, checked (None when it asks for none). Compiling a
+        response_format takes milliseconds (a second for a tokenizer's first): call it off the event loop."""
+        bias = {self._token(k, "logit_bias"): v for k, v in (body.logit_bias or {}).items()}
+        if any(not -100 <= v <= 100 for v in bias.values()):
+            raise ApiError(400, "logit_bias: values from -100 to 100", param="logit_bias")
+        stop_ids = frozenset(self._token(t, "stop_token_ids") for t in body.stop_token_ids or [])
+        constraint = None
+        response_format = response_format or body.response_format
+        if response_format is not None:
+            from sftlab.serve.structured import compile_format
+
+            try:
+                constraint = compile_format(response_format, self.served.tokenizer)
+            except ValueError as e:
+                raise ApiError(400, str(e), param="response_format") from None
+        top_k = max(body.top_k or 0, 0)
+        if not (bias or stop_ids or constraint or top_k or body.presence_penalty or body.frequency_penalty):
+            return None
+        return Adjust(bias, body.presence_penalty, body.frequency_penalty, top_k, stop_ids, constraint)
+
+    def _token(self, value, param: str) -> int:
+        try:
+            token = int(value)
+        except (TypeError, ValueError):
+            raise ApiError(400, f"{param}: {value!r} is not a token id", param=param) from None
+        if not 0 <= token < self.served.vocab_size:
+            last = self.served.vocab_size - 1
+            raise ApiError(400, f"{param}: token id {token} is outside the vocabulary (0..{last})", param=param)
+        return token
+
     def make_request(self, body: Sampling, prompt: list[int]) -> Request:
         """The engine request for `body`, once its sizes fit this server and the model's context.
 
         Call it inside the event loop that will read the request's events."""
         return self.make_requests(body, [prompt])[0]
 
-    def make_requests(self, body: Sampling, prompts: list[list[int]]) -> list[Request]:
+    def make_requests(self, body: Sampling, prompts: list[list[int]], adjust: Adjust | None = None,
+                      keep_special: bool = False) -> list[Request]:  # fmt: skip
         """One engine request per prompt, sharing one event queue; choice k*n+j is prompt k's j-th."""
         asked = self._asked_tokens(body)
         self._check_n(body.n * len(prompts))
@@ -233,7 +316,7 @@ class Api:
         logprobs, echo = body.scoring() if hasattr(body, "scoring") else (None, False)
         events, loop = asyncio.Queue(), asyncio.get_running_loop()
         return [Request(p, body.model, budget, body.temperature, body.top_p, n, stop, body.seed, events, loop,
-                        first_choice=k * n, logprobs=logprobs, echo=echo)
+                        first_choice=k * n, logprobs=logprobs, echo=echo, adjust=adjust, keep_special=keep_special)
                 for k, (p, budget) in enumerate(zip(prompts, budgets))]  # fmt: skip
 
     def _asked_tokens(self, body: Sampling) -> int | None:
@@ -271,9 +354,10 @@ class Api:
         except Closing as e:
             raise ApiError(503, str(e), "server_error", "shutting_down") from None
 
-    def start(self, body: Sampling, prompts: list[list[int]], chat: bool) -> tuple[list[Request], str]:
+    def start(self, body: Sampling, prompts: list[list[int]], chat: bool, adjust: Adjust | None = None,
+              keep_special: bool = False) -> tuple[list[Request], str]:  # fmt: skip
         """Check and queue the requests (one per prompt); the id their response carries."""
-        group = self.make_requests(body, prompts)
+        group = self.make_requests(body, prompts, adjust, keep_special)
         try:
             for request in group:
                 self.submit(request)
@@ -307,7 +391,7 @@ def _choices(group: list[Request]) -> int:
 
 
 async def complete(group: list[Request], rid: str, chat: bool, is_disconnected, poll_s: float = 0.5,
-                   tokenizer=None) -> dict:  # fmt: skip
+                   tokenizer=None, prepared: Prepared | None = None) -> dict:  # fmt: skip
     """The whole response once every choice is done; {} when the client left first.
 
     `group`: the requests of one response (one per prompt), sharing an event queue. `is_disconnected` is an
@@ -336,28 +420,40 @@ async def complete(group: list[Request], rid: str, chat: bool, is_disconnected, 
             request.cancelled = True  # a no-op when finished; frees the rows when the client left
     wanted = group[0].logprobs is not None
     logprobs = [logprobs_body(tokenizer, chat, s) if wanted else None for s in scored]
-    return completion_body(group, rid, chat, texts, reasons, tokens, logprobs)
+    messages = None
+    if chat and prepared is not None and prepared.plan is not None:
+        from sftlab.serve.tools import reply
+
+        messages, reasons = zip(*(reply(prepared.plan, t, r, prepared.in_reasoning) for t, r in zip(texts, reasons)))
+    return completion_body(group, rid, chat, texts, list(reasons), tokens, logprobs, messages)
 
 
 def completion_body(group: list[Request], rid: str, chat: bool, texts: list[str], reasons: list[str],
-                    tokens: list[int], logprobs: list | None = None) -> dict:  # fmt: skip
+                    tokens: list[int], logprobs: list | None = None, messages=None) -> dict:  # fmt: skip
     logprobs = logprobs or [None] * len(texts)
+    messages = messages or [{"role": "assistant", "content": t} for t in texts]
     choices = [
-        {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": lp} if chat
+        {"index": i, "message": m, "finish_reason": r, "logprobs": lp} if chat
         else {"index": i, "text": t, "finish_reason": r, "logprobs": lp}
-        for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))
+        for i, (t, m, r, lp) in enumerate(zip(texts, messages, reasons, logprobs))
     ]  # fmt: skip
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": group[0].model, "choices": choices, "usage": usage(group, tokens)}  # fmt: skip
 
 
-async def stream(group: list[Request], rid: str, chat: bool, body: Sampling, tokenizer=None):
+async def stream(group: list[Request], rid: str, chat: bool, body: Sampling, tokenizer=None,
+                 prepared: Prepared | None = None):  # fmt: skip
     """Server-sent events: (chat) a role chunk per choice, the deltas, a finish chunk per choice, the usage when
     asked, then [DONE]. An engine error ends the stream with an error event."""
     head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
             "model": group[0].model}  # fmt: skip
     total = _choices(group)
     tokens, open_choices, offsets = [0] * total, total, [0] * total
+    streamers = None
+    if chat and prepared is not None and prepared.plan is not None:
+        from sftlab.serve.tools import Streamer
+
+        streamers = [Streamer(prepared.plan, prepared.in_reasoning) for _ in range(total)]
     try:
         if chat:
             for i in range(total):
@@ -372,11 +468,21 @@ async def stream(group: list[Request], rid: str, chat: bool, body: Sampling, tok
                 if event[3] is not None:
                     lp = logprobs_body(tokenizer, chat, event[3], offsets[event[1]])
                     offsets[event[1]] += sum(map(len, lp.get("tokens", ())))
-                yield chunk(head, chat, event[1], event[2], logprobs=lp)
+                if streamers is None:
+                    yield chunk(head, chat, event[1], event[2], logprobs=lp)
+                    continue
+                deltas = streamers[event[1]].feed(event[2]) or ([{}] if lp else [])
+                for j, delta in enumerate(deltas):
+                    yield chunk(head, chat, event[1], delta=delta, logprobs=lp if j == 0 else None)
             else:
                 tokens[event[1]] = event[3]
                 open_choices -= 1
-                yield chunk(head, chat, event[1], reason=event[2])
+                reason = event[2]
+                if streamers is not None:
+                    deltas, reason = streamers[event[1]].finish(reason)
+                    for delta in deltas:
+                        yield chunk(head, chat, event[1], delta=delta)
+                yield chunk(head, chat, event[1], reason=reason)
         if body.stream_options and body.stream_options.include_usage:
             yield _sse({**head, "choices": [], "usage": usage(group, tokens)})
         yield "data: [DONE]\n\n"
@@ -386,10 +492,12 @@ async def stream(group: list[Request], rid: str, chat: bool, body: Sampling, tok
 
 
 def chunk(head: dict, chat: bool, index: int, content: str | None = None, reason: str | None = None,
-          role: bool = False, logprobs: dict | None = None) -> str:  # fmt: skip
-    """One streamed event for choice `index`; `head` holds the id, object, created and model every chunk repeats."""
+          role: bool = False, logprobs: dict | None = None, delta: dict | None = None) -> str:  # fmt: skip
+    """One streamed event for choice `index`; `head` holds the id, object, created and model every chunk repeats.
+    `delta`: a chat delta as it is (reasoning_content, tool_calls) instead of `content`."""
     if chat:
-        delta = {"role": "assistant", "content": ""} if role else ({"content": content} if content else {})
+        if delta is None:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": content} if content else {})
         choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
     else:
         choice = {"index": index, "text": content or "", "finish_reason": reason, "logprobs": logprobs}
@@ -439,11 +547,15 @@ def _text(content) -> str:
         return ""
     if isinstance(content, str):
         return content
-    return "".join(part.text for part in content if part.type == "text")
+    other = next((part.type for part in content if part.type != "text"), None)
+    if other is not None:  # an image, audio or file part: a text model cannot read it, and dropping it is wrong
+        raise ApiError(400, f"messages: content parts of type {other!r} are not supported (text only)",
+                       param="messages")  # fmt: skip
+    return "".join(part.text for part in content)
 
 
 def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None = None, grace_s: float = 10.0,
-               docs: bool = False):  # fmt: skip
+               docs: bool = False, tool_parser: str = "auto"):  # fmt: skip
     """The FastAPI app: routes, error bodies and auth around an Api; on exit the engine finishes for up to grace_s.
     docs: serve /docs and /openapi.json (behind the key, when there is one)."""
     from contextlib import asynccontextmanager
@@ -453,7 +565,7 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    api = Api(engine, limits, api_key)
+    api = Api(engine, limits, api_key, tool_parser)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -482,12 +594,16 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
     async def authorize(request: HttpRequest) -> None:
         api.authorize(request.headers.get("authorization", ""))
 
-    async def respond(body: Sampling, prompts: list[list[int]], http: HttpRequest, chat: bool):
-        group, rid = api.start(body, prompts, chat)
+    async def respond(body: Sampling, prepare, http: HttpRequest, chat: bool):
+        # Rendering, tokenizing and compiling a response format take milliseconds: off the event loop, so
+        # streams beside them keep flowing.
+        ready: Prepared = await asyncio.to_thread(prepare, body)
+        keep = ready.plan is not None and ready.plan.keep_special
+        group, rid = api.start(body, ready.prompts, chat, ready.adjust, keep)
         if body.stream:
-            return StreamingResponse(stream(group, rid, chat, body, api.served.tokenizer),
+            return StreamingResponse(stream(group, rid, chat, body, api.served.tokenizer, ready),
                                      media_type="text/event-stream", headers=_SSE_HEADERS)  # fmt: skip
-        return await complete(group, rid, chat, http.is_disconnected, tokenizer=api.served.tokenizer)
+        return await complete(group, rid, chat, http.is_disconnected, tokenizer=api.served.tokenizer, prepared=ready)
 
     if docs:
         _add_docs(app, authorize)
@@ -500,11 +616,9 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
     async def models():
         return api.models()
 
-    # Tokenizing and rendering a template take milliseconds per long prompt: off the event loop, so streams
-    # beside them keep flowing.
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(body: ChatRequest, http: HttpRequest):
-        return await respond(body, [await asyncio.to_thread(api.chat_prompt, body)], http, chat=True)
+        return await respond(body, api.prepare_chat, http, chat=True)
 
     @app.post("/tokenize", dependencies=[Depends(authorize)])
     async def tokenize(body: TokenizeRequest):
@@ -516,7 +630,7 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, http: HttpRequest):
-        return await respond(body, await asyncio.to_thread(api.completion_prompts, body), http, chat=False)
+        return await respond(body, api.prepare_completion, http, chat=False)
 
     return app
 

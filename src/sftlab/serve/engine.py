@@ -30,6 +30,18 @@ class Closing(Exception):
 
 
 @dataclass
+class Adjust:
+    """Per-request changes to the next-token logits, as OpenAI and vLLM define them."""
+
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to those tokens' logits
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per time a token was generated
+    top_k: int = 0  # sample among the k likeliest only (0: all)
+    stop_token_ids: frozenset[int] = frozenset()  # end the choice like end-of-turn
+    constraint: object = None  # sftlab.serve.structured.Constraint: tokens that keep the answer valid JSON
+
+
+@dataclass
 class Request:
     prompt_ids: list[int]
     model: str  # a served model id
@@ -47,6 +59,8 @@ class Request:
     first_choice: int = 0  # the choice index of its first row: prompts of one batched request share a queue
     logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: off)
     echo: bool = False  # first send the prompt back, with its tokens' log-probabilities when logprobs is set
+    adjust: Adjust | None = None  # what changes the distribution before sampling (None: nothing)
+    keep_special: bool = False  # decode special tokens too (tool-call markers such as [TOOL_CALLS] are special)
 
     def emit(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -67,7 +81,11 @@ class _Row:
         self.sent = 0  # characters of text already emitted
         self.prefix, self.read = 0, 0  # ids[prefix:read] decoded to the text's tail already
         self.longest_stop = max(map(len, request.stop), default=0)
+        self.skip = not request.keep_special
         self.scored: list[tuple] | None = [] if request.logprobs is not None else None  # tokens not yet sent
+        adjust = request.adjust
+        self.state = adjust.constraint.start() if adjust is not None and adjust.constraint is not None else None
+        self.counts: dict[int, int] = {}  # generated tokens, for the presence and frequency penalties
         self.done = False
         self.generator = None
         if request.temperature > 0:
@@ -76,8 +94,8 @@ class _Row:
 
     def _decode_new(self, tokenizer) -> str:
         """The text the new tokens add; "" while they end inside a multi-byte character."""
-        before = tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
-        after = tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        before = tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=self.skip)
+        after = tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=self.skip)
         if after.endswith("\ufffd") or len(after) < len(before):  # a character split across tokens: wait
             return ""
         self.prefix, self.read = max(0, len(self.ids) - self.WINDOW), len(self.ids)
@@ -122,8 +140,8 @@ class _Row:
 
     def _flush(self, tokenizer) -> str:
         """Whatever the last tokens decode to, a dangling partial character included."""
-        before = tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
-        after = tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        before = tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=self.skip)
+        after = tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=self.skip)
         return after[len(before) :] if after.startswith(before) else ""
 
 
@@ -332,24 +350,33 @@ class Engine:
         tok, stops = self.served.tokenizer, self.served.eos_ids
         logits = logits.float().cpu()
         scored = _scores(rows, logits)  # from the model's own distribution, before temperature and top-p
+        for i, row in enumerate(rows):
+            if row.request.adjust is not None and not row.done:
+                _adjust(row, logits[i])
         chosen = self._sample(logits, rows)
         for row, token in zip(rows, chosen):
             if row.done:
                 continue
-            if row.scored is not None and token not in stops:
+            ends = token in stops or (row.request.adjust is not None and token in row.request.adjust.stop_token_ids)
+            if row.scored is not None and not ends:
                 row.scored.append(scored(row, token))
             if row.request.cancelled:
                 row.done = True
                 self.dropped_rows += 1
-            elif token in stops:
+            elif ends:
                 row.finish("stop", tok)
             else:
                 row.ids.append(token)
+                row.counts[token] = row.counts.get(token, 0) + 1
+                if row.state is not None:
+                    row.state.advance(token)
                 delta, stopped = row.text_delta(tok)
                 if delta:
                     row.send(delta)
                 if stopped:
                     row.finish("stop_string", tok)
+                elif row.state is not None and row.state.done():  # the JSON is complete
+                    row.finish("stop", tok)
                 elif len(row.ids) >= row.request.max_tokens:
                     row.finish("length", tok)
         return [t if not r.done else self.served.tokenizer.pad_token_id for r, t in zip(rows, chosen)]
@@ -362,7 +389,11 @@ class Engine:
             r = row.request
             if row.done or r.temperature <= 0:
                 continue
-            probs = torch.softmax(logits[i] / r.temperature, -1)
+            row_logits = logits[i]
+            if r.adjust is not None and 0 < r.adjust.top_k < row_logits.shape[-1]:
+                kth = row_logits.topk(r.adjust.top_k).values[-1]
+                row_logits = row_logits.masked_fill(row_logits < kth, float("-inf"))
+            probs = torch.softmax(row_logits / r.temperature, -1)
             if r.top_p < 1.0:
                 sorted_p, order = probs.sort(descending=True)
                 keep = sorted_p.cumsum(-1) - sorted_p < r.top_p  # smallest set whose mass reaches top_p
@@ -402,3 +433,17 @@ def _echo(row: _Row, prompt: list[int], logits: torch.Tensor, tokenizer) -> None
         scored = [(prompt[0], None, None)] + [(t, float(logp[i, t]), _top(logp[i], row.request.logprobs))
                                               for i, t in enumerate(prompt[1:])]  # fmt: skip
     row.request.emit("delta", row.index, tokenizer.decode(prompt, skip_special_tokens=False), scored)
+
+
+def _adjust(row: _Row, logits: torch.Tensor) -> None:
+    """logit_bias, then the penalties on what the row generated, then the response format's mask: in place."""
+    adjust = row.request.adjust
+    if adjust.logit_bias:
+        ids = torch.tensor(list(adjust.logit_bias), dtype=torch.long)
+        logits[ids] += torch.tensor(list(adjust.logit_bias.values()), dtype=logits.dtype)
+    if row.counts and (adjust.presence_penalty or adjust.frequency_penalty):
+        ids = torch.tensor(list(row.counts), dtype=torch.long)
+        counts = torch.tensor(list(row.counts.values()), dtype=logits.dtype)
+        logits[ids] -= adjust.frequency_penalty * counts + adjust.presence_penalty
+    if row.state is not None:
+        row.state.mask(logits)
