@@ -119,3 +119,20 @@ def test_required_allows_parallel_calls_unless_told_not_to():
     assert many["type"] == "array" and many["minItems"] == 1 and "maxItems" not in many and one["maxItems"] == 1
     assert plan(TOOLS, {"type": "function", "function": {"name": "get_weather"}}, True, template, "auto").schema == \
         TOOLS[0]["function"]["parameters"]
+
+
+def test_reasoning_comes_back_as_reasoning_content_where_the_template_has_it():
+    from sftlab.serve.tools import Streamer, plan, reply
+
+    thinking = plan(None, None, True, "{{ message.reasoning_content }}", "auto")
+    text = "<think>\nthe user greets\n</think>\n\nHello there."
+    message, reason = reply(thinking, text, "stop")
+    assert message == {"role": "assistant", "content": "Hello there.", "reasoning_content": "the user greets"}
+    streamer, deltas = Streamer(thinking), []
+    for piece in (text[:5], text[5:17], text[17:]):
+        deltas += streamer.feed(piece)
+    deltas += streamer.finish("stop")[0]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "the user greets"
+    assert "".join(d.get("content", "") for d in deltas) == "Hello there."
+    plain = plan(None, None, True, "{{ messages }}", "auto")  # no reasoning in the template: the text as it is
+    assert reply(plain, text, "stop")[0] == {"role": "assistant", "content": text}
