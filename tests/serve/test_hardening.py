@@ -170,7 +170,8 @@ def test_incremental_detokenization_and_stops_match_a_whole_decode(smol_tok):
         def call_soon_threadsafe(self, fn, *a):
             fn(*a)
 
-    texts = ["Rivers flow 東京 to the sea 🌊 and back, said Zoë.", "a b c STOP d", "x" * 40 + "END" + "y" * 10]
+    texts = ["Rivers flow 東京 to the sea 🌊 and back, said Zoë.", "a b c STOP d", "x" * 40 + "END" + "y" * 10,
+             "word 東 " * 1200 + "ST" + "OP tail END"]  # past the 4096 characters a row keeps of sent text
     for text in texts:
         ids = smol_tok(text, add_special_tokens=False)["input_ids"]
         for stop in ([], ["STOP"], ["END", "sea"], ["🌊"]):

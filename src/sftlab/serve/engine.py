@@ -77,7 +77,7 @@ class _Row:
     def __init__(self, request: Request, index: int):
         self.request, self.index = request, request.first_choice + index  # index: the choice in the response
         self.ids: list[int] = []
-        self.text = ""  # decoded so far (held-back tail included)
+        self.text = ""  # the text from a stop's length before what was sent (held-back tail included)
         self.sent = 0  # characters of text already emitted
         self.prefix, self.read = 0, 0  # ids[prefix:read] decoded to the text's tail already
         self.longest_stop = max(map(len, request.stop), default=0)
@@ -113,6 +113,9 @@ class _Row:
                 return delta, True
         safe = max(self.sent, len(text) - self._held(text))  # keep back what may be the start of a stop string
         delta, self.sent = text[self.sent : safe], safe
+        if self.sent > 4096 + self.longest_stop:  # sent text matters only as a stop's possible start
+            cut = self.sent - self.longest_stop
+            self.text, self.sent = self.text[cut:], self.sent - cut
         return delta, False
 
     def _held(self, text: str) -> int:
