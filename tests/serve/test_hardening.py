@@ -21,9 +21,11 @@ def edge(lively_model_dir):
     from sftlab.serve.api import Limits, create_app
     from sftlab.serve.engine import Engine
 
-    engine = Engine(load_served(str(lively_model_dir)), max_batch=8)
+    served = load_served(str(lively_model_dir))
+    served.context_length = 8192  # rotary positions extrapolate: streams long enough to outlast the probe
+    engine = Engine(served, max_batch=8)
     limits = guard.HttpLimits(max_body_bytes=64 * 1024, max_connections=64, header_timeout_s=1.0)
-    app = guard.guarded(create_app(engine, Limits(max_tokens=256), None, grace_s=2), limits, loopback_keyless=True)
+    app = guard.guarded(create_app(engine, Limits(max_tokens=4000), None, grace_s=2), limits, loopback_keyless=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -113,13 +115,13 @@ BAD_REQUESTS = [  # (endpoint, body, status, param): each from the issue's list 
 
 
 def test_bad_requests_beside_running_streams_fail_alone(edge):
-    """Four streams decode while every bad request is sent twice; each stream ends with [DONE] and its
-    full length, each bad request gets its own error, and the server answers afterwards."""
+    """Four streams decode while every bad request is sent twice; each stream ends with [DONE],
+    each bad request gets its own error, and the server answers afterwards."""
     model = edge["model"]
     chat = {"model": model, "messages": [{"role": "user", "content": "tell me about rivers"}]}
 
     async def a_stream(http):
-        body = {**chat, "stream": True, "max_tokens": 64, "temperature": 0, "stop": ""}
+        body = {**chat, "stream": True, "max_tokens": 400, "temperature": 0, "stop": ""}
         text, done = "", False
         async with http.stream("POST", "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
@@ -130,6 +132,7 @@ def test_bad_requests_beside_running_streams_fail_alone(edge):
                     event = json.loads(line[6:])
                     assert "error" not in event, event
                     text += event["choices"][0]["delta"].get("content") or ""
+        ended.append(time.monotonic())
         return done, text
 
     async def a_bad(http, endpoint, extra, status, param):
@@ -138,13 +141,37 @@ def test_bad_requests_beside_running_streams_fail_alone(edge):
         error = _openai_error(r, status)
         assert error["param"] == param or (error["param"] or "").startswith(param), (extra, error)
 
+    async def raw_bad(http):
+        """The bad inputs that are not a JSON field: unparseable bodies, a foreign Host, the docs, a body
+        past the limit, and connections that never finish their headers."""
+        json_type = {"content-type": "application/json"}
+        _openai_error(await http.post("/v1/completions", content=b'{"model": "\xff"}', headers=json_type), 400)
+        _openai_error(await http.post("/v1/completions", content=b"[" * 20_000 + b"]" * 20_000, headers=json_type),
+                      400)  # fmt: skip
+        _openai_error(await http.get("/health", headers={"Host": "rebind.example"}), 400)
+        _openai_error(await http.get("/docs"), 404)
+        _openai_error(await http.post("/v1/completions", content=b"x" * 70_000, headers=json_type), 413)
+        half = []
+        for _ in range(10):
+            reader, writer = await asyncio.open_connection("127.0.0.1", edge["port"])
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            half.append((reader, writer))
+        for reader, writer in half:
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed at the header timeout
+            writer.close()
+
+    ended = []
+
     async def go():
         async with httpx.AsyncClient(base_url=edge["url"], timeout=120) as http:
             streams = [asyncio.create_task(a_stream(http)) for _ in range(4)]
             await asyncio.sleep(0.3)
+            probing = time.monotonic()
+            assert not any(t.done() for t in streams)
             for _ in range(2):
-                await asyncio.gather(*(a_bad(http, *bad) for bad in BAD_REQUESTS))
+                await asyncio.gather(raw_bad(http), *(a_bad(http, *bad) for bad in BAD_REQUESTS))
             results = await asyncio.gather(*streams)
+            assert min(ended) > probing  # every stream was decoding when the bad requests began
             after = await http.post("/v1/chat/completions", json={**chat, "max_tokens": 4, "temperature": 0})
             return results, after
 
