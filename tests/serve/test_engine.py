@@ -85,3 +85,41 @@ def test_a_failing_prefill_answers_with_an_error_and_the_engine_goes_on(lively_m
         assert asyncio.run(run()) == "done"
     finally:
         engine.shutdown(5)
+
+
+def test_a_row_whose_own_settings_fail_mid_decode_ends_alone(lively_model_dir):
+    """A response format that breaks at a step (a stand-in constraint raising in mask) ends its request
+    with an error; a request decoding beside it in the same batch finishes normally."""
+    from sftlab.serve.adapters import load_served
+    from sftlab.serve.engine import Adjust, Engine, Request
+
+    class Breaks:
+        def start(self):
+            return self
+
+        def mask(self, logits):
+            raise RuntimeError("grammar state lost")
+
+    engine = Engine(load_served(str(lively_model_dir)), max_batch=4, batch_wait_s=0.2)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        good = Request([1, 2, 3], engine.served.ids[0], 20, temperature=0, events=asyncio.Queue(), loop=loop)
+        bad = Request([1, 2, 3], engine.served.ids[0], 20, temperature=0, events=asyncio.Queue(), loop=loop,
+                      adjust=Adjust(constraint=Breaks()))  # fmt: skip
+        engine.submit(good)
+        engine.submit(bad)
+        last = {}
+        for name, request in (("good", good), ("bad", bad)):
+            event = None
+            while event is None or event[0] not in ("done", "error"):
+                event = await asyncio.wait_for(request.events.get(), 30)
+            last[name] = event
+        return last
+
+    try:
+        last = asyncio.run(run())
+    finally:
+        engine.shutdown(5)
+    assert last["bad"][0] == "error" and "grammar state lost" in last["bad"][1]
+    assert last["good"][0] == "done"

@@ -349,40 +349,44 @@ class Engine:
         batch.position = batch.position + 1
 
     def _accept(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        """Sample a token per row, stream it, and mark rows that are finished."""
-        tok, stops = self.served.tokenizer, self.served.eos_ids
+        """Sample a token per row, stream it, and mark rows that are finished. A row whose own settings fail
+        (its response format, say) ends with an error; the rows beside it go on."""
         logits = logits.float().cpu()
         scored = _scores(rows, logits)  # from the model's own distribution, before temperature and top-p
         for i, row in enumerate(rows):
             if row.request.adjust is not None and not row.done:
-                _adjust(row, logits[i])
+                _guarded(row, _adjust, row, logits[i])
         chosen = self._sample(logits, rows)
         for row, token in zip(rows, chosen):
-            if row.done:
-                continue
-            ends = token in stops or (row.request.adjust is not None and token in row.request.adjust.stop_token_ids)
-            if row.scored is not None and not ends:
-                row.scored.append(scored(row, token))
-            if row.request.cancelled:
-                row.done = True
-                self.dropped_rows += 1
-            elif ends:
-                row.finish("stop", tok)
-            else:
-                row.ids.append(token)
-                row.counts[token] = row.counts.get(token, 0) + 1
-                if row.state is not None:
-                    row.state.advance(token)
-                delta, stopped = row.text_delta(tok)
-                if delta:
-                    row.send(delta)
-                if stopped:
-                    row.finish("stop_string", tok)
-                elif row.state is not None and row.state.done():  # the JSON is complete
-                    row.finish("stop", tok)
-                elif len(row.ids) >= row.request.max_tokens:
-                    row.finish("length", tok)
+            if not row.done:
+                _guarded(row, self._take_token, row, token, scored)
         return [t if not r.done else self.served.tokenizer.pad_token_id for r, t in zip(rows, chosen)]
+
+    def _take_token(self, row: _Row, token: int, scored) -> None:
+        tok = self.served.tokenizer
+        adjust = row.request.adjust
+        ends = token in self.served.eos_ids or (adjust is not None and token in adjust.stop_token_ids)
+        if row.scored is not None and not ends:
+            row.scored.append(scored(row, token))
+        if row.request.cancelled:
+            row.done = True
+            self.dropped_rows += 1
+        elif ends:
+            row.finish("stop", tok)
+        else:
+            row.ids.append(token)
+            row.counts[token] = row.counts.get(token, 0) + 1
+            if row.state is not None:
+                row.state.advance(token)
+            delta, stopped = row.text_delta(tok)
+            if delta:
+                row.send(delta)
+            if stopped:
+                row.finish("stop_string", tok)
+            elif row.state is not None and row.state.done():  # the JSON is complete
+                row.finish("stop", tok)
+            elif len(row.ids) >= row.request.max_tokens:
+                row.finish("length", tok)
 
     @staticmethod
     def _sample(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
@@ -450,3 +454,11 @@ def _adjust(row: _Row, logits: torch.Tensor) -> None:
         logits[ids] -= adjust.frequency_penalty * counts + adjust.presence_penalty
     if row.state is not None:
         row.state.mask(logits)
+
+
+def _guarded(row: _Row, fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 -- one row's failure ends that row, not the batch it shares
+        row.done = True
+        row.request.emit("error", f"generation failed: {type(e).__name__}: {e}")
