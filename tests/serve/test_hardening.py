@@ -219,3 +219,22 @@ def test_incremental_detokenization_and_stops_match_a_whole_decode(smol_tok):
             whole = smol_tok.decode(ids, skip_special_tokens=True)
             cut = min([whole.find(s) for s in stop if s in whole], default=len(whole))
             assert got == whole[:cut], (text, stop, got)
+
+
+def test_docs_when_asked_for_are_behind_the_key(lively_model_dir):
+    from fastapi.testclient import TestClient
+
+    from sftlab.serve.adapters import load_served
+    from sftlab.serve.api import create_app
+    from sftlab.serve.engine import Engine
+
+    engine = Engine(load_served(str(lively_model_dir)))
+    try:
+        with TestClient(create_app(engine, api_key="k3y", docs=True)) as http:
+            for path in ("/docs", "/openapi.json"):
+                assert http.get(path).status_code == 401
+                assert http.get(path, headers={"Authorization": "Bearer k3y"}).status_code == 200
+            assert "/v1/chat/completions" in http.get("/openapi.json", headers={"Authorization": "Bearer k3y"}).json()[
+                "paths"]  # fmt: skip
+    finally:
+        engine.shutdown(2)
