@@ -44,6 +44,9 @@ class DatasetSpec:
         None, help="function schemas (a list, or a JSON string) offered in every record that names none")
     tags: dict[str, str] = _f(factory=dict, help="ShareGPT-like key and role names: role_tag, content_tag, user_tag, "
                                                  "assistant_tag, system_tag, observation_tag, function_tag")
+    weight: float | None = _f(None, help="data.train: this dataset's share of each epoch (set on every dataset, or none)")
+    epochs: float = _f(1.0, help="data.train: passes over this dataset per epoch (3: repeat a small set; 0.5: half)")
+    max_examples: int | None = _f(None, help="a seeded sample of at most this many of the dataset's examples")
 
     @property
     def label(self) -> str:
@@ -451,10 +454,23 @@ def validate(cfg: Config) -> None:
             raise ConfigError(message)
     for split in ("train", "eval"):
         for i, spec in enumerate(getattr(cfg.data, split)):
-            if not spec.path:
-                raise ConfigError(f"data.{split}[{i}].path is empty")
+            _check_spec(spec, f"data.{split}[{i}]", split)
     if cfg.eval.generate_every and not cfg.data.eval:
         raise ConfigError("eval.generate_every needs data.eval (conversations whose last assistant turn is the reference)")
+
+
+def _check_spec(spec: DatasetSpec, where: str, split: str) -> None:
+    checks = [
+        (bool(spec.path), f"{where}.path is empty"),
+        (spec.weight is None or spec.weight >= 0, f"{where}.weight must be >= 0"),
+        (spec.epochs >= 0, f"{where}.epochs must be >= 0"),
+        (spec.max_examples is None or spec.max_examples >= 1, f"{where}.max_examples must be at least 1"),
+        (split == "train" or (spec.weight is None and spec.epochs == 1),
+         f"{where}: weight and epochs shape the training mixture; an eval set is used whole (max_examples caps it)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def _task_checks(cfg: Config) -> list[tuple[bool, str]]:

@@ -29,10 +29,45 @@ class TokenizedSplit:
     cache_hits: int = 0
 
 
-def load_split(cfg: DataConfig, tokenizer, split: str = "train") -> TokenizedSplit:
-    """Tokenize every dataset of `data.<split>`; raises if nothing usable remains."""
-    import datasets
+SOURCE = "source"  # eval column: the dataset an example came from, for eval_loss/<name>
 
+
+def load_split(cfg: DataConfig, tokenizer, split: str = "train", seed: int = 0) -> TokenizedSplit:
+    """Tokenize every dataset of `data.<split>`: train as the epoch's mixture (data.mixture), eval whole
+    with a `source` column; raises if nothing usable remains."""
+    parts, reports, hits = _load_parts(cfg, tokenizer, split)
+    return _finish(parts, reports, hits, getattr(cfg, split), split, seed)
+
+
+def load_train_eval(cfg: DataConfig, tokenizer, seed: int):
+    """(train, eval or None, {split: reports}); eval comes from data.eval, else a held-out data.eval_split
+    of each training dataset (so each has its own eval loss), taken before the mixture draws from it."""
+    if cfg.eval or cfg.eval_split <= 0:
+        train = load_split(cfg, tokenizer, "train", seed)
+        reports = {"train": train.reports}
+        if not cfg.eval:
+            return train.dataset, None, reports
+        ev = load_split(cfg, tokenizer, "eval", seed)
+        return train.dataset, ev.dataset, reports | {"eval": ev.reports}
+    parts, reports, hits = _load_parts(cfg, tokenizer, "train")
+    held = []
+    for i, part in enumerate(parts):
+        parts[i], rest = hold_out(part, cfg.eval_split, seed, f"data.train[{i}] ({reports[i].name})")
+        held.append(rest)
+    train = _finish(parts, reports, hits, cfg.train, "train", seed)
+    eval_parts = [_with_source(h, label) for h, label in zip(held, _labels(cfg.train))]
+    return train.dataset, _concat(eval_parts), {"train": train.reports}
+
+
+def hold_out(data, fraction: float, seed: int, what: str = "data.train"):
+    """(train, eval): the one eval split, a seeded data.eval_split share of the training examples."""
+    if len(data) < 2:
+        raise DataError(f"data.eval_split needs at least 2 examples in {what}; it has {len(data)}")
+    parts = data.train_test_split(test_size=fraction, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def _load_parts(cfg: DataConfig, tokenizer, split: str):
     specs: list[DatasetSpec] = getattr(cfg, split)
     if not specs:
         raise DataError(f"data.{split} lists no datasets; add one: data.{split}: [{{path: file.jsonl}}]")
@@ -42,6 +77,8 @@ def load_split(cfg: DataConfig, tokenizer, split: str = "train") -> TokenizedSpl
         key = cache_key(spec, cfg, tokenizer, template.source)
         cached = _cache_dir() / key
         if cfg.cache and (cached / "report.json").is_file():
+            import datasets
+
             parts.append(datasets.load_from_disk(str(cached / "data")))
             reports.append(DatasetReport.from_dict(json.loads((cached / "report.json").read_text())))
             hits += 1
@@ -51,31 +88,53 @@ def load_split(cfg: DataConfig, tokenizer, split: str = "train") -> TokenizedSpl
             _store(cached, ds, report)
         parts.append(ds)
         reports.append(report)
-    data = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return parts, reports, hits
+
+
+def _finish(parts: list, reports: list[DatasetReport], hits: int, specs: list[DatasetSpec], split: str,
+            seed: int) -> TokenizedSplit:  # fmt: skip
+    from sftlab.data import mixture
+
+    if split == "train":
+        chosen = mixture.draw([len(p) for p in parts], specs, seed)
+        parts = [p if idx == list(range(len(p))) else p.select(idx) for p, idx in zip(parts, chosen)]
+        for part, report in zip(parts, reports):
+            report.used, report.used_supervised = len(part), supervised_tokens(part)
+    else:
+        capped = [mixture.draw([len(p)], [s], seed)[0] for p, s in zip(parts, specs)]
+        parts = [_with_source(p.select(idx), label) for p, idx, label in zip(parts, capped, _labels(specs))]
+    data = _concat(parts)
     if len(data) == 0:
         raise DataError(f"data.{split}: no examples left after the length policy and skips; see the report")
     return TokenizedSplit(data, reports, hits)
 
 
-def load_train_eval(cfg: DataConfig, tokenizer, seed: int):
-    """(train, eval or None, {split: reports}); eval comes from data.eval, else a held-out data.eval_split."""
-    train = load_split(cfg, tokenizer, "train")
-    reports = {"train": train.reports}
-    if cfg.eval:
-        ev = load_split(cfg, tokenizer, "eval")
-        reports["eval"] = ev.reports
-        return train.dataset, ev.dataset, reports
-    if cfg.eval_split > 0:
-        return *hold_out(train.dataset, cfg.eval_split, seed), reports
-    return train.dataset, None, reports
+def supervised_tokens(data) -> int:
+    """Tokens carrying loss after the causal shift (each row's first label predicts nothing), counted in Arrow."""
+    import pyarrow.compute as pc
+
+    labels = data.with_format("arrow")["labels"]
+    if len(labels) == 0:
+        return 0
+    every = pc.sum(pc.not_equal(pc.list_flatten(labels), -100)).as_py() or 0
+    first = pc.sum(pc.not_equal(pc.list_element(labels, 0), -100)).as_py() or 0
+    return int(every - first)
 
 
-def hold_out(data, fraction: float, seed: int):
-    """(train, eval): the one eval split, a seeded data.eval_split share of the training examples."""
-    if len(data) < 2:
-        raise DataError("data.eval_split needs at least 2 training examples")
-    parts = data.train_test_split(test_size=fraction, seed=seed)
-    return parts["train"], parts["test"]
+def _labels(specs: list[DatasetSpec]) -> list[str]:
+    """Each dataset's name in eval_loss/<name>: its label, numbered where two share one."""
+    labels = [s.label for s in specs]
+    return [f"{label}#{i}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+
+
+def _with_source(data, label: str):
+    return data.add_column(SOURCE, [label] * len(data))
+
+
+def _concat(parts: list):
+    import datasets
+
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
 def _tokenize_spec(spec: DatasetSpec, cfg: DataConfig, tokenizer, template: ChatTemplate):

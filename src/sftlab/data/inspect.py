@@ -72,15 +72,18 @@ def report_console(color: str = "auto") -> Console:
 
 def report_table(reports: list[DatasetReport], title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for col in ("dataset", "format", "read", "kept", "truncated", "dropped", "tokens",
-                "sup. kept", "sup. lost", "len mean/p95/max"):  # fmt: skip
+    mixed = any(r.used is not None and (r.used != r.kept) for r in reports)  # a mixture drew other than all
+    columns = ["dataset", "format", "read", "kept", "truncated", "dropped", "tokens", "sup. kept", "sup. lost",
+               "len mean/p95/max"] + (["used/epoch", "sup. used/epoch"] if mixed else [])  # fmt: skip
+    for col in columns:
         table.add_column(col, justify="left" if col in ("dataset", "format") else "right")
     for r in reports:
         ln = r.length
+        used = [str(r.used), str(r.used_supervised)] if mixed else []
         table.add_row(
             r.name, r.format, str(r.read), str(r.kept), str(r.truncated), str(sum(r.dropped.values())),
             str(r.tokens), str(r.supervised_kept), str(r.supervised_lost),
-            f"{ln.get('mean', 0)}/{ln.get('p95', 0)}/{ln.get('max', 0)}",
+            f"{ln.get('mean', 0)}/{ln.get('p95', 0)}/{ln.get('max', 0)}", *used,
         )  # fmt: skip
     return table
 

@@ -42,6 +42,8 @@ class DatasetReport:
     length: dict = field(default_factory=dict)  # mean / p50 / p95 / max of kept examples' lengths
     warnings: list[str] = field(default_factory=list)
     notes: Counter = field(default_factory=Counter)  # what was done to fit the template: tools, reasoning, per-turn
+    used: int | None = None  # examples one epoch draws from it (data.mixture); None before the draw
+    used_supervised: int | None = None  # their supervised tokens
 
     def set_lengths(self, lengths: list[int]) -> None:
         s = sorted(lengths) or [0]

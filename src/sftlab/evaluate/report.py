@@ -102,6 +102,9 @@ def _charts(metrics: list[dict]) -> list[str]:
         "answers during training (eval.generate_every)": [
             ("gen_bleu", "BLEU"), ("gen_chrf", "chrF"), ("gen_rougeL", "ROUGE-L"), ("gen_exact_match", "exact match")],
     }  # fmt: skip
+    per_dataset = sorted({k for m in metrics for k in m if k.startswith("eval_loss/")})
+    if per_dataset:  # several eval sets: each one's loss beside the pooled one
+        series["eval loss per dataset"] = [("eval_loss", "pooled")] + [(k, k.split("/", 1)[1]) for k in per_dataset]
     charts = []
     for title, lines in series.items():
         points = {label: [(m["step"], m[k]) for m in metrics if isinstance(m.get(k), (int, float))] for k, label in lines}
@@ -149,11 +152,13 @@ def _data_table(reports: dict) -> str:
             rows.append([_text(split), _text(r["name"]), _text(r.get("format", "")), _num(r["read"]), _num(r["kept"]),
                          _num(r["truncated"]), _text(dropped), _num(r["supervised_kept"]), _num(r["supervised_lost"]),
                          _text(f"{length.get('mean', '')} / {length.get('p95', '')} / {length.get('max', '')}"),
+                         _num(r.get("used")), _num(r.get("used_supervised")),
                          _text("; ".join(r.get("warnings", [])))])  # fmt: skip
     if not rows:
         return "<p>No data report.</p>"
     header = ["split", "dataset", "format", "read", "kept", "truncated", "dropped", "supervised tokens kept",
-              "supervised tokens lost", "length mean / p95 / max", "warnings"]  # fmt: skip
+              "supervised tokens lost", "length mean / p95 / max", "examples per epoch", "supervised tokens per epoch",
+              "warnings"]  # fmt: skip
     return _table(header, rows)
 
 

@@ -114,6 +114,7 @@ def _score(model, inputs: EvalInputs, label: str, embedder, compute) -> tuple[di
             result = eval_loss(SupervisedLoss(model, inputs.cfg.train.loss_chunk_tokens), inputs.eval_data,
                                inputs.cfg.train.batch_size, tok.pad_token_id)  # fmt: skip
         metrics |= {"eval/loss": result["eval_loss"], "eval/ppl": result["eval_ppl"]}
+        metrics |= {f"eval/{k.split('/', 1)[1]}/loss": v for k, v in result.items() if k.startswith("eval_loss/")}
     if inputs.references:
         replies = [r[0] for r in generate(inputs.references, "eval data")]
         refs = [it.reference for it in inputs.references]

@@ -11,11 +11,28 @@ from sftlab.data.batching import collate as collate_padded
 from sftlab.data.batching import rows, supervised_count
 
 
-@torch.no_grad()
 def eval_loss(loss_module, data, batch_size: int, pad_id: int, accelerator=None, collate_fn=None, count_fn=None) -> dict:
     """{eval_loss, eval_ppl, eval_tokens}; `accelerator` spreads batches over ranks (None: one process).
+    Eval data from several datasets (its `source` column) also gets eval_loss/<name> per dataset, and the
+    pooled loss is their token-weighted combination, so forgetting of one source shows beside it.
 
     collate_fn/count_fn: the task's batching and supervised-unit count (default: causal LM tokens)."""
+    sources = data["source"] if "source" in getattr(data, "column_names", ()) else []
+    names = list(dict.fromkeys(sources))
+    if len(names) < 2:
+        return _eval_loss(loss_module, data, batch_size, pad_id, accelerator, collate_fn, count_fn)
+    record, total, count = {}, 0.0, 0
+    for name in names:
+        part = data.select([i for i, s in enumerate(sources) if s == name])
+        one = _eval_loss(loss_module, part, batch_size, pad_id, accelerator, collate_fn, count_fn)
+        record[f"eval_loss/{name}"] = one["eval_loss"]
+        total, count = total + one["eval_loss"] * one["eval_tokens"], count + one["eval_tokens"]
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count} | record
+
+
+@torch.no_grad()
+def _eval_loss(loss_module, data, batch_size: int, pad_id: int, accelerator=None, collate_fn=None, count_fn=None):
     from functools import partial
 
     collate_fn = collate_fn or partial(collate_padded, pad_id=pad_id)

@@ -126,8 +126,11 @@ async function pageRun() {
   let rows = [], offset = 0, status = "running";
   const draw = () => {
     const series = (key) => rows.filter((r) => key in r).map((r) => [r.step, r[key]]);
+    const palette = ["#16a34a", "#9333ea", "#0891b2", "#ca8a04", "#db2777", "#4b5563"];
+    const perDataset = [...new Set(rows.flatMap((r) => Object.keys(r)).filter((k) => k.startsWith("eval_loss/")))]
+      .map((k, i) => ({ label: `eval ${k.slice(10)}`, color: palette[i % palette.length], points: series(k), dots: true }));
     lineChart($("chart-loss"), [{ label: "train loss", color: "#2563eb", points: series("loss") },
-      { label: "eval loss", color: "#ea580c", points: series("eval_loss"), dots: true }]);
+      { label: "eval loss", color: "#ea580c", points: series("eval_loss"), dots: true }, ...perDataset]);
     lineChart($("chart-lr"), [{ label: "learning rate", color: "#6b7280", points: series("learning_rate") }]);
     lineChart($("chart-grad"), [{ label: "grad norm", color: "#7c3aed", points: series("grad_norm") }], true);
   };
