@@ -36,7 +36,12 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = datacl
 
 @dataclass
 class DatasetSpec:
-    path: str = _f(help="file (.json/.jsonl/.parquet/.csv), directory or glob")
+    path: str = _f("", help="file (.json/.jsonl/.parquet/.csv), directory or glob, or a save_to_disk directory")
+    hf: str | None = _f(None, help="a Hugging Face dataset id (or a local dataset repository) instead of path")
+    config: str | None = _f(None, help="hf: the dataset's configuration (subset) name")
+    split: str | None = _f(None, help="hf / a saved DatasetDict: the split, slicing included (train[:10%]); default train")
+    revision: str | None = _f(None, help="hf: a branch, tag or commit of the dataset repository")
+    data_files: Any = _f(None, help="hf: the files to load (a path, a list, or {split: files})")
     format: Format = _f("auto", help="record layout; auto-detected from the first records")
     columns: dict[str, str] = _f(factory=dict, help="rename map {canonical_field: column_in_file}")
     name: str | None = _f(None, help="label in reports (default: the file name)")
@@ -50,7 +55,11 @@ class DatasetSpec:
 
     @property
     def label(self) -> str:
-        return self.name or Path(self.path).name
+        if self.name:
+            return self.name
+        if self.hf:
+            return self.hf + (f":{self.config}" if self.config else "") + (f"[{self.split}]" if self.split else "")
+        return Path(self.path).name
 
 
 @dataclass
@@ -262,7 +271,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     cfg = build(Config, raw, "")
     # Absolute paths make the saved config.yaml of a run valid from any directory.
     for spec in cfg.data.train + cfg.data.eval + cfg.eval.tasks:
-        spec.path = os.path.abspath(os.path.expanduser(spec.path))
+        if spec.path:  # a hub dataset has none
+            spec.path = os.path.abspath(os.path.expanduser(spec.path))
     validate(cfg)
     return cfg
 
@@ -341,7 +351,7 @@ def build(cls: type, raw: Any, where: str) -> Any:
         and f.default is dataclasses.MISSING
         and f.default_factory is dataclasses.MISSING
     ]
-    if cls in (DatasetSpec, TaskSpec) and "path" not in kwargs:
+    if cls is TaskSpec and "path" not in kwargs or cls is DatasetSpec and not ({"path", "hf"} & set(kwargs)):
         missing = ["path"]
     if cls is TaskSpec and "type" not in kwargs and not missing:
         missing = ["type"]
@@ -461,7 +471,10 @@ def validate(cfg: Config) -> None:
 
 def _check_spec(spec: DatasetSpec, where: str, split: str) -> None:
     checks = [
-        (bool(spec.path), f"{where}.path is empty"),
+        (bool(spec.path) != bool(spec.hf),
+         f"{where}: give a path (files, or a save_to_disk directory) or hf: org/name (a hub dataset), one of them"),
+        (spec.hf is not None or (spec.config is None and spec.revision is None and spec.data_files is None),
+         f"{where}: config, revision and data_files are for hub datasets (hf: org/name)"),
         (spec.weight is None or spec.weight >= 0, f"{where}.weight must be >= 0"),
         (spec.epochs >= 0, f"{where}.epochs must be >= 0"),
         (spec.max_examples is None or spec.max_examples >= 1, f"{where}.max_examples must be at least 1"),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sftlab.config import DataConfig, DatasetSpec
-from sftlab.data.formats import expand_paths, load_conversations
+from sftlab.data.formats import expand_paths
 from sftlab.data.templates import ChatTemplate, end_of_turn_ids
 from sftlab.data.tokenize import DatasetReport, Encoder, encode_dataset
 from sftlab.errors import DataError
@@ -140,8 +140,9 @@ def _concat(parts: list):
 def _tokenize_spec(spec: DatasetSpec, cfg: DataConfig, tokenizer, template: ChatTemplate):
     import datasets
 
-    loaded = load_conversations(spec.path, spec.format, spec.columns, cfg.on_bad_record, cfg.system_prompt, spec.tools,
-                                spec.tags)  # fmt: skip
+    from sftlab.data import sources
+
+    loaded = sources.load_spec(spec, cfg.on_bad_record, cfg.system_prompt)
     report = DatasetReport(name=spec.label, format=loaded.format, read=loaded.read)
     report.dropped.update({f"bad record: {k}": n for k, n in loaded.skipped.items()})
     encoder = Encoder(tokenizer, template, cfg.train_on, end_of_turn_ids(tokenizer), cfg.reasoning)
@@ -156,7 +157,12 @@ def _tokenize_spec(spec: DatasetSpec, cfg: DataConfig, tokenizer, template: Chat
 
 
 def cache_key(spec: DatasetSpec, cfg: DataConfig, tokenizer, template_source: str) -> str:
-    files = [(p.name, file_digest(p)) for p in expand_paths(spec.path)]
+    from sftlab.data import sources
+
+    if sources.is_source(spec):
+        files = [("source", sources.fingerprint(spec))]
+    else:
+        files = [(p.name, file_digest(p)) for p in expand_paths(spec.path)]
     payload = {
         "version": CACHE_VERSION,
         "files": files,

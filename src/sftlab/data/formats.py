@@ -6,14 +6,19 @@ problem found later is reported where the user can fix it.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import io
+import itertools
 import json
+import math
+import re
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from sftlab.data.assistant import parse_tool_calls, parse_tools, split_reasoning
 from sftlab.data.conversation import ROLES, Conversation, Message, RecordProblem
@@ -76,25 +81,156 @@ def read_records(path: Path) -> Iterator[tuple[str, dict | RecordProblem]]:
 def read_jsonl(path: Path) -> Iterator[tuple[str, dict | RecordProblem]]:
     """One JSON value per line, with "file:line" origins; blank lines skipped, bad lines as RecordProblem."""
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            origin = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield origin, RecordProblem(
-                    "not UTF-8", f"byte {e.start} of the line is not UTF-8; re-save the file as UTF-8"
-                )
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield origin, RecordProblem(
-                    "malformed JSON", f"malformed JSON at column {e.colno}: {e.msg}; fix or remove the line"
-                )
-                continue
-            yield origin, record
+        for lineno, raw in _lines(f):
+            if lineno == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # Notepad and PowerShell write one; it is no JSON
+            if raw.strip():
+                yield f"{path}:{lineno}", _jsonl_value(raw)
+
+
+def _lines(f) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of a binary file, ending at \\n, \\r\\n or a bare \\r (classic Mac files): JSON
+    forbids a raw CR inside a string, so a CR ends a line of JSON wherever it stands, as it does in editors."""
+    lineno = 0
+    for chunk in f:  # chunks end at \n; splitlines() cuts them further only at \r (bytes know no other breaks)
+        for line in chunk.splitlines() or [b""]:
+            lineno += 1
+            yield lineno, line
+
+
+def _jsonl_value(raw: bytes) -> Any:
+    """One line's JSON value, or a RecordProblem saying what is wrong with it."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return _not_utf8(raw, e)
+    try:
+        value, hinted = _parse(line)
+    except json.JSONDecodeError as e:
+        if "\0" in line:  # JSON allows no raw NUL anywhere; a file full of them is UTF-16 or binary
+            return RecordProblem("NUL byte", f"the line has a NUL byte at column {line.index(chr(0)) + 1}: the "
+                                 "file looks binary or UTF-16; re-save it as UTF-8 text")  # fmt: skip
+        return RecordProblem("malformed JSON", f"malformed JSON at column {e.colno}: {e.msg}; fix or remove the line")
+    except RecursionError:
+        depth, _, parts = _too_deep(line)
+        return RecordProblem("too deeply nested", _nesting(depth - 1, parts))  # depth 1: the record itself
+    return _checked(value, hinted)
+
+
+def _not_utf8(raw: bytes, e: UnicodeDecodeError) -> RecordProblem:
+    detail = f"byte {e.start + 1} of the line is not UTF-8; re-save the file as UTF-8{_utf16_note(raw)}"
+    try:  # the bad bytes, kept as surrogates, tell which field holds them
+        found = _bad_value(json.loads(raw.decode("utf-8", "surrogateescape")))
+    except (json.JSONDecodeError, RecursionError):
+        found = None
+    if found and isinstance(found[1], str):
+        detail += f" (it is in field '{_field_path(found[0])}')"
+    return RecordProblem("not UTF-8", detail)
+
+
+def _utf16_note(data: bytes) -> str:
+    return " (it is UTF-16: it starts with that byte-order mark)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+
+
+class _NonFinite(Exception):
+    """The parser met NaN, Infinity or -Infinity."""
+
+
+def _refuse_constant(name: str):
+    raise _NonFinite(name)
+
+
+# NaN and Infinity are no JSON, but Python's json reads them as floats, which str() would make the text "nan";
+# a lone surrogate escape ("\ud800") reads as a string no tokenizer or file can encode. A value that may hold
+# either is walked to name the field; the rest (nearly all) cost a regex search.
+_NO_CONSTANTS = json.JSONDecoder(parse_constant=_refuse_constant)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_JSON_NAMES = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def _parse(text: str) -> tuple[Any, bool]:
+    """(value, whether it may hold a NaN, Infinity or lone surrogate); raises as json.loads does."""
+    try:
+        return _NO_CONSTANTS.decode(text), bool(_SURROGATE_ESCAPE.search(text))
+    except _NonFinite:
+        return json.loads(text), True
+
+
+def _checked(value: Any, hinted: bool) -> Any:
+    """`value`, or a RecordProblem naming its first NaN, Infinity or lone surrogate (`hinted`: its text can
+    hold one)."""
+    found = _bad_value(value) if hinted else None
+    if found is None:
+        return value
+    where, bad = found
+    field_name = _field_path(where)
+    if isinstance(bad, float):
+        name = _JSON_NAMES.get(str(bad), bad)
+        return RecordProblem("bad value", f"field '{field_name}' is {name}, which is neither text nor a JSON "
+                             "number; quote it if it is text, or remove the record")  # fmt: skip
+    return RecordProblem("bad text", f"field '{field_name}' holds the lone surrogate \\u{ord(bad):04x}, half of a "
+                         "character that cannot be written as UTF-8; fix the escape or remove the record")  # fmt: skip
+
+
+def _bad_value(value: Any) -> tuple[tuple, Any] | None:
+    """(path, the bad float or character) of the first non-finite number or surrogate in a parsed value;
+    iterative, as the value may be nested nearly as deep as the parser allows."""
+    stack: list[tuple[tuple, Any]] = [((), value)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, dict):
+            stack += [((*where, k), x) for k, x in reversed(v.items())]
+            v = "".join(map(str, v))  # keys too: tools' schemas are rendered as text
+        elif isinstance(v, list):
+            stack += [((*where, i), x) for i, x in reversed(list(enumerate(v)))]
+        if isinstance(v, float) and not math.isfinite(v):
+            return where, v
+        if isinstance(v, str) and (m := _SURROGATE.search(v)):
+            return where, m.group()
+    return None
+
+
+def _field_path(parts) -> str:
+    """("messages", 1, "content") -> "messages[1].content"."""
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}" if out else str(p)
+    return out or "(the record)"
+
+
+_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]')
+
+
+def _too_deep(text: str) -> tuple[int, int, list]:
+    """(depth, offset, path) of the deepest nesting in JSON `text`, path being the keys and indexes leading
+    there (its first three): a RecursionError from the parser tells neither where nor in which field."""
+    path: list = []  # per open container: its current key (object) or index (array)
+    pending = False  # the next string is an object's key
+    depth, offset, deepest = 0, 0, []
+    for m in _TOKENS.finditer(text):
+        tok = m.group()
+        if tok in "[{":
+            path.append(0 if tok == "[" else "")
+            pending = tok == "{"
+            if len(path) > depth:
+                depth, offset, deepest = len(path), m.start(), path[:3]
+        elif tok in "]}":
+            if path:
+                path.pop()
+            pending = False
+        elif tok == ",":
+            if path and isinstance(path[-1], int):
+                path[-1] += 1
+            pending = bool(path) and isinstance(path[-1], str)
+        elif pending:
+            path[-1], pending = tok[1:-1], False
+    return depth, offset, deepest
+
+
+def _nesting(depth: int, parts: list) -> str:
+    where = f"field '{parts[0]}'" if parts and isinstance(parts[0], str) else "the record"
+    return f"{where} is nested {depth} levels deep, deeper than the JSON reader can follow; flatten it"
 
 
 def read_jsonl_objects(path: Path) -> Iterator[tuple[str, dict]]:
@@ -109,20 +245,35 @@ def read_jsonl_objects(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _read_json(path: Path):
-    data = path.read_bytes()
+    """An array of records; the file parses as a whole, so a syntax fault stops it (with its line), while
+    a bad value stops only its record ("record N", its index from 1)."""
+    text = _json_text(path)
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: bytes that are not UTF-8; re-save the file as UTF-8") from None
-    try:
-        records = json.loads(text)
+        records, hinted = _parse(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON at column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        depth, offset, parts = _too_deep(text)
+        line = text.count("\n", 0, offset) + 1
+        where = f"record {parts[0] + 1}: " if parts and isinstance(parts[0], int) else ""
+        raise DataError(f"{path}:{line}: {where}{_nesting(depth - 2, parts[1:])}") from None  # depth 2: the record
     if not isinstance(records, list):
         raise DataError(f"{path}: a .json file must hold an array of records (use .jsonl for one per line)")
     for i, record in enumerate(records, 1):
-        yield f"{path}: record {i}", record
+        yield f"{path}: record {i}", _checked(record, hinted)
+
+
+def _json_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        note = _utf16_note(data)
+        raise DataError(f"{path}:{line}: bytes that are not UTF-8; re-save the file as UTF-8{note}") from None
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty; a .json file holds an array of records: [{{...}}, {{...}}]")
+    return text
 
 
 def _read_parquet(path: Path):
@@ -130,21 +281,138 @@ def _read_parquet(path: Path):
 
     try:
         rows = pq.read_table(path).to_pylist()
-    except Exception as e:  # pyarrow raises many types for a damaged file
+    except Exception as e:  # noqa: BLE001 -- pyarrow raises many types for a damaged file
         raise DataError(f"{path}: cannot read parquet file: {e}") from None
     for i, record in enumerate(rows, 1):
-        yield f"{path}: row {i}", record
+        yield f"{path}: row {i}", record  # NaN cells reach the field checks (_text) as floats, refused there
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+class _CsvLines:
+    """csv.reader over a text, with what it does not tell: the line each record starts on, and where a record
+    it gave up on ends (it goes on at the next line, which may still be inside that record's quotes)."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self._lines = iter(io.StringIO(text, newline=""))  # newline="": quoted line breaks stay as written
+        self.reader = csv.reader(self._lines, strict=True)  # strict: a stray quote is an error, not dropped text
+        self._passed = 0  # lines read past the reader, to the end of records it gave up on
+        self._all: list[str] | None = None
+
+    @property
+    def count(self) -> int:
+        """Lines read so far; the reader reads a record's lines only as it needs them, so before a record this
+        is the line before its first (its own line_num, after it, is the record's last)."""
+        return self.reader.line_num + self._passed
+
+    def rest_of_record(self, first: int) -> str:
+        """The text of the record from line `first` the reader gave up on, read on to where its quotes balance."""
+        if self._all is None:  # only after an error
+            self._all = io.StringIO(self.text, newline="").readlines()
+        text = "".join(self._all[first - 1 : self.count])
+        while text.count('"') % 2 and (line := next(self._lines, None)) is not None:
+            text, self._passed = text + line, self._passed + 1
+        return text
 
 
 def _read_csv(path: Path):
+    """A header row, then one record per row; "file:line" origins name each record's first line. Empty cells
+    are missing values; every other cell is text as written ("NaN" stays "NaN": no pandas-style parsing)."""
+    # bad bytes stay as surrogates (surrogateescape), so that they stop only the record that holds them
+    lines = _CsvLines(path.read_bytes().decode("utf-8-sig", "surrogateescape"))
+    header = _csv_header(path, lines)
+    suspect = "\0" in lines.text or bool(_SURROGATE.search(lines.text))  # else no cell needs checking
+    while True:
+        first = lines.count + 1
+        try:
+            row = next(lines.reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield f"{path}:{first}", _csv_fault(path, first, lines.rest_of_record(first), header, e)
+            continue
+        if row:  # csv.reader gives [] for a blank line
+            yield f"{path}:{first}", _csv_record(header, row, suspect)
+
+
+def _csv_header(path: Path, lines: _CsvLines) -> list[str]:
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: bytes that are not UTF-8; re-save the file as UTF-8") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    for record in reader:
-        yield f"{path}:{reader.line_num}", record
+        header = next((row for row in lines.reader if row), [])
+    except csv.Error as e:
+        raise DataError(f"{path}:{lines.count}: cannot read the header row: {e}") from None
+    if any(_SURROGATE.search(h) or "\0" in h for h in header):
+        raise DataError(f"{path}:{lines.count}: the header row is not UTF-8 text (the file may be UTF-16 or "
+                        "binary); re-save it as UTF-8")  # fmt: skip
+    twice = [h for h in header if header.count(h) > 1]
+    if twice:  # one column would silently hide the other
+        raise DataError(f"{path}:{lines.count}: the header names column {twice[0]!r} twice; rename one")
+    return header
+
+
+def _csv_record(header: list[str], row: list[str], suspect: bool) -> dict | RecordProblem:
+    if len(row) > len(header):
+        extra = row[len(header)]
+        return RecordProblem("extra fields", f"the row has {len(row)} fields but the header names {len(header)}: "
+                             f"field {len(header) + 1} ({extra[:30]!r}) has no column; quote values that contain "
+                             'commas ("a, b"), or add the column to the header')  # fmt: skip
+    if suspect and (problem := _cell_problem(header, row)):
+        return problem
+    # cells the row lacks, and empty ones, are missing values: "" is not text anyone wrote
+    row = row + [""] * (len(header) - len(row))
+    return {name: cell if cell != "" else None for name, cell in zip(header, row)}
+
+
+def _cell_problem(header: list[str], row: list[str]) -> RecordProblem | None:
+    """A cell with a byte that is not UTF-8 (surrogateescape keeps byte b as the surrogate U+DC00+b) or a NUL."""
+    for name, cell in zip(header, row):
+        if m := _SURROGATE.search(cell):
+            return RecordProblem("not UTF-8", f"field '{name}' has the byte 0x{ord(m.group()) - 0xDC00:02x}, which "
+                                 "is not UTF-8; re-save the file as UTF-8")  # fmt: skip
+        if "\0" in cell:
+            return RecordProblem("NUL byte", f"field '{name}' has a NUL byte: the file looks binary or UTF-16; "
+                                 "re-save it as UTF-8 text")  # fmt: skip
+    return None
+
+
+def _csv_fault(path: Path, first: int, text: str, header: list[str], error: csv.Error) -> RecordProblem:
+    """What csv.reader refused in the record starting on line `first`, found again by scanning its text."""
+    index, what = _csv_scan(text, csv.field_size_limit())
+    name = f"field '{header[index]}'" if index < len(header) else f"field {index + 1}"
+    if what == "open":  # everything after the quote is inside it, so no later record can be told apart
+        raise DataError(f"{path}:{first}: {name} opens a quote that is never closed, so the rest of the file "
+                        'is inside it; close the quote (a quote inside a quoted field is written "")')  # fmt: skip
+    if what == "long":
+        return RecordProblem("field too long", f"{name} is longer than {csv.field_size_limit()} characters, the "
+                             "CSV reader's limit; keep texts this long in a .jsonl file")  # fmt: skip
+    if what == "after quote":
+        return RecordProblem("bad quoting", f"{name} has text after its closing quote; quote the whole value and "
+                             'write each quote inside it as ""')  # fmt: skip
+    return RecordProblem("bad CSV", f"{name}: {error}; fix the row")
+
+
+def _csv_scan(text: str, limit: int) -> tuple[int, str]:
+    """(field index, fault) of the first field of one CSV record that runs past `limit` characters ("long"),
+    has text after its closing quote ("after quote") or is inside a quote at the end ("open"): the faults
+    csv.reader (strict) stops at, as its own error names neither the field nor, for a quoted one, the line."""
+    index, size, state = 0, 0, "start"  # state: start | plain | quoted | closed (just after a closing quote)
+    for ch in text:
+        if state == "quoted":
+            state, size = ("closed", size) if ch == '"' else ("quoted", size + 1)
+        elif ch == '"' and state in ("start", "closed"):  # opens a quoted field, or "" inside one
+            state, size = "quoted", size + (state == "closed")
+        elif ch == ",":
+            index, size, state = index + 1, 0, "start"
+        elif ch in "\r\n":
+            return index, "end"
+        elif state == "closed":
+            return index, "after quote"
+        else:
+            state, size = "plain", size + 1
+        if size > limit:
+            return index, "long"
+    return index, "open" if state == "quoted" else "end"
 
 
 # --------------------------------------------------------------------------- formats
@@ -179,8 +447,16 @@ def _text(record: dict, key: str, required: bool = True) -> str:
             kind = "missing field" if value is None else "empty field"
             raise RecordProblem(kind, f"field '{key}' is {kind.split()[0]}; fill it or remove the record")
         return ""
+    return _scalar_text(value, f"field '{key}'")
+
+
+def _scalar_text(value: Any, where: str) -> str:
+    """Text, or a number written as text; a NaN or infinity (Parquet's missing float, JSON's NaN) is no text."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise RecordProblem("bad field type", f"field '{key}' must be text, got {type(value).__name__}")
+        raise RecordProblem("bad field type", f"{where} must be text, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecordProblem("bad value", f"{where} is {value}, a number where text is expected (a missing value?); "
+                            "fill in the text, or remove the record")  # fmt: skip
     return str(value)
 
 
@@ -252,11 +528,10 @@ def _content(value: Any, where: str) -> str:
     if isinstance(value, list):
         kinds = {p.get("type") for p in value if isinstance(p, dict)}
         if kinds - {"text"} or not all(isinstance(p, dict) for p in value):
-            raise RecordProblem("unsupported content", f"{where} has non-text parts {sorted(map(str, kinds - {'text'}))}")
-        return "".join(str(p.get("text", "")) for p in value)
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise RecordProblem("bad field type", f"{where} must be text, got {type(value).__name__}")
-    return str(value)
+            others = sorted(map(str, kinds - {"text"}))
+            raise RecordProblem("unsupported content", f"{where} has non-text parts {others}")
+        return "".join(_scalar_text(p.get("text", ""), f"{where}[{j}].text") for j, p in enumerate(value))
+    return _scalar_text(value, where)
 
 
 def _optional_text(turn: dict, key: str, where: str) -> str | None:
@@ -320,10 +595,12 @@ def check_turns(msgs: list[Message]) -> None:
             raise RecordProblem("bad turn order", f"message {j} is a tool result with no tool call before it")
     body = msgs[1:] if msgs and msgs[0].role == "system" else msgs
     if not body or body[0].role != "user":
-        raise RecordProblem("bad turn order", "the conversation must start with a user message (after an optional system)")
+        raise RecordProblem("bad turn order", "the conversation must start with a user message "
+                            "(after an optional system)")  # fmt: skip
     for j in range(1, len(body)):
         if body[j].role == "assistant" and body[j - 1].role == "assistant":
-            raise RecordProblem("bad turn order", "two assistant turns in a row; merge them or add the user turn between")
+            raise RecordProblem("bad turn order", "two assistant turns in a row; merge them or add the user turn "
+                                "between")  # fmt: skip
     if not any(m.role == "assistant" for m in body):
         raise RecordProblem("no assistant turn", "the conversation has no assistant turn, so nothing to learn")
 
@@ -346,42 +623,69 @@ def to_conversation(record: Any, fmt: str, origin: str, system_prompt: str | Non
 def load_conversations(
     path: str, fmt: str = "auto", columns: dict[str, str] | None = None,
     on_bad_record: str = "error", system_prompt: str | None = None, tools=None, tags: dict[str, str] | None = None,
+    records: Iterable[tuple[str, Any]] | None = None,
 ) -> LoadResult:  # fmt: skip
     """Read every file of one dataset spec; bad records raise or are counted, never silently lost.
-    `tools`: function schemas for every record without its own; `tags`: ShareGPT key and role names."""
+    `tools`: function schemas for every record without its own; `tags`: ShareGPT key and role names;
+    `records`: (origin, record) pairs of a dataset that is no file, read instead (`path` then names it)."""
     result = LoadResult()
     try:
         dataset_tools = parse_tools(tools, "tools")
     except RecordProblem as e:
         raise DataError(f"{path}: the dataset's {e}") from None
     rename = {src: dst for dst, src in (columns or {}).items()}
-    for file in expand_paths(path):
-        pairs = list(read_records(file))
-        if not pairs:
-            continue
-        file_fmt = fmt
-        if fmt == "auto":
-            sample = [_renamed(r, rename) for _, r in pairs[:20] if isinstance(r, dict)]
-            file_fmt = detect_format(sample, str(file))
-        result.format = file_fmt if result.format in ("", file_fmt) else "mixed"
+    for file, pairs in _record_lists(path, records):
+        file_fmt = _file_format(pairs, fmt, rename, file)
+        if file_fmt:
+            result.format = file_fmt if result.format in ("", file_fmt) else "mixed"
         for origin, record in pairs:
             result.read += 1
             try:
                 if isinstance(record, RecordProblem):
                     raise record
                 record = _renamed(record, rename) if isinstance(record, dict) else record
-                result.conversations.append(to_conversation(record, file_fmt, origin, system_prompt, dataset_tools, tags))
+                result.conversations.append(_converted(record, file_fmt, origin, system_prompt, dataset_tools, tags))
                 result.records.append(record)
             except RecordProblem as e:
-                if on_bad_record == "error":
-                    raise DataError(
-                        f"{origin}: {e} (format {file_fmt}). "
-                        "Fix the record, or set data.on_bad_record=skip to skip and count such records."
-                    ) from None
-                result.skipped[e.kind] += 1
+                _bad_record(result, origin, e, on_bad_record, f" (format {file_fmt})" if file_fmt else "")
     if result.read == 0:
         raise DataError(f"{path}: the dataset is empty (no records)")
     return result
+
+
+def _record_lists(path: str, records: Iterable[tuple[str, Any]] | None) -> Iterator[tuple[str, list]]:
+    """(name, its (origin, record) pairs) for each file of `path`, or once for the given records."""
+    if records is not None:
+        yield path, list(records)
+        return
+    for file in expand_paths(path):
+        yield str(file), list(read_records(file))
+
+
+def _file_format(pairs: list, fmt: str, rename: dict[str, str], file: str) -> str | None:
+    """The layout of one file: `fmt`, or detected from its first 20 objects; None when it has no object
+    at all, so that its first bad record is reported (or every one counted) rather than its empty field list."""
+    if fmt != "auto":
+        return fmt
+    sample = [_renamed(r, rename) for r in itertools.islice((r for _, r in pairs if isinstance(r, dict)), 20)]
+    return detect_format(sample, file) if sample else None
+
+
+def _converted(record: Any, fmt: str | None, origin: str, system_prompt: str | None, tools: tuple[dict, ...],
+               tags: dict[str, str] | None) -> Conversation:  # fmt: skip
+    try:
+        return to_conversation(record, fmt, origin, system_prompt, tools, tags)
+    except RecursionError:  # a JSON string inside the record (tool call arguments) parsed later, too deep
+        raise RecordProblem("too deeply nested", "a JSON string in the record (tool call arguments or tools) is "
+                            "nested deeper than the JSON reader can follow; flatten it") from None  # fmt: skip
+
+
+def _bad_record(result: LoadResult, origin: str, problem: RecordProblem, on_bad_record: str, note: str = "") -> None:
+    """Raise the problem with where it is, or (data.on_bad_record: skip) count it under its kind."""
+    if on_bad_record == "error":
+        raise DataError(f"{origin}: {problem}{note}. Fix the record, or set data.on_bad_record=skip to skip and "
+                        "count such records.") from None  # fmt: skip
+    result.skipped[problem.kind] += 1
 
 
 def _renamed(record: dict, rename: dict[str, str]) -> dict:
@@ -402,18 +706,27 @@ def load_field_records(path: str, fields: tuple[str, ...], optional: tuple[str, 
                     raise record
                 if not isinstance(record, dict):
                     raise RecordProblem("not an object", f"expected an object with {', '.join(fields)}")
-                record = _renamed(record, rename)
-                missing = [f for f in fields if record.get(f) is None or record.get(f) == ""]
-                if missing:
-                    raise RecordProblem(f"missing {missing[0]}", f"missing field {missing[0]!r} (has: "
-                                        f"{', '.join(record) or 'nothing'}); map a column with columns: "
-                                        f"{{{missing[0]}: your_column}}")  # fmt: skip
-                result.records.append((origin, {f: record[f] for f in fields + optional if record.get(f) is not None}))
+                result.records.append((origin, _field_values(_renamed(record, rename), fields, optional)))
             except RecordProblem as e:
-                if on_bad_record == "error":
-                    raise DataError(f"{origin}: {e}. Fix the record, or set data.on_bad_record=skip to skip "
-                                    "and count such records.") from None  # fmt: skip
-                result.skipped[e.kind] += 1
+                _bad_record(result, origin, e, on_bad_record)
     if result.read == 0:
         raise DataError(f"{path}: the dataset is empty (no records)")
     return result
+
+
+def _field_values(record: dict, fields: tuple[str, ...], optional: tuple[str, ...]) -> dict:
+    """{field: value} of a flat record; each value text or a number (a label may be either), never a NaN,
+    infinity, list or object, which str() would turn into the text "nan" or "[...]"."""
+    missing = [f for f in fields if record.get(f) is None or record.get(f) == ""]
+    if missing:
+        raise RecordProblem(f"missing {missing[0]}", f"missing field {missing[0]!r} (has: "
+                            f"{', '.join(record) or 'nothing'}); map a column with columns: "
+                            f"{{{missing[0]}: your_column}}")  # fmt: skip
+    values = {f: record[f] for f in fields + optional if record.get(f) is not None}
+    for f, value in values.items():
+        if not isinstance(value, (str, int, float)):
+            raise RecordProblem("bad field type", f"field {f!r} must be text or a number, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecordProblem("bad value", f"field {f!r} is {value}, a number where text or a label is expected "
+                                "(a missing value?); fill it in, or remove the record")  # fmt: skip
+    return values

@@ -73,11 +73,11 @@ def eval_data(cfg: Config, tokenizer):
 
 def reference_items(cfg: Config, limit: int = 0) -> list[Item]:
     """data.eval conversations ending in an assistant turn: that turn is the reference answer."""
-    from sftlab.data.formats import load_conversations
+    from sftlab.data.sources import load_spec
 
     items = []
     for spec in cfg.data.eval:
-        loaded = load_conversations(spec.path, spec.format, spec.columns, cfg.data.on_bad_record, cfg.data.system_prompt)
+        loaded = load_spec(spec, cfg.data.on_bad_record, cfg.data.system_prompt)
         for conv in loaded.conversations:
             if conv.messages and conv.messages[-1].role == "assistant":
                 prompt = [{"role": m.role, "content": m.content} for m in conv.messages[:-1]]

@@ -463,7 +463,7 @@ def _manifests(cfg: Config) -> dict[str, str]:
     found = {}
     for spec in cfg.data.train + cfg.data.eval:
         manifest = Path(spec.path).parent / "manifest.json"
-        if manifest.is_file():
+        if spec.path and manifest.is_file():  # a hub dataset has no path
             found[spec.path] = file_digest(manifest)
     return found
 

@@ -92,6 +92,9 @@ def load_record_splits(data: DataConfig, fields: tuple[str, ...], optional: tupl
 def _read_specs(specs, fields, optional, fmt, on_bad_record):
     rows, reports = [], []
     for spec in specs:
+        if spec.hf:
+            raise DataError(f"hf: {spec.hf}: classification and seq2seq runs read local files (.jsonl, .csv, "
+                            "...); export the dataset to a file, or train a chat (causal_lm) run from it")  # fmt: skip
         loaded = load_field_records(spec.path, fields, optional, spec.columns, on_bad_record)
         report = DatasetReport(name=spec.label, format=fmt, read=loaded.read)
         report.dropped.update({f"bad record: {k}": n for k, n in loaded.skipped.items()})

@@ -60,14 +60,14 @@ class Classification:
                 raise DataError(f"{origin}: label {r['label']!r} is not a class of this run "
                                 f"({', '.join(self.labels)}); fix the label, or list every class in "
                                 "classification.labels")  # fmt: skip
-            enc = tokenizer(str(r["text"]), r.get("text_pair"), truncation=False)
+            enc = tokenizer(*_texts(r), truncation=False)
             outcome = length_outcome(len(enc["input_ids"]), max_length, overflow, origin)
             if outcome == DROP_TOO_LONG:
                 report.dropped[outcome] += 1
                 continue
             if outcome == "truncate":  # the tokenizer's truncation keeps the closing special tokens
                 report.truncated += 1
-                enc = tokenizer(str(r["text"]), r.get("text_pair"), truncation=True, max_length=max_length)
+                enc = tokenizer(*_texts(r), truncation=True, max_length=max_length)
             out["input_ids"].append(enc["input_ids"])
             out["token_type_ids"].append(enc.get("token_type_ids") or [0] * len(enc["input_ids"]))
             out["labels"].append(index[label])
@@ -155,6 +155,12 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def _texts(r: dict) -> tuple[str, str | None]:
+    """(text, text_pair) as the tokenizer takes them: a number in either (a JSON 42) as its text."""
+    pair = r.get("text_pair")
+    return str(r["text"]), None if pair is None else str(pair)
+
+
 def _label_text(value) -> str:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -186,7 +192,7 @@ def predict_file(run_dir: str, input_path: str, output_path: str, batch_size: in
     labels, label_type = load_labels(Path(run_dir))
     rows = []
     for r in input_records(input_path, "text", ("text_pair",)):
-        enc = tokenizer(r["text"], r.get("text_pair"), truncation=True, max_length=max_length)
+        enc = tokenizer(*_texts(r), truncation=True, max_length=max_length)
         rows.append({k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc})
     probs = predict_probs(loaded.model, rows, tokenizer.pad_token_id, batch_size)
     with open(output_path, "w", encoding="utf-8") as f:
