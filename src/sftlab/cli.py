@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decontaminate", nargs="*", default=[], metavar="FILE", help="eval/benchmark files")
     p.add_argument("--ngram", type=int, default=13, help="shared n-gram length that marks contamination")
     p.add_argument("--scrub-pii", action="store_true", help="replace emails, phones, card numbers, IPs")
+    p.add_argument("--screen", metavar="RUN_DIR", help="drop what this classification run flags (e.g. harmful)")
+    p.add_argument("--screen-threshold", type=float, metavar="P", help="flag at this probability (default 0.5)")
+    p.add_argument("--screen-label", nargs="+", action="extend", metavar="LABEL",
+                   help="the labels that flag (default: all but one named safe/ok/clean/benign/none/negative/0)")
     p.set_defaults(run=cmd_data_clean)
 
     p = data.add_parser("split", help="deterministic train/validation/test split; near duplicates stay together")
@@ -89,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stratify", help="a record field whose values keep their proportions in every split")
     p.add_argument("--near-threshold", type=float, default=0.8)
     p.set_defaults(run=cmd_data_split)
+
+    p = data.add_parser("diff", help="records added, removed and changed between two clean/split manifests")
+    p.add_argument("manifest_a", metavar="MANIFEST_A", help="the older manifest.json (or the directory holding it)")
+    p.add_argument("manifest_b", metavar="MANIFEST_B", help="the newer one")
+    p.add_argument("--output", metavar="FILE.json", help="also write the full lists of entries here")
+    p.set_defaults(run=cmd_data_diff)
 
     p = data.add_parser("stats", help="counts, turns, token lengths, languages, duplicate rate, a histogram")
     p.add_argument("inputs", nargs="+", help="data files, directories or globs")
@@ -307,8 +317,27 @@ def cmd_data_clean(args) -> int:
         raise ConfigError("--near-threshold must be in (0, 1]")
     if args.refusals:
         settings.refusals = _read_lines("--refusals", args.refusals)
+    settings.screen = _clean_screen(args)
     run_clean(args.inputs, args.output, settings, args.decontaminate)
     return 0
+
+
+def _clean_screen(args):
+    """`data clean --screen`: the classifier, loaded after the cheap checks; options without it are refused."""
+    from sftlab.errors import ConfigError
+
+    if not args.screen:
+        given = [o for o, v in (("--screen-threshold", args.screen_threshold), ("--screen-label", args.screen_label))
+                 if v is not None]  # fmt: skip
+        if given:
+            raise ConfigError(f"{', '.join(given)}: needs --screen RUN_DIR (a classification run)")
+        return None
+    threshold = 0.5 if args.screen_threshold is None else args.screen_threshold
+    if not 0 < threshold <= 1:
+        raise ConfigError(f"--screen-threshold {threshold}: must be in (0, 1]")
+    from sftlab.curate.screen import Screen
+
+    return Screen.load(args.screen, threshold, args.screen_label)
 
 
 def cmd_data_synth(args) -> int:
@@ -367,6 +396,13 @@ def cmd_data_split(args) -> int:
     except ValueError:
         raise ConfigError(f"--ratios {args.ratios!r}: expected numbers like 0.9,0.05,0.05") from None
     run_split(args.inputs, args.output, ratios, args.names.split(","), args.seed, args.stratify, args.near_threshold)
+    return 0
+
+
+def cmd_data_diff(args) -> int:
+    from sftlab.curate.versions import run_diff
+
+    run_diff(args.manifest_a, args.manifest_b, args.output)
     return 0
 
 

@@ -3,7 +3,8 @@
 Every dropped record is kept in `rejected.jsonl` with its reason; nothing is edited in place.
 Near duplicates use MinHash + LSH (datasketch) over character 5-gram shingles of the normalized
 user and assistant turns only, so examples that share a system prompt or boilerplate are not
-mistaken for copies of each other.
+mistaken for copies of each other. With a screen (curate/screen.py: a classification run), records it
+flags (e.g. harmful content) are dropped too, before duplicates are looked for.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class CleanSettings:
     decontam_ngram: int = 13
     scrub_pii: bool = False
     tokenizer: object = None  # the run's tokenizer, for length bounds in its tokens
+    screen: object = None  # a curate.screen.Screen: records its classifier flags are dropped
 
 
 @dataclass
@@ -201,27 +203,52 @@ class DuplicateIndex:
 
 def clean(conversations: list[Conversation], s: CleanSettings, contamination: set[int] = frozenset(),
           progress: bool = False) -> tuple[list[tuple[Conversation, Verdict]], list[tuple[Conversation, Verdict]]]:  # fmt: skip
-    """(kept, rejected), each with its verdict; the first of a group of duplicates is the one kept."""
+    """(kept, rejected), each with its verdict; the first of a group of duplicates is the one kept.
+
+    Filters and decontamination first, then the screen (one batched pass over what is left), then
+    duplicates: a record dropped for any other reason never becomes the kept copy of its group."""
     from tqdm.auto import tqdm
 
-    refusal_re = re.compile("|".join(f"(?:{p})" for p in s.refusals), re.I) if s.refusals else None
+    refusal_re = re.compile("|".join(f"(?:{p})" for p in s.refusals), re.IGNORECASE) if s.refusals else None
+    verdicts = [_filter(conv, s, refusal_re, contamination)
+                for conv in tqdm(conversations, desc="filter", unit="ex", disable=not progress)]  # fmt: skip
+    if s.screen is not None:
+        _screen(conversations, verdicts, s.screen, progress)
     index = DuplicateIndex(s.near_threshold, s.num_perm)
     kept, rejected = [], []
-    for i, conv in enumerate(tqdm(conversations, desc="clean", unit="ex", disable=not progress)):
-        verdict = judge(conv, s, refusal_re)
-        text = dialogue_text(conv)
-        if verdict.reason is None and contamination:
-            shared = ngram_hashes(text, s.decontam_ngram) & contamination
-            if shared:
-                verdict = Verdict("contaminated", f"shares {len(shared)} {s.decontam_ngram}-grams with eval data",
-                                  verdict.score, verdict.signals)  # fmt: skip
+    for i, conv in enumerate(tqdm(conversations, desc="dedup", unit="ex", disable=not progress)):
+        verdict = verdicts[i]
         if verdict.reason is None:
-            kind, found = index.match(i, text, index_near=False)
+            kind, found = index.match(i, dialogue_text(conv), index_near=False)
             if kind:
                 verdict = Verdict(f"{kind} duplicate", f"of {conversations[found[0]].origin}", verdict.score,
                                   verdict.signals)  # fmt: skip
         (kept if verdict.reason is None else rejected).append((conv, verdict))
     return kept, rejected
+
+
+def _filter(conv: Conversation, s: CleanSettings, refusal_re: re.Pattern | None, contamination: set[int]) -> Verdict:
+    verdict = judge(conv, s, refusal_re)
+    if verdict.reason is None and contamination:
+        shared = ngram_hashes(dialogue_text(conv), s.decontam_ngram) & contamination
+        if shared:
+            return Verdict("contaminated", f"shares {len(shared)} {s.decontam_ngram}-grams with eval data",
+                           verdict.score, verdict.signals)  # fmt: skip
+    return verdict
+
+
+def _screen(conversations: list[Conversation], verdicts: list[Verdict], screen, progress: bool) -> None:
+    """The classifier's verdict on each record still kept; flagged ones become "screened". Its label and
+    probability go into the signals of every record it scored (scores.jsonl: how close the kept ones came)."""
+    todo = [i for i, v in enumerate(verdicts) if v.reason is None]
+    found = screen.score([dialogue_text(conversations[i]) for i in todo], progress=progress)
+    for i, f in zip(todo, found):
+        v = verdicts[i]
+        v.signals.update(screen_label=f.label, screen_prob=round(f.prob, 6))
+        if f.truncated:  # the classifier saw only its max length of this record
+            v.signals["screen_truncated"] = True
+        if f.flagged:
+            verdicts[i] = Verdict("screened", f"{f.label} {f.prob:.3f} >= {screen.threshold}", v.score, v.signals)
 
 
 # --------------------------------------------------------------------------- the command
@@ -264,45 +291,82 @@ def run_clean(inputs: list[str], output: str, settings: CleanSettings, decontami
     import time
     from pathlib import Path
 
+    from sftlab.curate.versions import own_id, record_entries
     from sftlab.data.formats import expand_paths, load_conversations
 
     started = time.perf_counter()
-    conversations, files = [], []
+    conversations, files, ids = [], [], {}
     for path in inputs:
         files += expand_paths(path)
-        conversations += load_conversations(path).conversations
+        loaded = load_conversations(path)
+        conversations += loaded.conversations
+        ids.update((c.origin, own_id(r)) for c, r in zip(loaded.conversations, loaded.records))
     contamination = contamination_ngrams(list(decontaminate), settings.decontam_ngram) if decontaminate else set()
     kept, rejected = clean(conversations, settings, contamination, progress=True)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    pii = Counter()
+    pii, written = Counter(), []
     with open(out / "kept.jsonl", "w", encoding="utf-8") as fk, open(out / "scores.jsonl", "w", encoding="utf-8") as fs:
         for conv, verdict in kept:
             record = canonical(conv)
             if settings.scrub_pii:
                 record, found = _scrub_record(record)
                 pii += found
+            record = _with_id(record, ids.get(conv.origin))
+            written.append(record)
             fk.write(json.dumps(record, ensure_ascii=False) + "\n")
             fs.write(json.dumps({"origin": conv.origin, "score": verdict.score, **verdict.signals}) + "\n")
     with open(out / "rejected.jsonl", "w", encoding="utf-8") as fr:
         for conv, verdict in rejected:
-            row = {"origin": conv.origin, "reason": verdict.reason, "detail": verdict.detail, **canonical(conv)}
+            row = {"origin": conv.origin, "reason": verdict.reason, "detail": verdict.detail, **_screened(verdict),
+                   **_with_id(canonical(conv), ids.get(conv.origin))}  # fmt: skip
             fr.write(json.dumps(row, ensure_ascii=False) + "\n")
     reasons = Counter(v.reason for _, v in rejected)
     report = {"read": len(conversations), "kept": len(kept), "rejected": len(rejected), "reasons": dict(reasons),
               "pii_replaced": dict(pii), "mean_quality": round(sum(v.score for _, v in kept) / max(len(kept), 1), 3)}  # fmt: skip
+    if settings.screen is not None:
+        report["screen"] = _screen_counts(settings.screen, [v for _, v in kept + rejected], reasons["screened"])
     (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
     write_manifest(out, files + [Path(p) for f in decontaminate for p in expand_paths(f)],
                    ["kept.jsonl", "rejected.jsonl", "scores.jsonl", "report.json"],
-                   {"settings": _settings_dict(settings), "decontaminate": list(decontaminate)}, report)  # fmt: skip
+                   {"settings": _settings_dict(settings), "decontaminate": list(decontaminate)}, report,
+                   record_entries([("kept.jsonl", written)]))  # fmt: skip
     seconds = time.perf_counter() - started  # printed, not written: outputs must hash the same on every run
+    _say_report(report, reasons, pii, seconds, say)
+    say(f"wrote {out}/kept.jsonl, rejected.jsonl (each with its reason), scores.jsonl, report.json, manifest.json")
+    return report
+
+
+def _with_id(record: dict, rid: str | None) -> dict:
+    """The input's own `id` stays on the record, so the manifest's per-record ids can be found in the file."""
+    return record if rid is None else {"id": rid, **record}
+
+
+def _screened(verdict: Verdict) -> dict:
+    """A screened record's rejected.jsonl row carries the flagged label and its probability."""
+    if verdict.reason != "screened":
+        return {}
+    return {"label": verdict.signals["screen_label"], "prob": verdict.signals["screen_prob"]}
+
+
+def _screen_counts(screen, verdicts: list[Verdict], flagged: int) -> dict:
+    """What the screen did: records scored (those the filters kept), flagged, and cut to its max length."""
+    return {"run": screen.source, "labels": screen.flagged, "threshold": screen.threshold,
+            "scored": sum("screen_prob" in v.signals for v in verdicts), "flagged": flagged,
+            "truncated": sum(bool(v.signals.get("screen_truncated")) for v in verdicts),
+            "max_length": screen.max_length}  # fmt: skip
+
+
+def _say_report(report: dict, reasons: Counter, pii: Counter, seconds: float, say) -> None:
     say(f"read {report['read']}, kept {report['kept']}, rejected {report['rejected']} ({seconds:.1f} s)")
     for reason, count in reasons.most_common():
         say(f"  {reason:26} {count}")
     if pii:
         say("  PII replaced: " + ", ".join(f"{k} {v}" for k, v in pii.items()))
-    say(f"wrote {out}/kept.jsonl, rejected.jsonl (each with its reason), scores.jsonl, report.json, manifest.json")
-    return report
+    if "screen" in report:
+        sc = report["screen"]
+        say(f"  screen: {sc['scored']} scored by {sc['run']}, {sc['flagged']} flagged "
+            f"({'/'.join(sc['labels'])} >= {sc['threshold']}), {sc['truncated']} cut to {sc['max_length']} tokens")
 
 
 def _scrub_record(record: dict) -> tuple[dict, Counter]:
@@ -319,25 +383,30 @@ def _scrub_record(record: dict) -> tuple[dict, Counter]:
 
 
 def _settings_dict(s: CleanSettings) -> dict:
-    from dataclasses import asdict
+    from dataclasses import fields
 
-    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items() if k != "tokenizer"}
+    # Not asdict: it deep-copies every value, the screen's model too. The two objects are described below.
+    values = {f.name: getattr(s, f.name) for f in fields(s) if f.name not in ("tokenizer", "screen")}
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
     if s.tokenizer is not None:  # the tokenizer changes what counts as a token: name it and its content hash
         from sftlab.data.dataset import tokenizer_fingerprint
 
         settings["tokenizer"] = {"name": s.tokenizer.name_or_path, "sha256": tokenizer_fingerprint(s.tokenizer)}
+    if s.screen is not None:  # which classifier decided (its weights' hash), on which labels and threshold
+        settings["screen"] = s.screen.describe()
     return settings
 
 
-def write_manifest(out, inputs: list, outputs: list[str], settings: dict, counts: dict) -> None:
-    """manifest.json: content hashes of inputs and outputs, the settings and counts, the tool version."""
-    import json
+def write_manifest(out, inputs: list, outputs: list[str], settings: dict, counts: dict, records: list[dict]) -> None:
+    """manifest.json: content hashes of inputs and outputs, the settings and counts, the tool version, and
+    last {file, line, id, sha256} of every output record (curate/versions.py), for `sftlab data diff`."""
     from importlib.metadata import version
 
+    from sftlab.curate.versions import RECORDS, manifest_json
     from sftlab.files import file_digest
 
     manifest = {"tool": f"sftlab {version('sftlab')}",
                 "inputs": [{"path": str(p), "sha256": file_digest(p)} for p in inputs],
                 "outputs": [{"path": name, "sha256": file_digest(out / name)} for name in outputs],
-                **settings, "counts": counts}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
+                **settings, "counts": counts, RECORDS: records}  # fmt: skip
+    (out / "manifest.json").write_text(manifest_json(manifest), encoding="utf-8")

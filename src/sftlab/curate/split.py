@@ -9,6 +9,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from sftlab.curate.quality import DuplicateIndex, dialogue_text, write_manifest
+from sftlab.curate.versions import record_entries
 from sftlab.data.formats import Conversation, expand_paths, load_conversations
 from sftlab.errors import ConfigError, DataError
 
@@ -79,15 +80,14 @@ def run_split(inputs: list[str], output: str, ratios: list[float], names: list[s
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     counts = Counter(split)
-    for s, name in enumerate(names):
-        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for raw, where in zip(raws, split):
-                if where == s:
-                    f.write(json.dumps(raw, ensure_ascii=False) + "\n")
+    parts = [(f"{name}.jsonl", [raw for raw, where in zip(raws, split) if where == s]) for s, name in enumerate(names)]
+    for file, rows in parts:
+        with open(out / file, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(raw, ensure_ascii=False) + "\n" for raw in rows)
     report = {name: counts.get(s, 0) for s, name in enumerate(names)}
-    write_manifest(out, files, [f"{n}.jsonl" for n in names],
+    write_manifest(out, files, [file for file, _ in parts],
                    {"settings": {"ratios": ratios, "seed": seed, "stratify": stratify, "near_threshold": threshold}},
-                   report)  # fmt: skip
+                   report, record_entries(parts))  # fmt: skip
     say("split " + ", ".join(f"{n}: {c}" for n, c in report.items()) + f" -> {out} (near duplicates kept together)")
     return report
 
@@ -102,7 +102,7 @@ def run_stats(inputs: list[str], tokenizer, output: str | None = None, say=print
     turns = [sum(m.role == "assistant" for m in c.messages) or 1 for c in convs]
     langs = Counter(langid.classify(dialogue_text(c)[:1000])[0] for c in convs[:2000])
     groups = duplicate_groups(convs)
-    pct = lambda q: lengths[min(len(lengths) - 1, int(q * len(lengths)))]  # noqa: E731
+    pct = lambda q: lengths[min(len(lengths) - 1, int(q * len(lengths)))]
     stats = {"records": len(convs), "assistant_turns": {"mean": round(sum(turns) / len(turns), 2), "max": max(turns)},
              "tokens": {"mean": round(sum(lengths) / len(lengths), 1), "p50": pct(0.5), "p95": pct(0.95),
                         "max": lengths[-1], "total": sum(lengths)},
