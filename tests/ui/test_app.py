@@ -116,7 +116,7 @@ def test_run_status_from_training_and_from_a_killed_process(root, tiny_model_dir
     with pytest.raises(Exception):
         train(tiny_config(tiny_model_dir, tmp_path / "run", data=bad), say=lambda *a, **k: None)
     failed = overview("run", tmp_path / "run")
-    assert failed["status"] == "failed" and "bad.jsonl: cannot tell the data format" in failed["error"]
+    assert failed["status"] == "failed" and "bad.jsonl:1: malformed JSON" in failed["error"]
 
 
 @pytest.fixture
