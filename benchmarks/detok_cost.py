@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from sftlab.model.load import load_tokenizer
 from sftlab.config import ModelConfig
+from sftlab.model.load import load_tokenizer
 from sftlab.serve.engine import Request, _Row
 
 TEXT = ("Rivers carry water from the hills to the sea; 東京 and Zoë's notes 🌊 travel along. " * 400)
