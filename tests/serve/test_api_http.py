@@ -2,8 +2,6 @@
 
 import asyncio
 import json
-import socket
-import threading
 import time
 
 import httpx
@@ -34,7 +32,7 @@ def _adapter(base_dir, out, seed):
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, lively_model_dir):
-    import uvicorn
+    from helpers import live_server
 
     from sftlab.serve.adapters import load_served
     from sftlab.serve.api import Limits, create_app
@@ -46,18 +44,9 @@ def live(tmp_path_factory, lively_model_dir):
     served = load_served(str(alpha), [f"beta={beta}"])
     served.context_length = 8192  # rotary positions extrapolate; long enough that a 6000-token stream takes seconds
     engine = Engine(served, max_batch=16, max_queue=128)
-    app = create_app(engine, Limits(max_tokens=6000), api_key=KEY, grace_s=5)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "engine": engine, "base": lively_model_dir.name}
-    server.should_exit = True
-    thread.join(timeout=30)
+    url, stop = live_server(create_app(engine, Limits(max_tokens=6000), api_key=KEY, grace_s=5))
+    yield {"url": url, "engine": engine, "base": lively_model_dir.name}
+    stop()
 
 
 @pytest.fixture

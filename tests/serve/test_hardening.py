@@ -4,7 +4,6 @@
 import asyncio
 import json
 import socket
-import threading
 import time
 
 import httpx
@@ -14,7 +13,7 @@ import pytest
 @pytest.fixture(scope="module")
 def edge(lively_model_dir):
     """A keyless loopback server with small limits: 64 KiB bodies, 1 s for headers."""
-    import uvicorn
+    from helpers import live_server
 
     from sftlab.serve import guard
     from sftlab.serve.adapters import load_served
@@ -26,17 +25,9 @@ def edge(lively_model_dir):
     engine = Engine(served, max_batch=8)
     limits = guard.HttpLimits(max_body_bytes=64 * 1024, max_connections=64, header_timeout_s=1.0)
     app = guard.guarded(create_app(engine, Limits(max_tokens=4000), None, grace_s=2), limits, loopback_keyless=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(guard.config(app, "127.0.0.1", port, limits, grace_s=2))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "port": port, "model": engine.served.ids[0]}
-    server.should_exit = True
-    thread.join(timeout=30)
+    url, stop = live_server(app, limits)
+    yield {"url": url, "port": int(url.rsplit(":", 1)[1]), "model": engine.served.ids[0]}
+    stop()
 
 
 def _openai_error(r: httpx.Response, status: int) -> dict:

@@ -71,6 +71,15 @@ def eval_data(cfg: Config, tokenizer):
     return load_train_eval(cfg.data, tokenizer, cfg.train.seed)[1]
 
 
+def loss_of(model, cfg: Config, data, tokenizer) -> dict:
+    """eval_loss of `model` on tokenized `data` in training's batches (the same padding, the same rounding)."""
+    from sftlab.metrics.perplexity import eval_loss
+    from sftlab.model.loss import SupervisedLoss
+
+    return eval_loss(SupervisedLoss(model, cfg.train.loss_chunk_tokens), data, cfg.train.batch_size,
+                     tokenizer.pad_token_id)  # fmt: skip
+
+
 def reference_items(cfg: Config, limit: int = 0) -> list[Item]:
     """data.eval conversations ending in an assistant turn: that turn is the reference answer."""
     from sftlab.data.sources import load_spec
@@ -107,12 +116,8 @@ def _score(model, inputs: EvalInputs, label: str, embedder, compute) -> tuple[di
         return [out[i * n : (i + 1) * n] for i in range(len(items))]
 
     if inputs.eval_data is not None:
-        from sftlab.metrics.perplexity import eval_loss
-        from sftlab.model.loss import SupervisedLoss
-
-        with computing(model, compute):  # training's batches: the same padding, the same rounding
-            result = eval_loss(SupervisedLoss(model, inputs.cfg.train.loss_chunk_tokens), inputs.eval_data,
-                               inputs.cfg.train.batch_size, tok.pad_token_id)  # fmt: skip
+        with computing(model, compute):
+            result = loss_of(model, inputs.cfg, inputs.eval_data, tok)
         metrics |= {"eval/loss": result["eval_loss"], "eval/ppl": result["eval_ppl"]}
         metrics |= {f"eval/{k.split('/', 1)[1]}/loss": v for k, v in result.items() if k.startswith("eval_loss/")}
     if inputs.references:

@@ -41,25 +41,27 @@ def export_hf(run_dir: str, output: str, dtype: str = "bf16", prompts: list[list
                           f"{', '.join(QUANTIZED)}")  # fmt: skip
     loaded = load_run(run_dir)
     out = Path(output)
+    data = _run_eval_data(loaded) if dtype in QUANTIZED else None
+    eval_before = None
     if dtype in QUANTIZED:
-        _bnb_config(dtype)  # before any work: bitsandbytes must be there
+        bnb = _bnb_config(dtype)  # before any work: bitsandbytes must be there
         with tempfile.TemporaryDirectory(prefix=".unquantized-", dir=out.parent) as staged:
             unquantized = _write_merged(run_dir, loaded, Path(staged), "f32")
-            model = AutoModelForCausalLM.from_pretrained(unquantized, dtype=QUANTIZED[dtype],
-                                                         quantization_config=_bnb_config(dtype))  # fmt: skip
+            model = AutoModelForCausalLM.from_pretrained(unquantized, dtype=QUANTIZED[dtype], quantization_config=bnb)
             model.save_pretrained(out, safe_serialization=True)
-            eval_before = _eval_loss(loaded, AutoModelForCausalLM.from_pretrained(unquantized, dtype=torch.float32))
+            if data is not None:
+                full = AutoModelForCausalLM.from_pretrained(unquantized, dtype=torch.float32)
+                eval_before = _eval_loss(loaded, full, data)
             for name in ("config.json", "model.safetensors", "model.safetensors.index.json"):
                 (Path(staged) / name).unlink(missing_ok=True)  # everything else (tokenizer, run files) travels
             shutil.copytree(staged, out, dirs_exist_ok=True)
     else:
         _write_merged(run_dir, loaded, out, dtype)
-        eval_before = None
     result = HfExport(out, dtype, sum(f.stat().st_size for f in out.glob("*.safetensors")))
     # read back as a user would: bitsandbytes types by the quantization_config saved in config.json
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32 if dtype in DTYPES else "auto")
     if eval_before is not None:
-        result.eval_loss = {"unquantized": eval_before, dtype: _eval_loss(loaded, exported)}
+        result.eval_loss = {"unquantized": eval_before, dtype: _eval_loss(loaded, exported, data)}
     try:
         result.checks = check.against_tuned(loaded, [("transformers", lambda stop: exported)], dtype, prompts,
                                             max_new_tokens, say)  # fmt: skip
@@ -104,18 +106,18 @@ def _bnb_config(quant: str):
     return BitsAndBytesConfig(load_in_8bit=True) if quant == "int8" else quantization_config()
 
 
-def _eval_loss(loaded, model) -> float | None:
-    """Eval loss of `model` on the run's eval data (None when the run has none), as `sftlab eval` computes it."""
+def _run_eval_data(loaded):
+    """The run's tokenized eval data (None when it has none), read once for both models."""
     from sftlab.evaluate.runner import eval_data
-    from sftlab.metrics.perplexity import eval_loss
-    from sftlab.model.loss import SupervisedLoss
 
-    cfg = loaded.cfg
-    data = eval_data(cfg, loaded.tokenizer) if cfg is not None else None
-    if data is None:
-        return None
-    return eval_loss(SupervisedLoss(model, cfg.train.loss_chunk_tokens), data, cfg.train.batch_size,
-                     loaded.tokenizer.pad_token_id)["eval_loss"]  # fmt: skip
+    return eval_data(loaded.cfg, loaded.tokenizer) if loaded.cfg is not None else None
+
+
+def _eval_loss(loaded, model, data) -> float:
+    """Eval loss of `model` on `data`, as `sftlab eval` computes it."""
+    from sftlab.evaluate.runner import loss_of
+
+    return loss_of(model, loaded.cfg, data, loaded.tokenizer)["eval_loss"]
 
 
 def serve_lines(run_dir: str, loaded, merged_dir: Path) -> tuple[list[str], list[str]]:

@@ -233,7 +233,8 @@ class Api:
 
     def detokenize(self, body: DetokenizeRequest) -> dict:
         self.check_model(body.model)
-        self._one_prompt(body.tokens or [0], "tokens")  # the range check
+        for t in body.tokens:
+            self._token(t, "tokens")
         return {"prompt": self.served.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
@@ -259,11 +260,7 @@ class Api:
             return list(tok(prompt, add_special_tokens=True)["input_ids"])
         if not prompt:
             raise ApiError(400, f"{where}: an empty list of token ids", param="prompt")
-        vocab = self.served.vocab_size
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ApiError(400, f"{where}: token id {bad} is outside the vocabulary (0..{vocab - 1})", param="prompt")
-        return list(prompt)
+        return [self._token(t, "prompt", where) for t in prompt]
 
     def prepare_completion(self, body: CompletionRequest) -> Prepared:
         return Prepared(self.completion_prompts(body), self.adjustments(body))
@@ -289,14 +286,16 @@ class Api:
             return None
         return Adjust(bias, body.presence_penalty, body.frequency_penalty, top_k, stop_ids, constraint)
 
-    def _token(self, value, param: str) -> int:
+    def _token(self, value, param: str, where: str | None = None) -> int:
+        """A token id the model has; `where` names it in the message (default: the field)."""
+        where = where or param
         try:
             token = int(value)
         except (TypeError, ValueError):
-            raise ApiError(400, f"{param}: {value!r} is not a token id", param=param) from None
+            raise ApiError(400, f"{where}: {value!r} is not a token id", param=param) from None
         if not 0 <= token < self.served.vocab_size:
             last = self.served.vocab_size - 1
-            raise ApiError(400, f"{param}: token id {token} is outside the vocabulary (0..{last})", param=param)
+            raise ApiError(400, f"{where}: token id {token} is outside the vocabulary (0..{last})", param=param)
         return token
 
     def make_request(self, body: Sampling, prompt: list[int]) -> Request:

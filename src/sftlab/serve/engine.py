@@ -92,10 +92,14 @@ class _Row:
             self.generator = torch.Generator()
             self.generator.manual_seed(request.seed + self.index if request.seed is not None else torch.seed())
 
+    def _window(self, tokenizer) -> tuple[str, str]:
+        """The decoded window without and with the tokens not yet read."""
+        before = tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=self.skip)
+        return before, tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=self.skip)
+
     def _decode_new(self, tokenizer) -> str:
         """The text the new tokens add; "" while they end inside a multi-byte character."""
-        before = tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=self.skip)
-        after = tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=self.skip)
+        before, after = self._window(tokenizer)
         if after.endswith("\ufffd") or len(after) < len(before):  # a character split across tokens: wait
             return ""
         self.prefix, self.read = max(0, len(self.ids) - self.WINDOW), len(self.ids)
@@ -143,8 +147,7 @@ class _Row:
 
     def _flush(self, tokenizer) -> str:
         """Whatever the last tokens decode to, a dangling partial character included."""
-        before = tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=self.skip)
-        after = tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=self.skip)
+        before, after = self._window(tokenizer)
         return after[len(before) :] if after.startswith(before) else ""
 
 

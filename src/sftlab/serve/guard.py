@@ -28,8 +28,9 @@ class HttpLimits:
 
 
 async def _refuse(send, status: int, message: str, code: str) -> None:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": code}}).encode()  # fmt: skip
+    from sftlab.serve.api import ApiError
+
+    body = json.dumps(ApiError(status, message, code=code).body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                (b"connection", b"close")]  # fmt: skip
     await send({"type": "http.response.start", "status": status, "headers": headers})
