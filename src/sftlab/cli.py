@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="data files, directories or globs")
     p.add_argument("--model", default="smollm2-135m-instruct", help="model.name whose tokenizer counts tokens")
     p.add_argument("--output", help="directory for stats.json and lengths.png")
+    p.add_argument("--by", metavar="metadata.KEY", help="also count records and lengths per value of a metadata key")
     p.set_defaults(run=cmd_data_stats)
 
     p = data.add_parser("synth", help="grow seed tasks into a larger set with Self-Instruct (resumable)")
@@ -411,7 +412,7 @@ def cmd_data_stats(args) -> int:
     from sftlab.curate.split import run_stats
     from sftlab.model.load import load_tokenizer
 
-    run_stats(args.inputs, load_tokenizer(ModelConfig(name=args.model)), args.output)
+    run_stats(args.inputs, load_tokenizer(ModelConfig(name=args.model)), args.output, by=args.by)
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -52,6 +53,7 @@ class DatasetSpec:
     weight: float | None = _f(None, help="data.train: this dataset's share of each epoch (set on every dataset, or none)")
     epochs: float = _f(1.0, help="data.train: passes over this dataset per epoch (3: repeat a small set; 0.5: half)")
     max_examples: int | None = _f(None, help="a seeded sample of at most this many of the dataset's examples")
+    loss_weight: float = _f(1.0, help="scales this dataset's tokens in the loss (times each record's loss_weight)")
 
     @property
     def label(self) -> str:
@@ -100,6 +102,7 @@ class DataConfig:
         "error", help="stop at a malformed record, or skip it and count it in the report"
     )
     cache: bool = _f(True, help="cache tokenized datasets (keyed by data, tokenizer and settings)")
+    num_proc: int | None = _f(None, help="processes that tokenize (default: the usable cores; 1: in this process)")
     eval_split: float = _f(0.0, help="fraction of train held out for eval when data.eval is empty")
     packing: bool = _f(False, help="pack each micro-batch into rows of max_length, examples isolated")
     padding_free: bool | Literal["auto"] = _f(
@@ -429,6 +432,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.epochs > 0 or cfg.train.max_steps > 0, "set train.epochs > 0 or train.max_steps > 0"),
         (cfg.lora.r >= 1, "lora.r must be at least 1"),
         (0 <= cfg.data.eval_split < 1, "data.eval_split must be in [0, 1)"),
+        (cfg.data.num_proc is None or cfg.data.num_proc >= 1, "data.num_proc must be at least 1 (or unset: the cores)"),
         (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (0 <= cfg.train.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]"),
         (cfg.train.logging_steps >= 1, "train.logging_steps must be at least 1"),
@@ -478,6 +482,7 @@ def _check_spec(spec: DatasetSpec, where: str, split: str) -> None:
         (spec.weight is None or spec.weight >= 0, f"{where}.weight must be >= 0"),
         (spec.epochs >= 0, f"{where}.epochs must be >= 0"),
         (spec.max_examples is None or spec.max_examples >= 1, f"{where}.max_examples must be at least 1"),
+        (math.isfinite(spec.loss_weight) and spec.loss_weight > 0, f"{where}.loss_weight must be a number above 0"),
         (split == "train" or (spec.weight is None and spec.epochs == 1),
          f"{where}: weight and epochs shape the training mixture; an eval set is used whole (max_examples caps it)"),
     ]

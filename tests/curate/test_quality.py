@@ -171,6 +171,25 @@ def test_stats(tmp_path, smol_tok):
     assert (tmp_path / "s" / "lengths.png").stat().st_size > 1000
 
 
+def test_stats_by_a_metadata_key_groups_counts_and_lengths(tmp_path, smol_tok, capsys):
+    from sftlab.curate.split import run_stats
+
+    rows = [{"instruction": "add " * (1 + i % 3), "output": "sum " * (4 * (i % 2) + 1),
+             "metadata": {"category": "math" if i % 2 else "chat", "src": {"name": i % 3}}} for i in range(9)]
+    rows.append({"instruction": "no metadata", "output": "here"})
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    stats = run_stats([str(path)], smol_tok, say=lambda *a: None, by="metadata.category")["by"]["metadata.category"]
+    assert list(stats) == ["chat", "math", "(none)"]  # most records first
+    assert [g["records"] for g in stats.values()] == [5, 4, 1]
+    assert stats["math"]["tokens"]["mean"] > stats["chat"]["tokens"]["mean"]  # math replies are longer here
+    lengths = [g["tokens"]["total"] for g in stats.values()]
+    assert sum(lengths) == run_stats([str(path)], smol_tok, say=lambda *a: None)["tokens"]["total"]
+    nested = run_stats([str(path)], smol_tok, say=lambda *a: None, by="metadata.src.name")["by"]["metadata.src.name"]
+    assert {k: g["records"] for k, g in nested.items()} == {"0": 3, "1": 3, "2": 3, "(none)": 1}
+    assert main(["data", "stats", str(path), "--by", "category"]) == 2
+    assert "group by a metadata key, e.g. --by metadata.category" in capsys.readouterr().err
+
+
 def test_a_run_records_the_manifest_of_its_cleaned_data(tmp_path, tiny_model_dir):
     from conftest import tiny_config
 

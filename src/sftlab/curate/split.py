@@ -92,30 +92,63 @@ def run_split(inputs: list[str], output: str, ratios: list[float], names: list[s
     return report
 
 
-def run_stats(inputs: list[str], tokenizer, output: str | None = None, say=print) -> dict:
+def run_stats(inputs: list[str], tokenizer, output: str | None = None, say=print, by: str | None = None) -> dict:
+    """The survey of `inputs`; `by` (metadata.<key>, dotted for nested keys) adds counts and lengths per value."""
     import langid
 
     from sftlab.curate.quality import tokens
 
     convs, _, _ = read_with_records(inputs)
-    lengths = sorted(len(tokenizer(dialogue_text(c), add_special_tokens=False)["input_ids"]) for c in convs)
+    lengths = [len(tokenizer(dialogue_text(c), add_special_tokens=False)["input_ids"]) for c in convs]
     turns = [sum(m.role == "assistant" for m in c.messages) or 1 for c in convs]
     langs = Counter(langid.classify(dialogue_text(c)[:1000])[0] for c in convs[:2000])
     groups = duplicate_groups(convs)
-    pct = lambda q: lengths[min(len(lengths) - 1, int(q * len(lengths)))]
     stats = {"records": len(convs), "assistant_turns": {"mean": round(sum(turns) / len(turns), 2), "max": max(turns)},
-             "tokens": {"mean": round(sum(lengths) / len(lengths), 1), "p50": pct(0.5), "p95": pct(0.95),
-                        "max": lengths[-1], "total": sum(lengths)},
-             "words": sum(len(tokens(dialogue_text(c))) for c in convs),
+             "tokens": _lengths(lengths), "words": sum(len(tokens(dialogue_text(c))) for c in convs),
              "languages": dict(langs.most_common()), "duplicate_rate": round(1 - len(set(groups)) / len(convs), 4)}  # fmt: skip
+    if by:
+        stats["by"] = {by: _grouped(convs, lengths, turns, by)}
     say(json.dumps(stats, indent=1, ensure_ascii=False))
     if output:
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
         (out / "stats.json").write_text(json.dumps(stats, indent=1, ensure_ascii=False), encoding="utf-8")
-        _histogram(lengths, out / "lengths.png")
+        _histogram(sorted(lengths), out / "lengths.png")
         say(f"wrote {out}/stats.json and lengths.png")
     return stats
+
+
+def _lengths(lengths: list[int]) -> dict:
+    s = sorted(lengths)
+    pct = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
+    return {"mean": round(sum(s) / len(s), 1), "p50": pct(0.5), "p95": pct(0.95), "max": s[-1], "total": sum(s)}
+
+
+NO_VALUE = "(none)"  # the group of records whose metadata lacks the key
+
+
+def _grouped(convs: list[Conversation], lengths: list[int], turns: list[int], by: str) -> dict:
+    """{value: {records, assistant_turns, tokens}} of `by` = metadata.<key>; values as the records hold them
+    (a number or a list is shown as its JSON), most records first."""
+    if not by.startswith("metadata.") or by == "metadata.":
+        raise ConfigError(f"--by {by}: group by a metadata key, e.g. --by metadata.category (records' "
+                          "`metadata` objects; dotted for nested keys: metadata.source.name)")  # fmt: skip
+    path = by.split(".")[1:]
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, conv in enumerate(convs):
+        members[_group_key(conv.metadata, path)].append(i)
+    ordered = sorted(members.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    return {key: {"records": len(idx), "assistant_turns": round(sum(turns[i] for i in idx) / len(idx), 2),
+                  "tokens": _lengths([lengths[i] for i in idx])} for key, idx in ordered}  # fmt: skip
+
+
+def _group_key(metadata: dict | None, path: list[str]) -> str:
+    value = metadata
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    if value is None:
+        return NO_VALUE
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
 def _histogram(lengths: list[int], path: Path) -> None:

@@ -69,7 +69,18 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row; padding carries no loss and is masked from attention."""
     ids, mask = pad([r["input_ids"] for r in rows], pad_id)
     labels, _ = pad([r["labels"] for r in rows], IGNORE)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    weights = example_weights(rows)
+    if weights is not None:
+        batch["loss_weights"] = torch.tensor(weights, dtype=torch.float32)[:, None] * mask
+    return batch
+
+
+def example_weights(rows: list[dict]) -> list[float] | None:
+    """Each row's `loss_weight`, or None when all are 1.0 (or absent): such batches carry no weights, so
+    unweighted training runs the unweighted code, bit for bit."""
+    weights = [float(r.get("loss_weight", 1.0)) for r in rows]
+    return weights if any(w != 1.0 for w in weights) else None
 
 
 def collate_packed(rows: list[dict], max_length: int | None, pad_id: int) -> dict:
@@ -92,31 +103,50 @@ def collate_packed(rows: list[dict], max_length: int | None, pad_id: int) -> dic
             bins.append([r])
             room.append(max(max_length, n) - n)
     width = max(sum(len(r["input_ids"]) for r in b) for b in bins)
-    ids, labels, positions, bounds = [], [], [], [0]
+    weighted = example_weights(rows) is not None
+    ids, labels, positions, weights, bounds = [], [], [], [], [0]
     for b in bins:
-        row_ids, row_labels, row_pos = [], [], []
+        row_ids, row_labels, row_pos, row_weights = [], [], [], []
         for r in b:
             row_ids += r["input_ids"]
             row_labels += [IGNORE] + list(r["labels"][1:])
             row_pos += range(len(r["input_ids"]))
+            row_weights += [float(r.get("loss_weight", 1.0))] * len(r["input_ids"])
             bounds.append(bounds[-1] + len(r["input_ids"]))
         pad = width - len(row_ids)
         if pad:  # the tail of a bin is one more segment that attends only to itself and carries no loss
             row_ids += [pad_id] * pad
             row_labels += [IGNORE] * pad
             row_pos += range(pad)
+            row_weights += [0.0] * pad
             bounds.append(bounds[-1] + pad)
         ids.append(row_ids)
         labels.append(row_labels)
         positions.append(row_pos)
+        weights.append(row_weights)
     lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     cu = torch.tensor(bounds, dtype=torch.int32)
-    return {
+    batch = {
         "input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions),
         "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths),
     }  # fmt: skip
+    if weighted:
+        batch["loss_weights"] = torch.tensor(weights, dtype=torch.float32)
+    return batch
 
 
 def supervised_count(batch: dict[str, torch.Tensor]) -> int:
     """Tokens that carry loss after the causal shift (a row's first label predicts nothing)."""
     return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def supervised_weight(batch: dict[str, torch.Tensor]) -> float:
+    """The summed loss weights of the tokens that carry loss: the normalizer of a weighted batch
+    (docs/correctness.md rule 3); its supervised_count when every weight is 1."""
+    keep = batch["labels"][:, 1:] != IGNORE
+    return float(batch["loss_weights"][:, 1:][keep].double().sum())
+
+
+def without_weights(batch: dict) -> dict:
+    """The batch as if every example weighed 1 (eval loss, the raw token count)."""
+    return {k: v for k, v in batch.items() if k != "loss_weights"}

@@ -24,6 +24,9 @@ class Conversation:
     text: str | None = None  # format `text`: raw text trained whole, no chat template
     origin: str = ""  # "file:line" of the record it came from
     tools: tuple[dict, ...] = ()  # function schemas offered to the model (rendered by the template)
+    id: str | None = None  # the record's own `id`, carried into the tokenized dataset
+    metadata: dict | None = None  # the record's `metadata` object (source, category, difficulty, language, ...)
+    loss_weight: float = 1.0  # scales this record's tokens in the loss (the record's times its dataset's)
 
 
 class RecordProblem(Exception):

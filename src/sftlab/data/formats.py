@@ -279,12 +279,16 @@ def _json_text(path: Path) -> str:
 def _read_parquet(path: Path):
     import pyarrow.parquet as pq
 
-    try:
-        rows = pq.read_table(path).to_pylist()
+    i = 0
+    try:  # batch by batch (within row groups): a file of millions of rows is never held as Python objects whole
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for record in batch.to_pylist():
+                i += 1
+                yield f"{path}: row {i}", record  # NaN cells reach the field checks (_text) as floats, refused there
     except Exception as e:  # noqa: BLE001 -- pyarrow raises many types for a damaged file
-        raise DataError(f"{path}: cannot read parquet file: {e}") from None
-    for i, record in enumerate(rows, 1):
-        yield f"{path}: row {i}", record  # NaN cells reach the field checks (_text) as floats, refused there
+        if isinstance(e, (DataError, RecordProblem)):
+            raise
+        raise DataError(f"{path}: cannot read parquet file{f' after row {i}' if i else ''}: {e}") from None
 
 
 # --------------------------------------------------------------------------- CSV
@@ -610,14 +614,54 @@ def to_conversation(record: Any, fmt: str, origin: str, system_prompt: str | Non
     """One record -> a Conversation; `tools` (the dataset's) apply where the record names none."""
     if not isinstance(record, dict):
         raise RecordProblem("not an object", f"expected a JSON object, got {type(record).__name__}")
+    extras = record_extras(record)
     if fmt == "text":
-        return Conversation(text=_text(record, "text"), origin=origin)
+        return Conversation(text=_text(record, "text"), origin=origin, **extras)
     msgs = CONVERTERS[fmt](record, tags)
     if system_prompt and msgs[0].role != "system":
         msgs.insert(0, Message("system", system_prompt))
     check_turns(msgs)
     own = parse_tools(record.get("tools"), "tools")
-    return Conversation(messages=tuple(msgs), origin=origin, tools=own or tools)
+    return Conversation(messages=tuple(msgs), origin=origin, tools=own or tools, **extras)
+
+
+def record_extras(record: dict) -> dict:
+    """The record's `id`, `metadata` and `loss_weight`, checked: a value of the wrong kind is refused, never
+    dropped or turned into text. CSV cells are text, so a JSON object or a number written as text is read."""
+    rid, meta, weight = record.get("id"), record.get("metadata"), record.get("loss_weight")
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
+        raise RecordProblem("bad id", f"field 'id' must be text or an integer, got {type(rid).__name__} {rid!r}")
+    if isinstance(meta, str) and meta.strip():
+        meta = _json_object(meta, "metadata")
+    if meta is not None and meta != "" and not isinstance(meta, dict):
+        raise RecordProblem("bad metadata", f"field 'metadata' must be a JSON object ({{\"category\": ...}}), got "
+                            f"{type(meta).__name__}")  # fmt: skip
+    if meta and isinstance(problem := _checked({"metadata": meta}, True), RecordProblem):  # Parquet, hub rows
+        raise problem
+    return {"id": None if rid in (None, "") else str(rid), "metadata": meta or None, "loss_weight": _weight(weight)}
+
+
+def _json_object(text: str, name: str) -> Any:
+    try:
+        return _parse(text)[0]
+    except (ValueError, RecursionError):
+        raise RecordProblem(f"bad {name}", f"field '{name}' is text that is no JSON object: {text[:60]!r}") from None
+
+
+def _weight(value: Any) -> float:
+    """A record's loss_weight: a finite number above 0 (a number written as text included)."""
+    if value is None or value == "":
+        return 1.0
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) or number <= 0:
+        raise RecordProblem("bad loss_weight", f"field 'loss_weight' must be a number above 0, got {value!r}; "
+                            "to keep a record out of the loss, remove it or set train: false on its turns")  # fmt: skip
+    return float(number)
 
 
 def load_conversations(
@@ -625,17 +669,32 @@ def load_conversations(
     on_bad_record: str = "error", system_prompt: str | None = None, tools=None, tags: dict[str, str] | None = None,
     records: Iterable[tuple[str, Any]] | None = None,
 ) -> LoadResult:  # fmt: skip
-    """Read every file of one dataset spec; bad records raise or are counted, never silently lost.
+    """Read every file of one dataset spec into memory (`iter_conversations`, with each raw record kept)."""
+    result = LoadResult()
+    for conv, record in iter_conversations(path, fmt, columns, on_bad_record, system_prompt, tools, tags, records,
+                                           result):  # fmt: skip
+        result.conversations.append(conv)
+        result.records.append(record)
+    return result
+
+
+def iter_conversations(
+    path: str, fmt: str = "auto", columns: dict[str, str] | None = None,
+    on_bad_record: str = "error", system_prompt: str | None = None, tools=None, tags: dict[str, str] | None = None,
+    records: Iterable[tuple[str, Any]] | None = None, result: LoadResult | None = None,
+) -> Iterator[tuple[Conversation, dict]]:  # fmt: skip
+    """(conversation, raw record) of each record of one dataset spec, read as it goes (a file of millions of lines
+    is never held whole); bad records raise or are counted in `result`, never silently lost.
     `tools`: function schemas for every record without its own; `tags`: ShareGPT key and role names;
     `records`: (origin, record) pairs of a dataset that is no file, read instead (`path` then names it)."""
-    result = LoadResult()
+    result = LoadResult() if result is None else result
     try:
         dataset_tools = parse_tools(tools, "tools")
     except RecordProblem as e:
         raise DataError(f"{path}: the dataset's {e}") from None
     rename = {src: dst for dst, src in (columns or {}).items()}
-    for file, pairs in _record_lists(path, records):
-        file_fmt = _file_format(pairs, fmt, rename, file)
+    for file, pairs in _record_streams(path, records):
+        file_fmt, pairs = _file_format(pairs, fmt, rename, file)
         if file_fmt:
             result.format = file_fmt if result.format in ("", file_fmt) else "mixed"
         for origin, record in pairs:
@@ -644,31 +703,37 @@ def load_conversations(
                 if isinstance(record, RecordProblem):
                     raise record
                 record = _renamed(record, rename) if isinstance(record, dict) else record
-                result.conversations.append(_converted(record, file_fmt, origin, system_prompt, dataset_tools, tags))
-                result.records.append(record)
+                yield _converted(record, file_fmt, origin, system_prompt, dataset_tools, tags), record
             except RecordProblem as e:
                 _bad_record(result, origin, e, on_bad_record, f" (format {file_fmt})" if file_fmt else "")
     if result.read == 0:
         raise DataError(f"{path}: the dataset is empty (no records)")
-    return result
 
 
-def _record_lists(path: str, records: Iterable[tuple[str, Any]] | None) -> Iterator[tuple[str, list]]:
-    """(name, its (origin, record) pairs) for each file of `path`, or once for the given records."""
+def _record_streams(path: str, records: Iterable[tuple[str, Any]] | None) -> Iterator[tuple[str, Iterator]]:
+    """(name, its (origin, record) pairs, read lazily) for each file of `path`, or once for the given records."""
     if records is not None:
-        yield path, list(records)
+        yield path, iter(records)
         return
     for file in expand_paths(path):
-        yield str(file), list(read_records(file))
+        yield str(file), read_records(file)
 
 
-def _file_format(pairs: list, fmt: str, rename: dict[str, str], file: str) -> str | None:
-    """The layout of one file: `fmt`, or detected from its first 20 objects; None when it has no object
-    at all, so that its first bad record is reported (or every one counted) rather than its empty field list."""
+def _file_format(pairs: Iterator, fmt: str, rename: dict[str, str], file: str) -> tuple[str | None, Iterator]:
+    """(the layout of one file, its pairs from the start): `fmt`, or detected from its first 20 objects; None
+    when it has no object at all, so that its first bad record is reported (or every one counted) rather than
+    its empty field list. Only the pairs up to the 20th object are held to look at."""
     if fmt != "auto":
-        return fmt
-    sample = [_renamed(r, rename) for r in itertools.islice((r for _, r in pairs if isinstance(r, dict)), 20)]
-    return detect_format(sample, file) if sample else None
+        return fmt, pairs
+    head, sample = [], []
+    for pair in pairs:
+        head.append(pair)
+        if isinstance(pair[1], dict):
+            sample.append(_renamed(pair[1], rename))
+            if len(sample) == 20:
+                break
+    rest = itertools.chain(head, pairs)
+    return (detect_format(sample, file) if sample else None), rest
 
 
 def _converted(record: Any, fmt: str | None, origin: str, system_prompt: str | None, tools: tuple[dict, ...],

@@ -39,15 +39,27 @@ def load_for_inspection(source: str, overrides: list[str], split: str,
 
 
 def write_tokenized(split: TokenizedSplit, out: Path) -> tuple[int, Path]:
-    """OUT as {input_ids, labels} JSONL and the per-dataset report beside it: (examples kept, report path)."""
+    """OUT as {input_ids, labels} JSONL (with the record's id, metadata and loss_weight where it has them) and the
+    per-dataset report beside it: (examples kept, report path)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         for row in split.dataset:
-            f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
+            f.write(json.dumps(_tokenized_line(row), ensure_ascii=False) + "\n")
     report = out.with_suffix(".report.json")
     report.write_text(json.dumps([r.to_dict() for r in split.reports], ensure_ascii=False, indent=1))
     return sum(r.kept for r in split.reports), report
+
+
+def _tokenized_line(row: dict) -> dict:
+    line = {"input_ids": row["input_ids"], "labels": row["labels"]}
+    if row.get("id") is not None:
+        line["id"] = row["id"]
+    if row.get("metadata"):
+        line["metadata"] = json.loads(row["metadata"])
+    if row.get("loss_weight", 1.0) != 1.0:
+        line["loss_weight"] = row["loss_weight"]
+    return line
 
 
 def show_split(console: Console, split: TokenizedSplit, tokenizer, name: str, num: int, color: bool) -> None:

@@ -1,7 +1,7 @@
 """The training loop, readable top to bottom.
 
     data -> batches (a step = batch_size x grad_accum x ranks examples)
-         -> loss summed over supervised tokens, divided once by the step's supervised tokens
+         -> loss summed over supervised tokens, divided once by the step's supervised tokens (their weights)
          -> clip, AdamW, schedule -> log, eval, checkpoint -> final model in Hugging Face format
 
 accelerate owns devices and DDP/FSDP/DeepSpeed, sftlab.speed the kernels and the precision path,
@@ -24,7 +24,7 @@ import torch
 
 from sftlab import rundir
 from sftlab.config import Config
-from sftlab.data.batching import plan_epoch, rows
+from sftlab.data.batching import plan_epoch, rows, without_weights
 from sftlab.errors import SftlabError
 from sftlab.evaluate.runner import reference_items
 from sftlab.files import atomic_dir
@@ -239,13 +239,14 @@ def loop(run: Run, state: RunState, log: MetricsLog, say) -> str:
 
 
 def train_step(run: Run, micro_batches: list[list[int]], state: RunState) -> dict:
-    """One optimizer step: sum the token losses of all micro-batches, divide once by their tokens."""
+    """One optimizer step: sum the token losses of all micro-batches, divide once by their tokens
+    (by their summed loss weights when examples are weighted)."""
     acc, model = run.accelerator, run.model
     micro = [rows(run.train_data, idx) for idx in micro_batches]
     batches = [run.collate(r) for r in micro]
-    local = torch.tensor([sum(run.task.count(b) for b in batches)], device=acc.device)
-    n_step = int(acc.reduce(local, "sum").item())  # supervised tokens in the step, all ranks
-    scale = acc.num_processes / max(n_step, 1)  # DDP averages gradients over ranks; undo that
+    total, n_step, weighted = _step_counts(run, batches)
+    norm = total if total > 0 else 1.0  # a step without supervised tokens has a zero loss sum
+    scale = acc.num_processes / norm  # DDP averages gradients over ranks; undo that
     loss_total = torch.zeros((), dtype=torch.float64, device=acc.device)
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1
@@ -258,7 +259,7 @@ def train_step(run: Run, micro_batches: list[list[int]], state: RunState) -> dic
                 objective = objective + penalty
         acc.backward(objective)
         loss_total += loss.detach().double()
-    step_loss = acc.reduce(loss_total, "sum").item() / max(n_step, 1)
+    step_loss = acc.reduce(loss_total, "sum").item() / norm
     lr = run.scheduler.get_last_lr()[0]
     grad_norm, skipped = clip_and_step(run, step_loss, state.step + 1)
     run.hooks.after_step(run.lm, state.step + 1)
@@ -271,7 +272,22 @@ def train_step(run: Run, micro_batches: list[list[int]], state: RunState) -> dic
     state.supervised_tokens += n_step
     record = {"step": state.step + 1, "loss": step_loss, "learning_rate": lr, "grad_norm": grad_norm,
               "tokens": state.tokens, "supervised_tokens": n_step}  # fmt: skip
+    if weighted:
+        record["loss_weight_total"] = total
     return record | ({"skipped": True} if skipped else {})
+
+
+def _step_counts(run: Run, batches: list[dict]) -> tuple[float, int, bool]:
+    """(loss normalizer, supervised units, whether any micro-batch is weighted) of the whole step, every
+    rank, in one all-reduce. The normalizer is the task's count: the supervised units, or their summed
+    loss weights where a batch carries them; the units themselves are the count of the unweighted batch."""
+    local = torch.zeros(3, dtype=torch.float64)
+    for b in batches:
+        units = run.task.count(without_weights(b))
+        norm = run.task.count(b) if "loss_weights" in b else units
+        local += torch.tensor([norm, units, "loss_weights" in b], dtype=torch.float64)
+    norm, units, weighted = run.accelerator.reduce(local.to(run.accelerator.device), "sum").tolist()
+    return norm, int(units), weighted > 0
 
 
 def clip_and_step(run: Run, step_loss: float, step: int) -> tuple[float, bool]:

@@ -1,5 +1,6 @@
 """Eval loss and perplexity: token-weighted over the whole eval set, response tokens only, with the
-same per-token normalizer as training (a mean of per-batch means would weight short batches up)."""
+same per-token normalizer as training (a mean of per-batch means would weight short batches up).
+Examples' loss weights shape training only: eval loss is the plain mean over tokens."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import torch
 
 from sftlab.data.batching import collate as collate_padded
-from sftlab.data.batching import rows, supervised_count
+from sftlab.data.batching import rows, supervised_count, without_weights
 
 
 def eval_loss(loss_module, data, batch_size: int, pad_id: int, accelerator=None, collate_fn=None, count_fn=None) -> dict:
@@ -46,7 +47,7 @@ def _eval_loss(loss_module, data, batch_size: int, pad_id: int, accelerator=None
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     total, count = torch.zeros((), dtype=torch.float64), 0
     for idx in batches[accelerator.process_index :: accelerator.num_processes]:
-        batch = collate_fn(rows(data, idx))
+        batch = without_weights(collate_fn(rows(data, idx)))  # eval loss is the plain token mean, whatever the weights
         with accelerator.autocast():
             total += loss_module(**{k: v.to(accelerator.device) for k, v in batch.items()}).double().cpu()
         count += count_fn(batch)

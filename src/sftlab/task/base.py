@@ -36,8 +36,9 @@ class Task(Protocol):
     def collate(self, pad_id: int, layout: str = "padded") -> Callable[[list[dict]], dict]:
         """rows -> model inputs in `layout` (padded | packed | flat; only causal_lm takes the last two)."""
 
-    def count(self, batch: dict) -> int:
-        """The supervised units of a batch: the loss's normalizer (tokens, or examples for classification)."""
+    def count(self, batch: dict) -> int | float:
+        """The supervised units of a batch: the loss's normalizer (tokens, or examples for classification;
+        their summed loss weights where the batch carries "loss_weights")."""
 
     def row_tokens(self, row: dict) -> int: ...
 

@@ -7,7 +7,7 @@ from functools import partial
 import torch
 
 from sftlab.config import Config
-from sftlab.data.batching import collate, collate_packed, supervised_count
+from sftlab.data.batching import collate, collate_packed, supervised_count, supervised_weight
 from sftlab.data.dataset import load_train_eval
 from sftlab.data.templates import ChatTemplate, stop_ids
 from sftlab.model.load import load_base_for, save_generation_config
@@ -38,8 +38,9 @@ class CausalLM:
             return partial(collate_packed, max_length=None, pad_id=pad_id)
         return partial(collate, pad_id=pad_id)
 
-    def count(self, batch: dict) -> int:
-        return supervised_count(batch)
+    def count(self, batch: dict) -> int | float:
+        # Weighted examples: the normalizer is the tokens' summed weights (docs/correctness.md rule 3).
+        return supervised_weight(batch) if "loss_weights" in batch else supervised_count(batch)
 
     def row_tokens(self, row: dict) -> int:
         return len(row["input_ids"])
