@@ -20,7 +20,8 @@ def test_each_dataset_gets_its_own_report(smol_tok, tmp_cache):
     assert [(r.name, r.format, r.read, r.kept) for r in split.reports] == [
         ("alpaca.jsonl", "alpaca", 3, 3), ("sharegpt.json", "sharegpt", 2, 2)]
     row = split.dataset[0]
-    assert set(row) == {"input_ids", "labels"} and len(row["input_ids"]) == len(row["labels"])
+    assert set(row) == {"input_ids", "labels", "loss_weight", "id", "metadata"}
+    assert len(row["input_ids"]) == len(row["labels"])
 
 
 def test_skipped_records_are_counted_in_the_report(smol_tok, tmp_cache, tmp_path):

@@ -7,19 +7,23 @@ files and skips tokenization; any change re-tokenizes.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from sftlab.config import DataConfig, DatasetSpec
 from sftlab.data.formats import expand_paths
 from sftlab.data.templates import ChatTemplate, end_of_turn_ids
-from sftlab.data.tokenize import DatasetReport, Encoder, encode_dataset
+from sftlab.data.tokenize import DatasetReport, Encoder
 from sftlab.errors import DataError
 from sftlab.files import atomic_dir, cache_root, file_digest
 
-CACHE_VERSION = 2  # bump when tokenization logic changes so old caches are not reused
+CACHE_VERSION = 3  # bump when tokenization logic changes so old caches are not reused
 
 
 @dataclass
@@ -29,6 +33,7 @@ class TokenizedSplit:
     cache_hits: int = 0
 
 
+DATA_FILE = "data.arrow"  # the tokenized examples of one dataset: an Arrow stream, memory-mapped when read
 SOURCE = "source"  # eval column: the dataset an example came from, for eval_loss/<name>
 
 
@@ -74,21 +79,37 @@ def _load_parts(cfg: DataConfig, tokenizer, split: str):
     template = ChatTemplate(tokenizer, cfg.template, cfg.template_kwargs)
     parts, reports, hits = [], [], 0
     for spec in specs:
-        key = cache_key(spec, cfg, tokenizer, template.source)
-        cached = _cache_dir() / key
-        if cfg.cache and (cached / "report.json").is_file():
-            import datasets
-
-            parts.append(datasets.load_from_disk(str(cached / "data")))
-            reports.append(DatasetReport.from_dict(json.loads((cached / "report.json").read_text())))
+        cached = _cache_dir() / cache_key(spec, cfg, tokenizer, template.source) if cfg.cache else None
+        if cached is not None and (cached / "report.json").is_file():
             hits += 1
-            continue
-        ds, report = _tokenize_spec(spec, cfg, tokenizer, template)
-        if cfg.cache:
-            _store(cached, ds, report)
-        parts.append(ds)
-        reports.append(report)
+        else:
+            cached = _tokenize_into(cached, spec, cfg, tokenizer, template)
+        parts.append(_open(cached / DATA_FILE))
+        reports.append(DatasetReport.from_dict(json.loads((cached / "report.json").read_text())))
     return parts, reports, hits
+
+
+def _tokenize_into(target: Path | None, spec: DatasetSpec, cfg: DataConfig, tokenizer, template) -> Path:
+    """Tokenize one dataset into the cache directory `target` (written atomically), or without the cache
+    (None) into a scratch directory removed when the process ends, under the cache root (/tmp may be a
+    small tmpfs); the dataset is the memory-mapped file inside it. Returns the directory."""
+    if target is None:
+        (cache_root() / "scratch").mkdir(parents=True, exist_ok=True)
+        target = Path(tempfile.mkdtemp(prefix="tokenized-", dir=cache_root() / "scratch"))
+        atexit.register(shutil.rmtree, target, ignore_errors=True)
+        writing = contextlib.nullcontext(target)
+    else:
+        writing = atomic_dir(target)
+    with writing as tmp:
+        report = _tokenize_spec(spec, cfg, tokenizer, template, tmp / DATA_FILE)
+        (tmp / "report.json").write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=1))
+    return target
+
+
+def _open(path: Path):
+    import datasets
+
+    return datasets.Dataset.from_file(str(path))  # memory-mapped: a million examples cost no RAM
 
 
 def _finish(parts: list, reports: list[DatasetReport], hits: int, specs: list[DatasetSpec], split: str,
@@ -137,23 +158,20 @@ def _concat(parts: list):
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
-def _tokenize_spec(spec: DatasetSpec, cfg: DataConfig, tokenizer, template: ChatTemplate):
-    import datasets
-
+def _tokenize_spec(spec: DatasetSpec, cfg: DataConfig, tokenizer, template: ChatTemplate, path: Path):
+    """Tokenize one dataset into the Arrow file `path`, streamed and in parallel; its report."""
     from sftlab.data import sources
+    from sftlab.data.formats import LoadResult
+    from sftlab.data.pipeline import tokenize_to_file
 
-    loaded = sources.load_spec(spec, cfg.on_bad_record, cfg.system_prompt)
-    report = DatasetReport(name=spec.label, format=loaded.format, read=loaded.read)
-    report.dropped.update({f"bad record: {k}": n for k, n in loaded.skipped.items()})
+    loaded = LoadResult()
+    conversations = sources.iter_spec(spec, loaded, cfg.on_bad_record, cfg.system_prompt)
+    report = DatasetReport(name=spec.label)
     encoder = Encoder(tokenizer, template, cfg.train_on, end_of_turn_ids(tokenizer), cfg.reasoning)
-    kept = encode_dataset(encoder, loaded.conversations, cfg, report)
-    features = datasets.Features(
-        {"input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32"))}
-    )
-    ds = datasets.Dataset.from_dict(
-        {"input_ids": [e.input_ids for e in kept], "labels": [e.labels for e in kept]}, features=features
-    )
-    return ds, report
+    tokenize_to_file(conversations, encoder, cfg, report, path, spec.loss_weight)
+    report.format, report.read = loaded.format, loaded.read
+    report.dropped.update({f"bad record: {k}": n for k, n in loaded.skipped.items()})
+    return report
 
 
 def cache_key(spec: DatasetSpec, cfg: DataConfig, tokenizer, template_source: str) -> str:
@@ -170,6 +188,7 @@ def cache_key(spec: DatasetSpec, cfg: DataConfig, tokenizer, template_source: st
         "columns": spec.columns,
         "tools": spec.tools,
         "tags": spec.tags,
+        "loss_weight": spec.loss_weight,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": template_source,
         "settings": [cfg.max_length, cfg.overflow, cfg.train_on, cfg.on_bad_record, cfg.system_prompt, cfg.reasoning],
@@ -189,7 +208,3 @@ def _cache_dir() -> Path:
     return cache_root() / "tokenized"
 
 
-def _store(target: Path, ds, report: DatasetReport) -> None:
-    with atomic_dir(target) as tmp:
-        ds.save_to_disk(str(tmp / "data"))
-        (tmp / "report.json").write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=1))

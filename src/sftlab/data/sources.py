@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sftlab.config import DatasetSpec
-from sftlab.data.formats import LoadResult, load_conversations
+from sftlab.data.conversation import Conversation
+from sftlab.data.formats import LoadResult, iter_conversations, load_conversations
 from sftlab.errors import DataError
 
 SAVED_MARKERS = ("state.json", "dataset_info.json")  # what save_to_disk writes beside the Arrow files
@@ -26,6 +27,15 @@ def load_spec(spec: DatasetSpec, on_bad_record: str = "error", system_prompt: st
     rows = records(spec) if is_source(spec) else None
     return load_conversations(spec.label if rows is not None else spec.path, spec.format, spec.columns, on_bad_record,
                               system_prompt, spec.tools, spec.tags, rows)  # fmt: skip
+
+
+def iter_spec(spec: DatasetSpec, result: LoadResult, on_bad_record: str = "error",
+              system_prompt: str | None = None) -> Iterator[Conversation]:  # fmt: skip
+    """`load_spec` as a stream of conversations, counted in `result` as they are read."""
+    rows = records(spec) if is_source(spec) else None
+    pairs = iter_conversations(spec.label if rows is not None else spec.path, spec.format, spec.columns,
+                               on_bad_record, system_prompt, spec.tools, spec.tags, rows, result)  # fmt: skip
+    return (conv for conv, _ in pairs)
 
 
 def is_source(spec: DatasetSpec) -> bool:

@@ -26,6 +26,11 @@ from sftlab.data.chat_templates import BUILTIN, END_OF_TURN_TOKENS
 from sftlab.data.conversation import Conversation, Message, RecordProblem
 from sftlab.errors import ConfigError
 
+try:  # the renderer inside apply_chat_template (which adds only a per-call normalization our dicts do not need)
+    from transformers.utils.chat_template_utils import render_jinja_template as _render_jinja
+except ImportError:  # pragma: no cover - another transformers layout: apply_chat_template itself
+    _render_jinja = None
+
 TEMPLATE_ERRORS = (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError)
 
 
@@ -63,13 +68,25 @@ class ChatTemplate:
         self.kwargs = dict(kwargs or {})
         self.source = bake_kwargs(raw, self.kwargs)  # rendered in training and saved with the run
         self.reasoning_field = knows_reasoning(raw)
+        self._context: dict | None = None
 
     def render(self, messages, add_generation_prompt: bool = False, tools=(), mode: Mode = Mode()) -> str:
-        dicts = [template_message(m, self.reasoning_field, mode.parts) for m in _merged(messages, mode)]
-        return self.tokenizer.apply_chat_template(
-            dicts, tools=list(tools) or None, chat_template=self.source, tokenize=False,
-            add_generation_prompt=add_generation_prompt, **self.kwargs,
-        )  # fmt: skip
+        return self.render_many([messages], add_generation_prompt, tools, mode)[0]
+
+    def render_many(self, conversations, add_generation_prompt: bool = False, tools=(), mode: Mode = Mode()) -> list[str]:
+        """Each message list rendered, in one call of the renderer `apply_chat_template` uses, with its arguments:
+        the same text, without its per-call cost (the prefixes of one conversation render together)."""
+        chats = [[template_message(m, self.reasoning_field, mode.parts) for m in _merged(msgs, mode)]
+                 for msgs in conversations]  # fmt: skip
+        if _render_jinja is None:
+            return [self.tokenizer.apply_chat_template(chat, tools=list(tools) or None, chat_template=self.source,
+                                                       tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                       **self.kwargs) for chat in chats]  # fmt: skip
+        if self._context is None:  # what apply_chat_template passes beside the messages
+            self._context = {**self.tokenizer.special_tokens_map, **self.kwargs}
+        rendered, _ = _render_jinja(conversations=chats, tools=list(tools) or None, chat_template=self.source,
+                                    add_generation_prompt=add_generation_prompt, **self._context)  # fmt: skip
+        return rendered
 
     def mode(self, conv: Conversation) -> Mode:
         """The first form of the conversation this template renders (plain first)."""
@@ -110,10 +127,12 @@ class ChatTemplate:
         """Alternating prompt and response pieces of the full render, or None where a turn inside it
         differs from that turn rendered last after its own prompt."""
         msgs, replies = conv.messages, _replies(conv)
+        starts = self.render_many([msgs[:i] for i in replies], add_generation_prompt=True, tools=conv.tools, mode=mode)
+        inner = [i for i in replies if i + 1 < len(msgs)]  # a reply that ends the conversation ends at `full`
+        ends = dict(zip(inner, self.render_many([msgs[: i + 1] for i in inner], tools=conv.tools, mode=mode)))
         pieces, pos = [], 0
-        for k, i in enumerate(replies):
-            start = self.render(msgs[:i], add_generation_prompt=True, tools=conv.tools, mode=mode)
-            end = self.render(msgs[: i + 1], tools=conv.tools, mode=mode)
+        for k, (i, start) in enumerate(zip(replies, starts)):
+            end = ends.get(i, full)
             if not (full.startswith(start) and full.startswith(end) and pos <= len(start) < len(end)):
                 return None
             reply = full[len(start) : len(end)]

@@ -5,6 +5,7 @@ Labels are built here and nowhere else: -100 marks a token that carries no loss.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
@@ -23,7 +24,7 @@ class Encoded:
 
     @property
     def supervised(self) -> int:
-        return sum(label != IGNORE for label in self.labels)
+        return len(self.labels) - self.labels.count(IGNORE)
 
 
 @dataclass
@@ -50,6 +51,13 @@ class DatasetReport:
         pct = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
         self.length = {"mean": round(sum(s) / len(s), 1), "p50": pct(0.5), "p95": pct(0.95), "max": s[-1]}
 
+    def absorb(self, part: "DatasetReport") -> None:
+        """Add the counts of a part of this dataset (a chunk encoded elsewhere)."""
+        for name in ("kept", "truncated", "tokens", "supervised_kept", "supervised_lost"):
+            setattr(self, name, getattr(self, name) + getattr(part, name))
+        self.dropped.update(part.dropped)
+        self.notes.update(part.notes)
+
     def to_dict(self) -> dict:
         return {**asdict(self), "dropped": dict(self.dropped), "notes": dict(self.notes)}
 
@@ -58,8 +66,21 @@ class DatasetReport:
         return cls(**{**d, "dropped": Counter(d["dropped"]), "notes": Counter(d.get("notes", {}))})
 
 
+def _agreeing_backend(tok, probe: list[str]):
+    """The fast tokenizer's Rust backend where it gives the very ids `tok(text)` gives on `probe`, else False
+    (a slow tokenizer, or a wrapper that changes the text before the backend sees it)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch"):
+        return False
+    own = tok(probe, add_special_tokens=False)["input_ids"]
+    return backend if [e.ids for e in backend.encode_batch(probe, add_special_tokens=False)] == own else False
+
+
 class Encoder:
-    """Tokenizes conversations piece by piece so each reply has the tokens inference would give it."""
+    """Tokenizes conversations piece by piece so each reply has the tokens inference would give it.
+
+    The pieces of many conversations go to the fast tokenizer in one batch (its Rust backend, without the
+    Python wrapper's per-call cost), once a probe has shown that the backend gives this tokenizer's own ids."""
 
     def __init__(self, tokenizer, template: ChatTemplate, train_on: str, eot_ids: set[int], reasoning: str = "train"):
         self.tok = tokenizer
@@ -67,31 +88,78 @@ class Encoder:
         self.train_on = train_on
         self.eot_ids = eot_ids
         self.reasoning = reasoning  # data.reasoning: train | drop
+        self.backend = None  # tokenizers.Tokenizer once the probe agrees; False where it does not
+        self._tails: dict[tuple[int, ...], bool] = {}
+        self.reset_counts()
+
+    def reset_counts(self) -> None:
         self.missing_eot = 0  # replies whose template emits no end-of-turn token (model cannot learn to stop)
         self.eot_inside = 0  # replies whose text holds an end-of-turn token before their end
         self.notes: Counter = Counter()  # what was done to fit the template, for the report
 
     def encode(self, conv: Conversation) -> list[Encoded]:
         """The conversation's examples: one, or one per assistant turn where the template needs it."""
-        if conv.text is not None:
-            ids = self.tok(conv.text, add_special_tokens=True)["input_ids"]
-            if self.tok.eos_token_id is not None and ids[-1:] != [self.tok.eos_token_id]:
-                ids = ids + [self.tok.eos_token_id]
-            return [Encoded(ids, list(ids))]
+        [out] = self.encode_many([conv])
+        if isinstance(out, RecordProblem):
+            raise out
+        return out
+
+    def encode_many(self, convs: list[Conversation]) -> list[list[Encoded] | RecordProblem]:
+        """Each conversation's examples, or the problem that keeps it out; the pieces tokenized in one batch."""
+        plans: list = []
+        texts: list[str] = []
+        for conv in convs:
+            try:
+                plans.append(self._plan(conv, texts))
+            except RecordProblem as e:
+                plans.append(e)
+        ids = iter(self.ids(texts))
+        out = []
+        for conv, plan in zip(convs, plans):
+            if isinstance(plan, (RecordProblem, Encoded)):
+                out.append(plan if isinstance(plan, RecordProblem) else [plan])
+            else:
+                out.append(self._examples(*plan, ids))
+        return out
+
+    def _plan(self, conv: Conversation, texts: list[str]):
+        """Render `conv` and queue its pieces' texts for the batch: (conversation, rendering); a text record
+        comes back encoded."""
+        if conv.text is not None:  # with the tokenizer's own special tokens: its call, not the batch
+            return self._whole_text(self.tok(conv.text, add_special_tokens=True)["input_ids"])
         conv = self._reasoning(conv)
         rendering = self.template.examples(conv, self.train_on)
-        examples = [self._encode(segments) for segments in rendering.examples]
+        texts += [seg.text for segments in rendering.examples for seg in segments]
+        return conv, rendering
+
+    def _examples(self, conv: Conversation, rendering, ids) -> list[Encoded] | RecordProblem:
+        examples = [self._encode(segments, [next(ids) for _ in segments]) for segments in rendering.examples]
         if not any(e.supervised for e in examples):
-            raise RecordProblem("nothing to train", "no assistant turn carries loss (each has train: false or "
-                                "weight: 0)")  # fmt: skip
+            return RecordProblem("nothing to train", "no assistant turn carries loss (each has train: false or "
+                                 "weight: 0)")  # fmt: skip
         self._note(conv, rendering, examples)
         return examples
 
-    def _encode(self, segments) -> Encoded:
+    def _whole_text(self, ids: list[int]) -> Encoded:
+        """Format `text`: the text trained whole, with the tokenizer's own special tokens and an EOS."""
+        if self.tok.eos_token_id is not None and ids[-1:] != [self.tok.eos_token_id]:
+            ids = ids + [self.tok.eos_token_id]
+        return Encoded(ids, list(ids))
+
+    def ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, no special tokens added: the same as `tokenizer(text)` gives."""
+        if not texts:
+            return []
+        if self.backend is None:
+            self.backend = _agreeing_backend(self.tok, texts[:16])
+        if self.backend:
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
+
+    def _encode(self, segments, pieces: list[list[int]]) -> Encoded:
         input_ids, labels = [], []
-        for seg in segments:
+        for seg, ids in zip(segments, pieces):
             # Pieces are tokenized separately: BPE must not merge the role header into the reply.
-            ids = self.tok(seg.text, add_special_tokens=False)["input_ids"]
             input_ids += ids
             if self.train_on == "all":
                 labels += ids
@@ -108,9 +176,16 @@ class Encoder:
         if eot is None:
             self.missing_eot += 1
             return list(ids)
-        if self.tok.decode(ids[eot + 1 :], skip_special_tokens=True).strip():
+        if eot + 1 < len(ids) and self._text_after(tuple(ids[eot + 1 :])):
             self.eot_inside += 1
         return ids[: eot + 1] + [IGNORE] * (len(ids) - eot - 1)
+
+    def _text_after(self, tail: tuple[int, ...]) -> bool:
+        """Whether tokens after a reply's end-of-turn are text, not template whitespace (memoized: the same few
+        separators follow nearly every reply)."""
+        if tail not in self._tails:
+            self._tails[tail] = bool(self.tok.decode(list(tail), skip_special_tokens=True).strip())
+        return self._tails[tail]
 
     def _reasoning(self, conv: Conversation) -> Conversation:
         turns = sum(m.reasoning is not None for m in conv.messages)
@@ -168,40 +243,64 @@ def apply_length_policy(enc: Encoded, max_length: int, overflow: str, origin: st
     return cut, "truncated"
 
 
-def encode_dataset(encoder: Encoder, conversations, cfg: DataConfig, report: DatasetReport) -> list[Encoded]:
-    """Encode, apply the length policy, and fill the report. Returns the kept examples."""
-    kept: list[Encoded] = []
-    lengths = []
-    for conv in conversations:
-        try:
-            encoded = encoder.encode(conv)
-        except RecordProblem as e:  # the template cannot render this record consistently
+@dataclass
+class Chunk:
+    """What encoding a run of conversations gave: its examples' columns, their lengths and the counts that
+    go into the dataset's report (a partial DatasetReport, summed with `absorb`)."""
+
+    columns: dict[str, list]  # input_ids, labels, loss_weight, id, metadata (JSON text)
+    lengths: list[int]
+    report: DatasetReport
+    missing_eot: int = 0
+    eot_inside: int = 0
+
+
+def encode_chunk(encoder: Encoder, conversations: list[Conversation], cfg: DataConfig, weight: float = 1.0) -> Chunk:
+    """Encode, apply the length policy and count; `weight` is the dataset's loss_weight (times each record's)."""
+    encoder.reset_counts()
+    report, kept, owners, lengths = DatasetReport(name=""), [], [], []
+    for conv, encoded in zip(conversations, encoder.encode_many(conversations)):
+        if isinstance(encoded, RecordProblem):  # the template cannot render this record consistently
             if cfg.on_bad_record == "error":
-                raise DataError(f"{conv.origin}: {e}") from None
-            report.dropped[f"bad record: {e.kind}"] += 1
+                raise DataError(f"{conv.origin}: {encoded}")
+            report.dropped[f"bad record: {encoded.kind}"] += 1
             continue
         for enc in encoded:
-            _keep(enc, cfg, conv.origin, report, kept, lengths)
-    report.set_lengths(lengths)
+            if _keep(enc, cfg, conv.origin, report, kept, lengths):
+                owners.append(conv)
     report.notes.update(encoder.notes)
-    if encoder.missing_eot:
-        report.warnings.append(
-            f"{encoder.missing_eot} replies have no end-of-turn token after them in template "
-            f"'{encoder.template.name}': the model will not learn to stop"
-        )
-    if encoder.eot_inside:
-        report.warnings.append(f"{encoder.eot_inside} replies hold an end-of-turn token inside their text: "
+    columns = {"input_ids": [e.input_ids for e in kept], "labels": [e.labels for e in kept],
+               "loss_weight": [weight * c.loss_weight for c in owners], "id": [c.id for c in owners],
+               "metadata": [json.dumps(c.metadata, ensure_ascii=False) if c.metadata else None for c in owners]}  # fmt: skip
+    return Chunk(columns, lengths, report, encoder.missing_eot, encoder.eot_inside)
+
+
+def finish_report(report: DatasetReport, lengths, template_name: str, missing_eot: int, eot_inside: int) -> None:
+    """The lengths and warnings of a dataset's report, once all its chunks are counted."""
+    report.set_lengths(list(lengths))
+    if missing_eot:
+        report.warnings.append(f"{missing_eot} replies have no end-of-turn token after them in template "
+                               f"'{template_name}': the model will not learn to stop")  # fmt: skip
+    if eot_inside:
+        report.warnings.append(f"{eot_inside} replies hold an end-of-turn token inside their text: "
                                "each is trained up to that token only")  # fmt: skip
-    return kept
 
 
-def _keep(enc: Encoded, cfg: DataConfig, origin: str, report: DatasetReport, kept: list, lengths: list) -> None:
-    """The length policy for one example, counted in the report."""
+def encode_dataset(encoder: Encoder, conversations, cfg: DataConfig, report: DatasetReport) -> list[Encoded]:
+    """Encode in this process, apply the length policy, and fill the report. Returns the kept examples."""
+    chunk = encode_chunk(encoder, list(conversations), cfg)
+    report.absorb(chunk.report)
+    finish_report(report, chunk.lengths, encoder.template.name, chunk.missing_eot, chunk.eot_inside)
+    return [Encoded(i, lab) for i, lab in zip(chunk.columns["input_ids"], chunk.columns["labels"])]
+
+
+def _keep(enc: Encoded, cfg: DataConfig, origin: str, report: DatasetReport, kept: list, lengths: list) -> bool:
+    """The length policy for one example, counted in the report; whether it was kept."""
     out, outcome = apply_length_policy(enc, cfg.max_length, cfg.overflow, origin)
     if out is None:
         report.dropped[outcome] += 1
         report.supervised_lost += enc.supervised
-        return
+        return False
     kept.append(out)
     report.kept += 1
     report.truncated += outcome == "truncated"
@@ -209,3 +308,4 @@ def _keep(enc: Encoded, cfg: DataConfig, origin: str, report: DatasetReport, kep
     report.supervised_kept += out.supervised
     report.supervised_lost += enc.supervised - out.supervised
     lengths.append(len(out.input_ids))
+    return True

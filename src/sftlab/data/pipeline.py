@@ -1,0 +1,120 @@
+"""A stream of conversations -> one tokenized Arrow file, in parallel, in bounded memory.
+
+The conversations are read lazily and cut into chunks; `data.num_proc` forked workers encode the chunks
+(render, tokenize in batches, masks, length policy) while the reader goes on; the results are written to
+the file in the input's order as they come back, so the output is the same for any number of processes.
+At most a few chunks per worker are in flight: memory is bounded by a chunk, not by the dataset, and the
+dataset itself is the memory-mapped file (`datasets.Dataset.from_file`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import multiprocessing
+import os
+from array import array
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from sftlab.config import DataConfig
+from sftlab.data.conversation import Conversation
+from sftlab.data.tokenize import Chunk, DatasetReport, Encoder, encode_chunk, finish_report
+
+CHUNK = 512  # conversations per task: large enough to batch the tokenizer, small enough to keep memory flat
+IN_FLIGHT = 3  # chunks per worker queued or being encoded
+_JOB: tuple | None = None  # (encoder, cfg, weight) of the running tokenization, inherited by forked workers
+
+
+def schema():
+    import pyarrow as pa
+
+    ids = pa.list_(pa.int32())
+    return pa.schema([("input_ids", ids), ("labels", ids), ("loss_weight", pa.float32()), ("id", pa.string()),
+                      ("metadata", pa.string())])  # fmt: skip
+
+
+def worker_count(num_proc: int | None) -> int:
+    """data.num_proc, or the cores this process may use shared among the ranks launched on this machine."""
+    if num_proc:
+        return num_proc
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def tokenize_to_file(conversations: Iterable[Conversation], encoder: Encoder, cfg: DataConfig, report: DatasetReport,
+                     path: Path, weight: float = 1.0) -> None:  # fmt: skip
+    """Encode every conversation into the Arrow stream file `path` and count them all in `report`."""
+    import pyarrow as pa
+
+    global _JOB
+    lengths = array("l")
+    missing_eot = eot_inside = 0
+    _JOB = (encoder, cfg, weight)
+    try:
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema()) as writer:
+            for batch, chunk in _results(_chunks(conversations), worker_count(cfg.num_proc)):
+                writer.write_batch(batch)
+                lengths.extend(chunk.lengths)
+                report.absorb(chunk.report)
+                missing_eot += chunk.missing_eot
+                eot_inside += chunk.eot_inside
+    finally:
+        _JOB = None
+    finish_report(report, lengths, encoder.template.name, missing_eot, eot_inside)
+
+
+def _chunks(conversations: Iterable[Conversation]) -> Iterator[list[Conversation]]:
+    it = iter(conversations)
+    while chunk := list(itertools.islice(it, CHUNK)):
+        yield chunk
+
+
+def _encode(chunk: list[Conversation]):
+    """One task: a chunk's Arrow batch (built in the worker, so the parent only writes it) and its counts."""
+    import pyarrow as pa
+
+    encoder, cfg, weight = _JOB
+    done: Chunk = encode_chunk(encoder, chunk, cfg, weight)
+    batch = pa.RecordBatch.from_pydict(done.columns, schema=schema())
+    done.columns = {}
+    return batch, done
+
+
+def _results(chunks: Iterator[list[Conversation]], procs: int) -> Iterator:
+    """The chunks' results in order: in this process for a single chunk or num_proc 1, else from a pool."""
+    head = list(itertools.islice(chunks, 2))
+    chunks = itertools.chain(head, chunks)
+    if procs == 1 or len(head) < 2 or multiprocessing.current_process().daemon:  # a daemon may not fork workers
+        yield from map(_encode, chunks)
+        return
+    with _forked_pool(procs) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode, (chunk,)))
+            if len(pending) >= IN_FLIGHT * procs:  # the reader waits: memory stays bounded
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+@contextlib.contextmanager
+def _forked_pool(procs: int):
+    """A pool of forked workers (they inherit the tokenizer and template; nothing is pickled but the chunks),
+    each tokenizing in its one thread: the fast tokenizer's own threads would only contend with the workers,
+    and after a fork it would warn and turn them off anyway."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = multiprocessing.get_context("fork").Pool(procs)
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM")
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+        pool.join()

@@ -1,0 +1,167 @@
+"""The tokenizing pipeline: parallel workers give what one process gives, the reader is never far ahead of the
+writer (memory bounded by chunks), the batched tokenizer gives the tokenizer's own ids, and a record's id,
+metadata and loss_weight reach the tokenized dataset."""
+
+import itertools
+import json
+import random
+
+import pytest
+from conftest import write_jsonl
+
+import sftlab.data.dataset as dataset
+import sftlab.data.pipeline as pipeline
+from sftlab.config import DataConfig, DatasetSpec
+from sftlab.data.conversation import Conversation, Message
+from sftlab.data.templates import ChatTemplate
+from sftlab.data.tokenize import Encoder
+from sftlab.errors import DataError
+
+WORDS = "river stone garden light music cloud water number answer city tree".split()
+
+
+def chats(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    say = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    out = []
+    for i in range(n):
+        messages = [{"role": "system", "content": say(4)}] if i % 3 == 0 else []
+        for _ in range(rng.randint(1, 3)):
+            messages += [{"role": "user", "content": say(rng.randint(2, 12))},
+                         {"role": "assistant", "content": say(rng.randint(2, 30))}]  # fmt: skip
+        out.append({"id": f"r{i}", "metadata": {"category": "ab"[i % 2], "n": i}, "messages": messages})
+    return out
+
+
+def load(path, tok, **kw):
+    return dataset.load_split(DataConfig(train=[DatasetSpec(path=str(path))], cache=False, **kw), tok)
+
+
+def test_workers_give_what_one_process_gives(smol_tok, tmp_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "CHUNK", 16)  # 300 chats: 19 chunks, so the pool runs
+    rows = chats(300)
+    rows[7]["messages"][-1]["content"] = "x " * 300  # truncated
+    rows[11] = {"messages": [{"role": "user", "content": "only a question"}]}  # a bad record, skipped
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    one = load(path, smol_tok, num_proc=1, max_length=256, on_bad_record="skip")
+    two = load(path, smol_tok, num_proc=2, max_length=256, on_bad_record="skip")
+    assert one.dataset.to_dict() == two.dataset.to_dict()
+    assert one.reports[0].to_dict() == two.reports[0].to_dict()
+    report = two.reports[0]
+    assert (report.read, report.kept, report.truncated) == (300, 299, 1)
+    assert report.dropped == {"bad record: no assistant turn": 1}
+
+
+def test_a_bad_record_in_a_worker_is_reported_with_its_line(smol_tok, tmp_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "CHUNK", 8)
+    moves = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ 'assistant: ' if messages | length < 3 else 'model: ' }}{% endif %}")
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 40
+    rows = rows + [{"messages": rows[0]["messages"] * 2}]  # renders differently from its own prefix
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=r"d.jsonl:41: template 'custom' renders assistant message 3"):
+        load(path, smol_tok, num_proc=2, template=moves)
+
+
+def test_the_reader_stays_a_few_chunks_ahead_of_the_writer(smol_tok, monkeypatch):
+    monkeypatch.setattr(pipeline, "CHUNK", 4)
+    pulled = []
+
+    def stream():
+        for i, row in enumerate(chats(200)):
+            pulled.append(i)
+            msgs = tuple(Message(m["role"], m["content"]) for m in row["messages"])
+            yield Conversation(messages=msgs, origin=f"gen:{i}")
+
+    encoder = Encoder(smol_tok, ChatTemplate(smol_tok), "assistant", {smol_tok.eos_token_id})
+    pipeline._JOB = (encoder, DataConfig(), 1.0)
+    try:
+        ahead = []
+        for _ in pipeline._results(pipeline._chunks(stream()), procs=2):
+            ahead.append(len(pulled))
+    finally:
+        pipeline._JOB = None
+    assert len(pulled) == 200 and len(ahead) == 50
+    assert ahead[0] <= (pipeline.IN_FLIGHT * 2 + 1) * 4  # not the whole stream before the first result
+
+
+def test_batched_tokenizing_falls_back_where_the_backend_disagrees(smol_tok):
+    class Lowering:  # a wrapper that changes the text before its backend sees it
+        backend_tokenizer = smol_tok.backend_tokenizer
+
+        def __call__(self, text, **kw):
+            return smol_tok([t.lower() for t in text] if isinstance(text, list) else text.lower(), **kw)
+
+    encoder = Encoder(smol_tok, ChatTemplate(smol_tok), "assistant", set())
+    texts = ["Hello World", "<|im_start|>user\nHi THERE<|im_end|>\n", " spaces  and\ttabs"]
+    assert encoder.ids(texts) == [smol_tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert encoder.backend  # SmolLM2's fast tokenizer: the backend agrees
+    wrapped = Encoder(Lowering(), ChatTemplate(smol_tok), "assistant", set())
+    assert wrapped.ids(texts) == [smol_tok(t.lower(), add_special_tokens=False)["input_ids"] for t in texts]
+    assert wrapped.backend is False
+
+
+def test_render_is_apply_chat_template(smol_tok):
+    from sftlab.data.chat_templates import BUILTIN
+    from sftlab.data.templates import TEMPLATE_ERRORS, template_message
+
+    weather = {"type": "function", "function": {"name": "weather", "description": "d",
+                                                "parameters": {"type": "object", "properties": {}}}}  # fmt: skip
+    msgs = (Message("system", "be brief"), Message("user", "hi"), Message("assistant", "yo", reasoning="think"),
+            Message("user", "weather?"))  # fmt: skip
+    compared = 0
+    for name in BUILTIN:
+        t = ChatTemplate(smol_tok, name)
+        for gen, tools in itertools.product((False, True), ((), (weather,))):
+            dicts = [template_message(m, t.reasoning_field) for m in msgs]
+            try:
+                own = smol_tok.apply_chat_template(dicts, tools=list(tools) or None, chat_template=t.source,
+                                                   tokenize=False, add_generation_prompt=gen)  # fmt: skip
+            except TEMPLATE_ERRORS as e:  # a template that refuses a system turn refuses it both ways
+                with pytest.raises(type(e)):
+                    t.render(msgs, gen, tools)
+                continue
+            assert t.render(msgs, gen, tools) == own, name
+            compared += 1
+    assert compared >= 2 * len(BUILTIN)
+
+
+def test_id_metadata_and_loss_weight_reach_the_tokenized_dataset(smol_tok, tmp_cache, tmp_path):
+    rows = chats(4)
+    rows[1]["loss_weight"] = 2.5
+    del rows[2]["id"], rows[2]["metadata"]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    spec = DatasetSpec(path=str(path), loss_weight=2.0)
+    data = dataset.load_split(DataConfig(train=[spec]), smol_tok).dataset
+    by_id = {r["id"]: r for r in data}
+    assert set(by_id) == {"r0", "r1", None, "r3"}
+    assert json.loads(by_id["r3"]["metadata"]) == {"category": "b", "n": 3}
+    assert by_id[None]["metadata"] is None
+    assert [by_id[k]["loss_weight"] for k in ("r0", "r1", None)] == [2.0, 5.0, 2.0]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("loss_weight", -1, "field 'loss_weight' must be a number above 0, got -1"),
+    ("loss_weight", "heavy", "field 'loss_weight' must be a number above 0, got 'heavy'"),
+    ("metadata", ["a"], "field 'metadata' must be a JSON object"),
+    ("id", 1.5, "field 'id' must be text or an integer, got float 1.5"),
+])  # fmt: skip
+def test_a_bad_id_metadata_or_loss_weight_is_refused_at_its_line(smol_tok, tmp_cache, tmp_path, field, value, message):
+    rows = chats(3)
+    rows[1][field] = value
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=rf"d.jsonl:2: {message}"):
+        load(path, smol_tok)
+
+
+def test_parquet_is_read_batch_by_batch_in_order(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sftlab.data.formats import load_conversations
+
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10_000)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet", row_group_size=3000)
+    loaded = load_conversations(str(tmp_path / "d.parquet"))
+    assert [c.messages[0].content for c in loaded.conversations] == [f"q{i}" for i in range(10_000)]
+    assert loaded.conversations[-1].origin.endswith("d.parquet: row 10000")
