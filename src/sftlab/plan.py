@@ -135,11 +135,12 @@ def longest_example(cfg) -> int:
     """The longest tokenized training example (a full micro-batch is that wide), else data.max_length."""
     if not cfg.data.train:
         return cfg.data.max_length
+    from sftlab.data.batching import example_lengths
     from sftlab.data.dataset import load_split
     from sftlab.model.load import load_tokenizer
 
     split = load_split(cfg.data, load_tokenizer(cfg.model), "train")  # cached after the first time
-    return max(len(x) for x in split.dataset["input_ids"])
+    return max(example_lengths(split.dataset))
 
 
 def propose(cfg, budget: int, model_and_config=None) -> list[tuple[int, int, bool, Estimate]]:

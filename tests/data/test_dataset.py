@@ -20,8 +20,9 @@ def test_each_dataset_gets_its_own_report(smol_tok, tmp_cache):
     assert [(r.name, r.format, r.read, r.kept) for r in split.reports] == [
         ("alpaca.jsonl", "alpaca", 3, 3), ("sharegpt.json", "sharegpt", 2, 2)]
     row = split.dataset[0]
-    assert set(row) == {"input_ids", "labels", "loss_weight", "id", "metadata"}
-    assert len(row["input_ids"]) == len(row["labels"])
+    assert set(row) == {"input_ids", "labels", "loss_weight", "id", "metadata", "length", "supervised"}
+    assert len(row["input_ids"]) == len(row["labels"]) == row["length"]
+    assert row["supervised"] == sum(label != -100 for label in row["labels"][1:])
 
 
 def test_skipped_records_are_counted_in_the_report(smol_tok, tmp_cache, tmp_path):

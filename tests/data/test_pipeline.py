@@ -73,14 +73,8 @@ def test_the_reader_stays_a_few_chunks_ahead_of_the_writer(smol_tok, monkeypatch
             msgs = tuple(Message(m["role"], m["content"]) for m in row["messages"])
             yield Conversation(messages=msgs, origin=f"gen:{i}")
 
-    encoder = Encoder(smol_tok, ChatTemplate(smol_tok), "assistant", {smol_tok.eos_token_id})
-    pipeline._JOB = (encoder, DataConfig(), 1.0)
-    try:
-        ahead = []
-        for _ in pipeline._results(pipeline._chunks(stream()), procs=2):
-            ahead.append(len(pulled))
-    finally:
-        pipeline._JOB = None
+    job = (Encoder(smol_tok, ChatTemplate(smol_tok), "assistant", {smol_tok.eos_token_id}), DataConfig(), 1.0)
+    ahead = [len(pulled) for _ in pipeline._results(pipeline._chunks(stream()), job, procs=2)]
     assert len(pulled) == 200 and len(ahead) == 50
     assert ahead[0] <= (pipeline.IN_FLIGHT * 2 + 1) * 4  # not the whole stream before the first result
 

@@ -48,6 +48,14 @@ def plan_epoch(
     return plan
 
 
+def example_lengths(data) -> list[int]:
+    """Each example's tokens: the `length` column the data pipeline writes (a few bytes an example, so the
+    token columns of a million examples are never read for it), else the lengths of input_ids."""
+    if "length" in data.column_names:
+        return data["length"]
+    return [len(x) for x in data["input_ids"]]
+
+
 def rows(data, idx: list[int]) -> list[dict]:
     """Examples `idx` of a tokenized dataset (every column), read in one call."""
     cols = data[idx]

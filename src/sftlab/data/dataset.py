@@ -131,9 +131,12 @@ def _finish(parts: list, reports: list[DatasetReport], hits: int, specs: list[Da
 
 
 def supervised_tokens(data) -> int:
-    """Tokens carrying loss after the causal shift (each row's first label predicts nothing), counted in Arrow."""
+    """Tokens carrying loss after the causal shift (each row's first label predicts nothing): the sum of the
+    `supervised` column the pipeline writes (the labels are never read), else counted in Arrow."""
     import pyarrow.compute as pc
 
+    if "supervised" in data.column_names:
+        return int(pc.sum(data.with_format("arrow")["supervised"]).as_py() or 0)
     labels = data.with_format("arrow")["labels"]
     if len(labels) == 0:
         return 0

@@ -24,7 +24,7 @@ from sftlab.data.tokenize import Chunk, DatasetReport, Encoder, encode_chunk, fi
 
 CHUNK = 512  # conversations per task: large enough to batch the tokenizer, small enough to keep memory flat
 IN_FLIGHT = 3  # chunks per worker queued or being encoded
-_JOB: tuple | None = None  # (encoder, cfg, weight) of the running tokenization, inherited by forked workers
+_JOB: tuple | None = None  # a worker's (encoder, cfg, weight), set by its pool initializer
 
 
 def schema():
@@ -32,7 +32,7 @@ def schema():
 
     ids = pa.list_(pa.int32())
     return pa.schema([("input_ids", ids), ("labels", ids), ("loss_weight", pa.float32()), ("id", pa.string()),
-                      ("metadata", pa.string())])  # fmt: skip
+                      ("metadata", pa.string()), ("length", pa.int32()), ("supervised", pa.int32())])  # fmt: skip
 
 
 def worker_count(num_proc: int | None) -> int:
@@ -48,20 +48,15 @@ def tokenize_to_file(conversations: Iterable[Conversation], encoder: Encoder, cf
     """Encode every conversation into the Arrow stream file `path` and count them all in `report`."""
     import pyarrow as pa
 
-    global _JOB
     lengths = array("l")
     missing_eot = eot_inside = 0
-    _JOB = (encoder, cfg, weight)
-    try:
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema()) as writer:
-            for batch, chunk in _results(_chunks(conversations), worker_count(cfg.num_proc)):
-                writer.write_batch(batch)
-                lengths.extend(chunk.lengths)
-                report.absorb(chunk.report)
-                missing_eot += chunk.missing_eot
-                eot_inside += chunk.eot_inside
-    finally:
-        _JOB = None
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema()) as writer:
+        for batch, chunk in _results(_chunks(conversations), (encoder, cfg, weight), worker_count(cfg.num_proc)):
+            writer.write_batch(batch)
+            lengths.extend(chunk.lengths)
+            report.absorb(chunk.report)
+            missing_eot += chunk.missing_eot
+            eot_inside += chunk.eot_inside
     finish_report(report, lengths, encoder.template.name, missing_eot, eot_inside)
 
 
@@ -71,25 +66,31 @@ def _chunks(conversations: Iterable[Conversation]) -> Iterator[list[Conversation
         yield chunk
 
 
-def _encode(chunk: list[Conversation]):
+def _encode(chunk: list[Conversation], job: tuple | None = None):
     """One task: a chunk's Arrow batch (built in the worker, so the parent only writes it) and its counts."""
     import pyarrow as pa
 
-    encoder, cfg, weight = _JOB
+    encoder, cfg, weight = job or _JOB
     done: Chunk = encode_chunk(encoder, chunk, cfg, weight)
     batch = pa.RecordBatch.from_pydict(done.columns, schema=schema())
     done.columns = {}
     return batch, done
 
 
-def _results(chunks: Iterator[list[Conversation]], procs: int) -> Iterator:
+def _adopt(job: tuple) -> None:
+    """Pool initializer: the worker's job (forked, so the encoder arrives as memory, not as a pickle)."""
+    global _JOB
+    _JOB = job
+
+
+def _results(chunks: Iterator[list[Conversation]], job: tuple, procs: int) -> Iterator:
     """The chunks' results in order: in this process for a single chunk or num_proc 1, else from a pool."""
     head = list(itertools.islice(chunks, 2))
     chunks = itertools.chain(head, chunks)
     if procs == 1 or len(head) < 2 or multiprocessing.current_process().daemon:  # a daemon may not fork workers
-        yield from map(_encode, chunks)
+        yield from (_encode(chunk, job) for chunk in chunks)
         return
-    with _forked_pool(procs) as pool:
+    with _forked_pool(procs, job) as pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_encode, (chunk,)))
@@ -100,14 +101,14 @@ def _results(chunks: Iterator[list[Conversation]], procs: int) -> Iterator:
 
 
 @contextlib.contextmanager
-def _forked_pool(procs: int):
+def _forked_pool(procs: int, job: tuple):
     """A pool of forked workers (they inherit the tokenizer and template; nothing is pickled but the chunks),
     each tokenizing in its one thread: the fast tokenizer's own threads would only contend with the workers,
     and after a fork it would warn and turn them off anyway."""
     before = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        pool = multiprocessing.get_context("fork").Pool(procs)
+        pool = multiprocessing.get_context("fork").Pool(procs, initializer=_adopt, initargs=(job,))
     finally:
         if before is None:
             os.environ.pop("TOKENIZERS_PARALLELISM")

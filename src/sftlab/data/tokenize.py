@@ -248,7 +248,7 @@ class Chunk:
     """What encoding a run of conversations gave: its examples' columns, their lengths and the counts that
     go into the dataset's report (a partial DatasetReport, summed with `absorb`)."""
 
-    columns: dict[str, list]  # input_ids, labels, loss_weight, id, metadata (JSON text)
+    columns: dict[str, list]  # input_ids, labels, loss_weight, id, metadata (JSON text), length, supervised
     lengths: list[int]
     report: DatasetReport
     missing_eot: int = 0
@@ -271,7 +271,8 @@ def encode_chunk(encoder: Encoder, conversations: list[Conversation], cfg: DataC
     report.notes.update(encoder.notes)
     columns = {"input_ids": [e.input_ids for e in kept], "labels": [e.labels for e in kept],
                "loss_weight": [weight * c.loss_weight for c in owners], "id": [c.id for c in owners],
-               "metadata": [json.dumps(c.metadata, ensure_ascii=False) if c.metadata else None for c in owners]}  # fmt: skip
+               "metadata": [json.dumps(c.metadata, ensure_ascii=False) if c.metadata else None for c in owners],
+               "length": lengths, "supervised": [e.supervised - (e.labels[0] != IGNORE) for e in kept]}  # fmt: skip
     return Chunk(columns, lengths, report, encoder.missing_eot, encoder.eot_inside)
 
 

@@ -24,7 +24,7 @@ import torch
 
 from sftlab import rundir
 from sftlab.config import Config
-from sftlab.data.batching import plan_epoch, rows, without_weights
+from sftlab.data.batching import example_lengths, plan_epoch, rows, without_weights
 from sftlab.errors import SftlabError
 from sftlab.evaluate.runner import reference_items
 from sftlab.files import atomic_dir
@@ -206,7 +206,7 @@ def _single_process() -> bool:
 def loop(run: Run, state: RunState, log: MetricsLog, say) -> str:
     """Train until the last step, early stopping or a stop signal; returns which one it was."""
     cfg, acc = run.cfg.train, run.accelerator
-    lengths = [len(x) for x in run.train_data["input_ids"]]
+    lengths = example_lengths(run.train_data)
     if state.step == 0 and run.eval_data is not None:
         record = {"step": 0, **eval_now(run)}  # every rank evaluates its share; rank 0 writes
         if acc.is_main_process:

@@ -9,7 +9,7 @@ import math
 import torch
 
 from sftlab.data.batching import collate as collate_padded
-from sftlab.data.batching import rows, supervised_count, without_weights
+from sftlab.data.batching import example_lengths, rows, supervised_count, without_weights
 
 
 def eval_loss(loss_module, data, batch_size: int, pad_id: int, accelerator=None, collate_fn=None, count_fn=None) -> dict:
@@ -41,7 +41,7 @@ def _eval_loss(loss_module, data, batch_size: int, pad_id: int, accelerator=None
     accelerator = accelerator or _SingleProcess(next(loss_module.parameters()).device)
     was_training = loss_module.training
     loss_module.eval()
-    lengths = [len(x) for x in data["input_ids"]]
+    lengths = example_lengths(data)
     # Longest first, in fixed batches: deterministic, little padding; ranks take every world-th batch.
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
