@@ -148,3 +148,16 @@ def test_eval_of_a_bf16_run_computes_as_trained(lively_model_dir, tmp_path):
 
     merge(str(out), str(tmp_path / "merged"))  # carries the run's summary, but is a model the run never computed
     assert read_compute(out).precision == "bf16" and read_compute(tmp_path / "merged") is None
+
+
+def test_eval_names_the_code_sandbox_it_ran_in(tiny_model_dir, tmp_path, capsys):
+    from sftlab.evaluate.sandbox import isolation
+
+    first = (ROOT / "examples" / "tasks" / "humaneval_mini.jsonl").read_text().splitlines()[0]
+    (tmp_path / "code.jsonl").write_text(first + "\n")
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"model: {{name: {tiny_model_dir}}}\neval:\n  tasks: [{{path: code.jsonl, type: code}}]\n"
+                   "  max_new_tokens: 4\n")  # fmt: skip
+    assert main(["eval", str(cfg), "--output", str(tmp_path / "out")]) == 0
+    assert f"code sandbox: {isolation().description}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["sandbox"] == isolation().name

@@ -166,6 +166,7 @@ def run_eval(target: str, overrides: list[str] = (), output: str | None = None, 
     inputs = prepare_inputs(cfg, loaded.tokenizer)
     embedder = _embedder(cfg, say) if inputs.references or any(s.type == "generation" for s, _ in inputs.tasks) else None
     say(f"evaluating {source} ({_describe(compute)})")
+    sandbox = _sandbox(inputs, say)
     results = {"model": score_model(loaded.model, inputs, "model", embedder, compute)}
     base_source = None
     if compare:
@@ -178,10 +179,22 @@ def run_eval(target: str, overrides: list[str] = (), output: str | None = None, 
         results["base"] = score_model(base.model, inputs, "base", embedder, compute)
     record = _record(cfg, source, base_source, results, time.perf_counter() - started)
     record["compute"] = compute.record()
+    if sandbox:
+        record["sandbox"] = sandbox
     write_results(out, record, _samples(inputs, results))
     say(format_table(record))
     say(f"wrote {out / 'metrics.json'} and {out / 'samples.jsonl'}")
     return record
+
+
+def _sandbox(inputs: EvalInputs, say) -> str | None:
+    """The code sandbox's isolation, named once where code tasks run (metrics.json keeps it)."""
+    if not any(spec.type == "code" for spec, _ in inputs.tasks):
+        return None
+    from sftlab.evaluate.sandbox import isolation
+
+    say(f"code sandbox: {isolation().description}")
+    return isolation().name
 
 
 def _describe(compute) -> str:
