@@ -26,7 +26,7 @@ def test_perplexity_equals_an_independent_computation(tiny_model_dir, tmp_path):
     cfg = _eval_cfg(tiny_model_dir, tmp_path, "eval.max_examples=1")
     loaded = load_run(str(tiny_model_dir))
     inputs = prepare_inputs(cfg, loaded.tokenizer)
-    metrics, _ = score_model(loaded.model, inputs, "model")
+    metrics, _, _ = score_model(loaded.model, inputs, "model")
     total, count = 0.0, 0
     with torch.no_grad():
         for row in inputs.eval_data:  # plain transformers: mean loss over shifted labels, one example at a time
@@ -79,11 +79,17 @@ def test_eval_cli_compares_with_the_base_and_writes_metrics_and_samples(tiny_mod
         assert key in tuned and key in base
         assert record["delta"][key] == pytest.approx(tuned[key] - base[key])
     assert tuned["eval/loss"] != base["eval/loss"]  # the adapter changed the model
+    intervals = record["intervals"]
+    assert {"mc/accuracy", "mc/accuracy_norm", "eval/bleu", "eval/rougeL", "eval/exact_match"} <= set(intervals)
+    assert "eval/loss" not in intervals  # no per-item evidence for the loss yet
+    for iv in intervals.values():
+        assert iv["low"] is None or iv["low"] <= iv["high"]
+    assert "p" in intervals["mc/accuracy"] and "p" not in intervals["eval/rougeL"]
     rows = [json.loads(line) for line in (run / "eval" / "samples.jsonl").read_text().splitlines()]
     assert [r["source"] for r in rows] == ["data.eval"] * 5 + ["mc"] * 4 + ["arith"]
     assert all("answer" in r and "base_answer" in r and "reference" in r for r in rows)
     out = capsys.readouterr().out
-    assert "base" in out and "tuned" in out and "eval/loss" in out
+    assert "base" in out and "tuned" in out and "eval/loss" in out and "95% interval" in out
 
 
 def test_eval_of_a_config_with_only_model_and_tasks(tiny_model_dir, tmp_path):

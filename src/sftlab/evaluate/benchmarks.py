@@ -157,12 +157,15 @@ def choice_logprobs(model, tokenizer, items: list[Item], batch_size: int = 8, ch
 
 def multiple_choice_scores(items: list[Item], logprobs: list[list[float]]) -> dict[str, float]:
     """accuracy: highest total log-likelihood; accuracy_norm: per byte of choice text (lm-eval's acc_norm)."""
-    acc = sum(max(range(len(s)), key=s.__getitem__) == it.answer_index for it, s in zip(items, logprobs))
-    norm = sum(
-        max(range(len(s)), key=lambda j: s[j] / max(len(it.choices[j].encode()), 1)) == it.answer_index
-        for it, s in zip(items, logprobs)
-    )
-    return {"accuracy": 100 * acc / len(items), "accuracy_norm": 100 * norm / len(items)}
+    return {k: 100 * sum(v) / len(items) for k, v in multiple_choice_hits(items, logprobs).items()}
+
+
+def multiple_choice_hits(items: list[Item], logprobs: list[list[float]]) -> dict[str, list[bool]]:
+    """Whether each item is answered right, by total log-likelihood and by log-likelihood per byte."""
+    acc = [max(range(len(s)), key=s.__getitem__) == it.answer_index for it, s in zip(items, logprobs)]
+    norm = [max(range(len(s)), key=lambda j: s[j] / max(len(it.choices[j].encode()), 1)) == it.answer_index
+            for it, s in zip(items, logprobs)]  # fmt: skip
+    return {"accuracy": acc, "accuracy_norm": norm}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

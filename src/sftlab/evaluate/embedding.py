@@ -41,6 +41,11 @@ class SentenceEncoder:
 
     def similarity(self, predictions: list[str], references: list[str]) -> float:
         """Mean cosine similarity of each answer with its reference."""
+        per = self.similarities(predictions, references)
+        return sum(per) / len(per) if per else 0.0
+
+    def similarities(self, predictions: list[str], references: list[str]) -> list[float]:
+        """Each answer's cosine similarity with its reference."""
         if not predictions:
-            return 0.0
-        return float((self.embed(predictions) * self.embed(references)).sum(-1).mean())
+            return []
+        return (self.embed(predictions) * self.embed(references)).sum(-1).tolist()

@@ -13,7 +13,7 @@ from html import escape
 from pathlib import Path
 
 from sftlab.errors import ConfigError
-from sftlab.evaluate.runner import better
+from sftlab.evaluate.runner import better, interval_text
 from sftlab.rundir import read_metrics
 
 MAX_SAMPLES = 30  # rows of side-by-side answers shown per source
@@ -174,11 +174,12 @@ def _metrics_table(evaluation: dict | None) -> str:
         if base:
             d = evaluation["delta"].get(key)
             cls = "num" if not d else "num better" if better(key, d) else "num worse"
-            row += [_num(base["metrics"].get(key)), _num(value), _num(d, "{:+.4g}", cls)]
+            iv = interval_text(evaluation.get("intervals", {}).get(key))
+            row += [_num(base["metrics"].get(key)), _num(value), _num(d, "{:+.4g}", cls), _text(iv)]
         else:
             row.append(_num(value))
         rows.append(row)
-    header = ["metric", "base", "tuned", "delta"] if base else ["metric", "value"]
+    header = ["metric", "base", "tuned", "delta", "95% interval (~: not significant)"] if base else ["metric", "value"]
     note = "<p class=muted>loss and perplexity: lower is better; every other metric: higher is better (percent).</p>"
     return f"<p class=muted>{escape(sources)} ({escape(evaluation.get('created', ''))})</p>" + _table(header, rows) + note
 

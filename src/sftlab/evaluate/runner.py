@@ -94,21 +94,23 @@ def reference_items(cfg: Config, limit: int = 0) -> list[Item]:
     return items[:limit] if limit else items
 
 
-def score_model(model, inputs: EvalInputs, label: str, embedder=None, compute=FP32) -> tuple[dict, dict]:
-    """Flat metrics {"eval/loss": ..., "<task>/accuracy": ...} and answers {(source, index): text},
-    computed on `compute`'s path (speed.as_trained: the run's autocast; its attention for the loss)."""
+def score_model(model, inputs: EvalInputs, label: str, embedder=None, compute=FP32) -> tuple[dict, dict, dict]:
+    """Flat metrics {"eval/loss": ..., "<task>/accuracy": ...}, answers {(source, index): text} and each
+    metric's per-item evidence (evaluate.significance), computed on `compute`'s path (speed.as_trained: the
+    run's autocast; its attention for the loss)."""
     with computing(model, compute, kernels=False):
         return _score(model, inputs, label, embedder, compute)
 
 
-def _score(model, inputs: EvalInputs, label: str, embedder, compute) -> tuple[dict, dict]:
+def _score(model, inputs: EvalInputs, label: str, embedder, compute) -> tuple[dict, dict, dict]:
     from sftlab.evaluate import benchmarks as B
+    from sftlab.evaluate.significance import mean_scores, text_evidence
     from sftlab.generate import Sampling, generate_answers
-    from sftlab.metrics.text import numeric_match, text_metrics
+    from sftlab.metrics.text import numeric_match, numeric_matches, text_metrics
 
     cfg, tok = inputs.cfg.eval, inputs.tokenizer
     sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
-    metrics, answers = {}, {}
+    metrics, answers, evidence = {}, {}, {}
 
     def generate(items, desc, n=1):
         convs = [it.messages for it in items for _ in range(n)]
@@ -124,12 +126,15 @@ def _score(model, inputs: EvalInputs, label: str, embedder, compute) -> tuple[di
         replies = [r[0] for r in generate(inputs.references, "eval data")]
         refs = [it.reference for it in inputs.references]
         metrics |= {f"eval/{k}": v for k, v in text_metrics(replies, refs, embedder).items()}
+        evidence |= {f"eval/{k}": v for k, v in text_evidence(replies, refs, embedder).items()}
         answers |= {("data.eval", i): r for i, r in enumerate(replies)}
     for spec, items in inputs.tasks:
         name = spec.label
         if spec.type == "multiple_choice":
             scores = B.choice_logprobs(model, tok, items, cfg.batch_size)
             metrics |= {f"{name}/{k}": v for k, v in B.multiple_choice_scores(items, scores).items()}
+            evidence |= {f"{name}/{k}": mean_scores([100 * h for h in v], binary=True)
+                         for k, v in B.multiple_choice_hits(items, scores).items()}  # fmt: skip
             answers |= {(name, i): it.choices[max(range(len(s)), key=s.__getitem__)]
                         for i, (it, s) in enumerate(zip(items, scores))}  # fmt: skip
             continue
@@ -139,12 +144,18 @@ def _score(model, inputs: EvalInputs, label: str, embedder, compute) -> tuple[di
         first, refs = [r[0] for r in replies], [it.reference for it in items]
         if spec.type == "exact_match":
             metrics[f"{name}/exact_match"] = numeric_match(first, refs)
+            evidence[f"{name}/exact_match"] = mean_scores([100 * h for h in numeric_matches(first, refs)], True)
         elif spec.type == "generation":
             metrics |= {f"{name}/{k}": v for k, v in text_metrics(first, refs, embedder).items()}
+            evidence |= {f"{name}/{k}": v for k, v in text_evidence(first, refs, embedder).items()}
         else:
-            scores, _ = B.code_scores(items, replies, cfg.pass_k, cfg.code_timeout, cfg.code_memory_mb, progress=True)
+            scores, statuses = B.code_scores(items, replies, cfg.pass_k, cfg.code_timeout, cfg.code_memory_mb,
+                                             progress=True)  # fmt: skip
             metrics |= {f"{name}/{k}": v for k, v in scores.items()}
-    return metrics, answers
+            evidence |= {f"{name}/pass@{k}": mean_scores([100 * B.pass_at_k(len(st), st.count("passed"), k)
+                                                          for st in statuses], binary=len(replies[0]) == 1)
+                         for k in cfg.pass_k}  # fmt: skip
+    return metrics, answers, evidence
 
 
 def run_eval(target: str, overrides: list[str] = (), output: str | None = None, compare: str | None = None,
@@ -240,8 +251,11 @@ def _record(cfg: Config, source: str, base_source: str | None, results: dict, se
     record = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(seconds, 1), "models": models,
               "settings": asdict(cfg.eval)}  # fmt: skip
     if "base" in results:
+        from sftlab.evaluate.significance import intervals
+
         tuned, base = results["model"][0], results["base"][0]
         record["delta"] = {k: tuned[k] - base[k] for k in tuned if k in base}
+        record["intervals"] = intervals(results["base"][2], results["model"][2], cfg.eval.seed)
     return record
 
 
@@ -253,7 +267,7 @@ def _samples(inputs: EvalInputs, results: dict) -> list[dict]:
         for i, item in enumerate(items):
             row = {"source": name, "prompt": item.messages[-1]["content"] if item.messages else "",
                    "messages": item.messages, "reference": item.reference}  # fmt: skip
-            for label, (_, answers) in results.items():
+            for label, (_, answers, _) in results.items():
                 if (name, i) in answers:
                     row["answer" if label == "model" else "base_answer"] = answers[(name, i)]
             rows.append(row)
@@ -273,15 +287,29 @@ def better(key: str, delta: float) -> bool:
 
 
 def format_table(record: dict) -> str:
-    """A plain-text table: metric, base, model, delta (with ▲/▼ for better/worse)."""
+    """A plain-text table: metric, base, model, delta (▲/▼ better/worse) and its 95% interval, `~` where the
+    delta is not significant."""
     tuned = record["models"]["model"]["metrics"]
     base = record["models"].get("base", {}).get("metrics")
-    lines = [f"{'metric':34} " + (f"{'base':>10} {'tuned':>10} {'delta':>11}" if base else f"{'value':>10}")]
+    head = f"{'base':>10} {'tuned':>10} {'delta':>11}  95% interval" if base else f"{'value':>10}"
+    lines = [f"{'metric':34} {head}"]
     for key, value in tuned.items():
         if base is None:
             lines.append(f"{key:34} {value:10.4g}")
             continue
         d = record["delta"].get(key)
         mark = "" if d is None or abs(d) < 1e-12 else (" ▲" if better(key, d) else " ▼")
-        lines.append(f"{key:34} {base.get(key, float('nan')):10.4g} {value:10.4g} {d:+9.4g}{mark}")
+        lines.append(f"{key:34} {base.get(key, float('nan')):10.4g} {value:10.4g} {d:+9.4g}{mark:2}  "
+                     f"{interval_text(record.get('intervals', {}).get(key))}".rstrip())  # fmt: skip
+    if base is not None and record.get("intervals"):
+        lines.append("~ not significant at 95% (paired bootstrap over items; McNemar's exact test for right/wrong "
+                     "scores)")  # fmt: skip
     return "\n".join(lines)
+
+
+def interval_text(iv: dict | None) -> str:
+    """'[low, high]' of a delta's 95% interval, with ' ~' when it is not significant; '' without one."""
+    if not iv or iv.get("low") is None:
+        return ""
+    p = f" p={iv['p']:.2g}" if "p" in iv else ""
+    return f"[{iv['low']:+.3g}, {iv['high']:+.3g}]{p}{'' if iv['significant'] else ' ~'}"

@@ -47,12 +47,18 @@ def chrf(predictions: list[str], references: list[str]) -> float:
 
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Mean F1 of ROUGE-1, ROUGE-2 and ROUGE-L, in percent."""
+    per = rouge_per_item(predictions, references)
+    return {k: sum(v) / max(len(v), 1) for k, v in per.items()}
+
+
+def rouge_per_item(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """Each answer's F1 of ROUGE-1, ROUGE-2 and ROUGE-L, in percent."""
     from rouge_score import rouge_scorer
 
     keys = ("rouge1", "rouge2", "rougeL")
     scorer = rouge_scorer.RougeScorer(list(keys), tokenizer=MixedTokenizer())
     scores = [scorer.score(r, p) for p, r in zip(predictions, references)]
-    return {k: 100 * sum(s[k].fmeasure for s in scores) / max(len(scores), 1) for k in keys}
+    return {k: [100 * s[k].fmeasure for s in scores] for k in keys}
 
 
 def normalize(text: str) -> str:
@@ -61,8 +67,11 @@ def normalize(text: str) -> str:
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
     """Percent of answers equal to the reference after case, width and whitespace normalization."""
-    hits = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references))
-    return 100 * hits / max(len(references), 1)
+    return 100 * sum(exact_matches(predictions, references)) / max(len(references), 1)
+
+
+def exact_matches(predictions: list[str], references: list[str]) -> list[bool]:
+    return [normalize(p) == normalize(r) for p, r in zip(predictions, references)]
 
 
 def extract_number(text: str) -> float | None:
@@ -78,11 +87,16 @@ def extract_number(text: str) -> float | None:
 
 
 def numeric_match(predictions: list[str], references: list[str]) -> float:
-    hits = 0
+    return 100 * sum(numeric_matches(predictions, references)) / max(len(references), 1)
+
+
+def numeric_matches(predictions: list[str], references: list[str]) -> list[bool]:
+    """Whether each answer's final number is the reference's."""
+    hits = []
     for p, r in zip(predictions, references):
         want, got = extract_number(r), extract_number(p)
-        hits += want is not None and got is not None and abs(want - got) < 1e-6 * max(1.0, abs(want))
-    return 100 * hits / max(len(references), 1)
+        hits.append(want is not None and got is not None and abs(want - got) < 1e-6 * max(1.0, abs(want)))
+    return hits
 
 
 def text_metrics(predictions: list[str], references: list[str], embedder=None) -> dict[str, float]:

@@ -1,0 +1,48 @@
+"""Intervals for base-vs-tuned deltas: McNemar's exact test and the paired bootstrap, checked against
+values computed by hand and against scipy."""
+
+import pytest
+
+from sftlab.evaluate.significance import PerItem, interval, mcnemar_exact, mean_scores, text_evidence
+
+
+def test_mcnemar_exact_matches_the_binomial():
+    from scipy.stats import binomtest
+
+    assert mcnemar_exact([False] * 6, [True] * 6) == pytest.approx(2 / 64)  # 6 discordant, all one way
+    base = [True] * 10 + [False] * 8 + [True] * 2 + [False] * 5
+    tuned = [True] * 10 + [True] * 8 + [False] * 2 + [False] * 5  # b = 2, c = 8
+    assert mcnemar_exact(base, tuned) == pytest.approx(binomtest(2, 10, 0.5).pvalue)
+    assert mcnemar_exact(base, base) == 1.0
+
+
+def test_a_clear_gain_is_significant_and_noise_is_not():
+    base = mean_scores([0.0] * 30 + [100.0] * 10, binary=True)
+    tuned = mean_scores([100.0] * 30 + [100.0] * 10, binary=True)
+    iv = interval(base, tuned)
+    assert iv["significant"] and 0 < iv["low"] <= 75 <= iv["high"] and iv["p"] < 1e-6
+    coin = mean_scores([100.0 if i % 2 else 0.0 for i in range(20)], binary=True)
+    flipped = mean_scores([0.0 if i % 2 else 100.0 for i in range(20)][:2] + coin.scores[2:], binary=True)
+    small = interval(coin, flipped)
+    assert not small["significant"] and small["low"] <= 0 <= small["high"] and small["p"] == 1.0
+
+
+def test_the_bootstrap_pairs_items_and_recomputes_a_corpus_metric():
+    scores = [float(i % 7) for i in range(50)]
+    same = interval(mean_scores(scores), mean_scores(scores))
+    assert same["low"] == same["high"] == 0 and not same["significant"]
+    shifted = interval(mean_scores(scores), mean_scores([s + 1 for s in scores]))
+    assert shifted["low"] == pytest.approx(1) and shifted["high"] == pytest.approx(1)  # paired: no spread
+    corpus = PerItem(items=list(range(40)), corpus=lambda xs: float(len(set(xs))))  # a non-mean statistic
+    assert interval(corpus, corpus)["low"] == 0
+
+
+def test_text_evidence_averages_to_the_metrics():
+    from sftlab.metrics.text import text_metrics
+
+    preds = ["the cat sat", "a dog", "hello world", "42"]
+    refs = ["the cat sat down", "a dog ran", "hello there world", "42"]
+    metrics, evidence = text_metrics(preds, refs), text_evidence(preds, refs)
+    assert set(evidence) == set(metrics)
+    for key, ev in evidence.items():
+        assert ev.value(list(range(len(preds)))) == pytest.approx(metrics[key])
