@@ -81,7 +81,8 @@ def test_eval_cli_compares_with_the_base_and_writes_metrics_and_samples(tiny_mod
     assert tuned["eval/loss"] != base["eval/loss"]  # the adapter changed the model
     intervals = record["intervals"]
     assert {"mc/accuracy", "mc/accuracy_norm", "eval/bleu", "eval/rougeL", "eval/exact_match"} <= set(intervals)
-    assert "eval/loss" not in intervals  # no per-item evidence for the loss yet
+    loss = intervals["eval/loss"]  # examples resampled: the observed loss delta lies inside
+    assert loss["low"] <= record["delta"]["eval/loss"] <= loss["high"] and "p" not in loss
     for iv in intervals.values():
         assert iv["low"] is None or iv["low"] <= iv["high"]
     assert "p" in intervals["mc/accuracy"] and "p" not in intervals["eval/rougeL"]

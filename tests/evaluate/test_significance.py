@@ -46,3 +46,22 @@ def test_text_evidence_averages_to_the_metrics():
     assert set(evidence) == set(metrics)
     for key, ev in evidence.items():
         assert ev.value(list(range(len(preds)))) == pytest.approx(metrics[key])
+
+
+def test_example_losses_combine_to_the_eval_loss(tiny_model_dir, tmp_path):
+    from conftest import tiny_config
+
+    from sftlab.data.dataset import load_split
+    from sftlab.evaluate.significance import token_mean
+    from sftlab.metrics.perplexity import eval_loss, example_losses
+    from sftlab.model.load import load_tokenizer
+    from sftlab.model.loss import SupervisedLoss
+    from sftlab.rundir import load_run
+
+    cfg = tiny_config(tiny_model_dir, tmp_path / "x")
+    tok = load_tokenizer(cfg.model)
+    data = load_split(cfg.data, tok).dataset.select(range(6))
+    module = SupervisedLoss(load_run(str(tiny_model_dir)).model)
+    pairs = example_losses(module, data, tok.pad_token_id)
+    assert len(pairs) == 6 and all(n > 0 for _, n in pairs)
+    assert token_mean(pairs) == pytest.approx(eval_loss(module, data, 4, tok.pad_token_id)["eval_loss"], rel=1e-5)

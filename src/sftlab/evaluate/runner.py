@@ -80,6 +80,13 @@ def loss_of(model, cfg: Config, data, tokenizer) -> dict:
                      tokenizer.pad_token_id)  # fmt: skip
 
 
+def example_losses_of(model, cfg: Config, data, tokenizer) -> list[tuple[float, int]]:
+    from sftlab.metrics.perplexity import example_losses
+    from sftlab.model.loss import SupervisedLoss
+
+    return example_losses(SupervisedLoss(model, cfg.train.loss_chunk_tokens), data, tokenizer.pad_token_id)
+
+
 def reference_items(cfg: Config, limit: int = 0) -> list[Item]:
     """data.eval conversations ending in an assistant turn: that turn is the reference answer."""
     from sftlab.data.sources import load_spec
@@ -104,7 +111,7 @@ def score_model(model, inputs: EvalInputs, label: str, embedder=None, compute=FP
 
 def _score(model, inputs: EvalInputs, label: str, embedder, compute) -> tuple[dict, dict, dict]:
     from sftlab.evaluate import benchmarks as B
-    from sftlab.evaluate.significance import mean_scores, text_evidence
+    from sftlab.evaluate.significance import loss_evidence, mean_scores, text_evidence
     from sftlab.generate import Sampling, generate_answers
     from sftlab.metrics.text import numeric_match, numeric_matches, text_metrics
 
@@ -120,6 +127,7 @@ def _score(model, inputs: EvalInputs, label: str, embedder, compute) -> tuple[di
     if inputs.eval_data is not None:
         with computing(model, compute):
             result = loss_of(model, inputs.cfg, inputs.eval_data, tok)
+            evidence |= loss_evidence(example_losses_of(model, inputs.cfg, inputs.eval_data, tok))
         metrics |= {"eval/loss": result["eval_loss"], "eval/ppl": result["eval_ppl"]}
         metrics |= {f"eval/{k.split('/', 1)[1]}/loss": v for k, v in result.items() if k.startswith("eval_loss/")}
     if inputs.references:

@@ -82,6 +82,16 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
+def token_mean(pairs: list[tuple[float, int]]) -> float:
+    """The eval loss of a selection of examples' (loss sum, tokens): token-weighted, as the loss itself."""
+    return sum(s for s, _ in pairs) / max(sum(n for _, n in pairs), 1)
+
+
+def loss_evidence(pairs: list[tuple[float, int]]) -> dict[str, PerItem]:
+    return {"eval/loss": PerItem(items=pairs, corpus=token_mean),
+            "eval/ppl": PerItem(items=pairs, corpus=lambda ps: math.exp(min(token_mean(ps), 50.0)))}  # fmt: skip
+
+
 def intervals(base: dict[str, PerItem], tuned: dict[str, PerItem], seed: int = 0) -> dict[str, dict]:
     """An interval for every metric both models have per-item evidence for."""
     return {k: interval(base[k], tuned[k], seed) for k in tuned if k in base}

@@ -74,3 +74,18 @@ class _SingleProcess:
 
     def reduce(self, tensor, op):
         return tensor
+
+
+@torch.no_grad()
+def example_losses(loss_module, data, pad_id: int) -> list[tuple[float, int]]:
+    """(loss sum, supervised tokens) of each example on its own: the per-item evidence behind the eval
+    loss's interval (evaluate.significance); their token-weighted mean is the eval loss."""
+    device = next(loss_module.parameters()).device
+    was_training = loss_module.training
+    loss_module.eval()
+    out = []
+    for i in range(len(data)):
+        batch = without_weights(collate_padded(rows(data, [i]), pad_id))
+        out.append((float(loss_module(**{k: v.to(device) for k, v in batch.items()})), supervised_count(batch)))
+    loss_module.train(was_training)
+    return out
