@@ -23,7 +23,7 @@ from sftlab.data.tokenize import DatasetReport, Encoder
 from sftlab.errors import DataError
 from sftlab.files import atomic_dir, cache_root, file_digest
 
-CACHE_VERSION = 3  # bump when tokenization logic changes so old caches are not reused
+CACHE_VERSION = 4  # bump when tokenization logic changes so old caches are not reused
 
 
 @dataclass
@@ -82,17 +82,19 @@ def _load_parts(cfg: DataConfig, tokenizer, split: str):
         cached = _cache_dir() / cache_key(spec, cfg, tokenizer, template.source) if cfg.cache else None
         if cached is not None and (cached / "report.json").is_file():
             hits += 1
+            report = DatasetReport.from_dict(json.loads((cached / "report.json").read_text()))
         else:
-            cached = _tokenize_into(cached, spec, cfg, tokenizer, template)
+            cached, report = _tokenize_into(cached, spec, cfg, tokenizer, template)
         parts.append(_open(cached / DATA_FILE))
-        reports.append(DatasetReport.from_dict(json.loads((cached / "report.json").read_text())))
+        reports.append(report)
     return parts, reports, hits
 
 
-def _tokenize_into(target: Path | None, spec: DatasetSpec, cfg: DataConfig, tokenizer, template) -> Path:
+def _tokenize_into(target: Path | None, spec: DatasetSpec, cfg: DataConfig, tokenizer,
+                   template) -> tuple[Path, DatasetReport]:  # fmt: skip
     """Tokenize one dataset into the cache directory `target` (written atomically), or without the cache
     (None) into a scratch directory removed when the process ends, under the cache root (/tmp may be a
-    small tmpfs); the dataset is the memory-mapped file inside it. Returns the directory."""
+    small tmpfs); the dataset is the memory-mapped file inside it. Returns the directory and the report."""
     if target is None:
         (cache_root() / "scratch").mkdir(parents=True, exist_ok=True)
         target = Path(tempfile.mkdtemp(prefix="tokenized-", dir=cache_root() / "scratch"))
@@ -103,7 +105,7 @@ def _tokenize_into(target: Path | None, spec: DatasetSpec, cfg: DataConfig, toke
     with writing as tmp:
         report = _tokenize_spec(spec, cfg, tokenizer, template, tmp / DATA_FILE)
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=1))
-    return target
+    return target, report
 
 
 def _open(path: Path):
@@ -132,17 +134,10 @@ def _finish(parts: list, reports: list[DatasetReport], hits: int, specs: list[Da
 
 def supervised_tokens(data) -> int:
     """Tokens carrying loss after the causal shift (each row's first label predicts nothing): the sum of the
-    `supervised` column the pipeline writes (the labels are never read), else counted in Arrow."""
+    `supervised` column the pipeline writes, so the labels are never read."""
     import pyarrow.compute as pc
 
-    if "supervised" in data.column_names:
-        return int(pc.sum(data.with_format("arrow")["supervised"]).as_py() or 0)
-    labels = data.with_format("arrow")["labels"]
-    if len(labels) == 0:
-        return 0
-    every = pc.sum(pc.not_equal(pc.list_flatten(labels), -100)).as_py() or 0
-    first = pc.sum(pc.not_equal(pc.list_element(labels, 0), -100)).as_py() or 0
-    return int(every - first)
+    return int(pc.sum(data.with_format("arrow")["supervised"]).as_py() or 0)
 
 
 def _labels(specs: list[DatasetSpec]) -> list[str]:

@@ -53,7 +53,7 @@ def tokenize_to_file(conversations: Iterable[Conversation], encoder: Encoder, cf
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema()) as writer:
         for batch, chunk in _results(_chunks(conversations), (encoder, cfg, weight), worker_count(cfg.num_proc)):
             writer.write_batch(batch)
-            lengths.extend(chunk.lengths)
+            lengths.extend(batch.column("length").to_pylist())
             report.absorb(chunk.report)
             missing_eot += chunk.missing_eot
             eot_inside += chunk.eot_inside

@@ -24,18 +24,24 @@ SAVED_MARKERS = ("state.json", "dataset_info.json")  # what save_to_disk writes 
 def load_spec(spec: DatasetSpec, on_bad_record: str = "error", system_prompt: str | None = None) -> LoadResult:
     """The conversations of one data.train/data.eval entry, whatever holds them: files, a hub dataset or a
     save_to_disk directory; the entry's format, column map, tools and tags apply alike."""
-    rows = records(spec) if is_source(spec) else None
-    return load_conversations(spec.label if rows is not None else spec.path, spec.format, spec.columns, on_bad_record,
-                              system_prompt, spec.tools, spec.tags, rows)  # fmt: skip
+    name, rows = _reading(spec)
+    return load_conversations(name, spec.format, spec.columns, on_bad_record, system_prompt, spec.tools, spec.tags,
+                              rows)  # fmt: skip
 
 
 def iter_spec(spec: DatasetSpec, result: LoadResult, on_bad_record: str = "error",
               system_prompt: str | None = None) -> Iterator[Conversation]:  # fmt: skip
     """`load_spec` as a stream of conversations, counted in `result` as they are read."""
-    rows = records(spec) if is_source(spec) else None
-    pairs = iter_conversations(spec.label if rows is not None else spec.path, spec.format, spec.columns,
-                               on_bad_record, system_prompt, spec.tools, spec.tags, rows, result)  # fmt: skip
+    name, rows = _reading(spec)
+    pairs = iter_conversations(name, spec.format, spec.columns, on_bad_record, system_prompt, spec.tools, spec.tags,
+                               rows, result)  # fmt: skip
     return (conv for conv, _ in pairs)
+
+
+def _reading(spec: DatasetSpec) -> tuple[str, Iterator | None]:
+    """(the name records are reported under, the rows of a dataset that is no file, else None: its files)."""
+    rows = records(spec) if is_source(spec) else None
+    return (spec.label if rows is not None else spec.path), rows
 
 
 def is_source(spec: DatasetSpec) -> bool:

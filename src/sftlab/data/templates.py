@@ -68,7 +68,7 @@ class ChatTemplate:
         self.kwargs = dict(kwargs or {})
         self.source = bake_kwargs(raw, self.kwargs)  # rendered in training and saved with the run
         self.reasoning_field = knows_reasoning(raw)
-        self._context: dict | None = None
+        self._context = {**tokenizer.special_tokens_map, **self.kwargs}  # apply_chat_template's, beside the messages
 
     def render(self, messages, add_generation_prompt: bool = False, tools=(), mode: Mode = Mode()) -> str:
         return self.render_many([messages], add_generation_prompt, tools, mode)[0]
@@ -82,8 +82,6 @@ class ChatTemplate:
             return [self.tokenizer.apply_chat_template(chat, tools=list(tools) or None, chat_template=self.source,
                                                        tokenize=False, add_generation_prompt=add_generation_prompt,
                                                        **self.kwargs) for chat in chats]  # fmt: skip
-        if self._context is None:  # what apply_chat_template passes beside the messages
-            self._context = {**self.tokenizer.special_tokens_map, **self.kwargs}
         rendered, _ = _render_jinja(conversations=chats, tools=list(tools) or None, chat_template=self.source,
                                     add_generation_prompt=add_generation_prompt, **self._context)  # fmt: skip
         return rendered

@@ -115,9 +115,11 @@ class Encoder:
                 plans.append(e)
         ids = iter(self.ids(texts))
         out = []
-        for conv, plan in zip(convs, plans):
-            if isinstance(plan, (RecordProblem, Encoded)):
-                out.append(plan if isinstance(plan, RecordProblem) else [plan])
+        for plan in plans:
+            if isinstance(plan, RecordProblem):
+                out.append(plan)
+            elif isinstance(plan, Encoded):
+                out.append([plan])
             else:
                 out.append(self._examples(*plan, ids))
         return out
@@ -245,11 +247,10 @@ def apply_length_policy(enc: Encoded, max_length: int, overflow: str, origin: st
 
 @dataclass
 class Chunk:
-    """What encoding a run of conversations gave: its examples' columns, their lengths and the counts that
-    go into the dataset's report (a partial DatasetReport, summed with `absorb`)."""
+    """What encoding a run of conversations gave: its examples' columns and the counts that go into the
+    dataset's report (a partial DatasetReport, summed with `absorb`)."""
 
     columns: dict[str, list]  # input_ids, labels, loss_weight, id, metadata (JSON text), length, supervised
-    lengths: list[int]
     report: DatasetReport
     missing_eot: int = 0
     eot_inside: int = 0
@@ -273,7 +274,7 @@ def encode_chunk(encoder: Encoder, conversations: list[Conversation], cfg: DataC
                "loss_weight": [weight * c.loss_weight for c in owners], "id": [c.id for c in owners],
                "metadata": [json.dumps(c.metadata, ensure_ascii=False) if c.metadata else None for c in owners],
                "length": lengths, "supervised": [e.supervised - (e.labels[0] != IGNORE) for e in kept]}  # fmt: skip
-    return Chunk(columns, lengths, report, encoder.missing_eot, encoder.eot_inside)
+    return Chunk(columns, report, encoder.missing_eot, encoder.eot_inside)
 
 
 def finish_report(report: DatasetReport, lengths, template_name: str, missing_eot: int, eot_inside: int) -> None:
@@ -291,7 +292,7 @@ def encode_dataset(encoder: Encoder, conversations, cfg: DataConfig, report: Dat
     """Encode in this process, apply the length policy, and fill the report. Returns the kept examples."""
     chunk = encode_chunk(encoder, list(conversations), cfg)
     report.absorb(chunk.report)
-    finish_report(report, chunk.lengths, encoder.template.name, chunk.missing_eot, chunk.eot_inside)
+    finish_report(report, chunk.columns["length"], encoder.template.name, chunk.missing_eot, chunk.eot_inside)
     return [Encoded(i, lab) for i, lab in zip(chunk.columns["input_ids"], chunk.columns["labels"])]
 
 

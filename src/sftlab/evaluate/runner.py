@@ -111,9 +111,9 @@ def score_model(model, inputs: EvalInputs, label: str, embedder=None, compute=FP
 
 def _score(model, inputs: EvalInputs, label: str, embedder, compute) -> tuple[dict, dict, dict]:
     from sftlab.evaluate import benchmarks as B
-    from sftlab.evaluate.significance import loss_evidence, mean_scores, text_evidence
+    from sftlab.evaluate.significance import loss_evidence, mean_scores
     from sftlab.generate import Sampling, generate_answers
-    from sftlab.metrics.text import numeric_match, numeric_matches, text_metrics
+    from sftlab.metrics.text import numeric_match, numeric_matches
 
     cfg, tok = inputs.cfg.eval, inputs.tokenizer
     sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
@@ -133,8 +133,7 @@ def _score(model, inputs: EvalInputs, label: str, embedder, compute) -> tuple[di
     if inputs.references:
         replies = [r[0] for r in generate(inputs.references, "eval data")]
         refs = [it.reference for it in inputs.references]
-        metrics |= {f"eval/{k}": v for k, v in text_metrics(replies, refs, embedder).items()}
-        evidence |= {f"eval/{k}": v for k, v in text_evidence(replies, refs, embedder).items()}
+        _text_scores("eval", replies, refs, embedder, metrics, evidence)
         answers |= {("data.eval", i): r for i, r in enumerate(replies)}
     for spec, items in inputs.tasks:
         name = spec.label
@@ -154,8 +153,7 @@ def _score(model, inputs: EvalInputs, label: str, embedder, compute) -> tuple[di
             metrics[f"{name}/exact_match"] = numeric_match(first, refs)
             evidence[f"{name}/exact_match"] = mean_scores([100 * h for h in numeric_matches(first, refs)], True)
         elif spec.type == "generation":
-            metrics |= {f"{name}/{k}": v for k, v in text_metrics(first, refs, embedder).items()}
-            evidence |= {f"{name}/{k}": v for k, v in text_evidence(first, refs, embedder).items()}
+            _text_scores(name, first, refs, embedder, metrics, evidence)
         else:
             scores, statuses = B.code_scores(items, replies, cfg.pass_k, cfg.code_timeout, cfg.code_memory_mb,
                                              progress=True)  # fmt: skip
@@ -164,6 +162,14 @@ def _score(model, inputs: EvalInputs, label: str, embedder, compute) -> tuple[di
                                                           for st in statuses], binary=len(replies[0]) == 1)
                          for k in cfg.pass_k}  # fmt: skip
     return metrics, answers, evidence
+
+
+def _text_scores(prefix: str, replies: list[str], refs: list[str], embedder, metrics: dict, evidence: dict) -> None:
+    """The generation metrics and their per-item evidence, computed once (the metric is the evidence whole)."""
+    from sftlab.evaluate.significance import text_evidence
+
+    for key, ev in text_evidence(replies, refs, embedder).items():
+        metrics[f"{prefix}/{key}"], evidence[f"{prefix}/{key}"] = ev.whole(), ev
 
 
 def run_eval(target: str, overrides: list[str] = (), output: str | None = None, compare: str | None = None,

@@ -66,6 +66,7 @@ def _make_guard(cwd, prefixes, pid, secret, main_frame, getframe, write):
     # The hook uses only what is bound here, as closure variables: rebinding a module global (os's,
     # posixpath's) or a builtin cannot change what it decides, and it runs no candidate code (type() checks,
     # never isinstance or ==, which call methods an object may define).
+    from posix import getcwd as posix_getcwd
     from posix import lstat, readlink
     type_, str_, bytes_, int_, OSError_, PermissionError_ = type, str, bytes, int, OSError, PermissionError
     WRITE_FLAGS = 0o1 | 0o2 | 0o100 | 0o1000 | 0o2000  # O_WRONLY O_RDWR O_CREAT O_TRUNC O_APPEND
@@ -111,7 +112,6 @@ def _make_guard(cwd, prefixes, pid, secret, main_frame, getframe, write):
             out.append(part)
         return "/" + "/".join(out)
 
-    from posix import getcwd as posix_getcwd
     root = resolve(cwd)
     readable = tuple(resolve(p) for p in prefixes)
     procs = ("/proc/" + str_(pid), "/proc/self")

@@ -33,6 +33,10 @@ class PerItem:
     def __len__(self) -> int:
         return len(self.scores if self.scores is not None else self.items)
 
+    def whole(self) -> float:
+        """The metric over every item."""
+        return self.value(list(range(len(self))))
+
     def value(self, idx: list[int]) -> float:
         if self.scores is not None:
             return sum(self.scores[i] for i in idx) / max(len(idx), 1)
@@ -98,7 +102,8 @@ def intervals(base: dict[str, PerItem], tuned: dict[str, PerItem], seed: int = 0
 
 
 def text_evidence(predictions: list[str], references: list[str], embedder=None) -> dict[str, PerItem]:
-    """Per-item evidence of the generation metrics (sftlab.metrics.text.text_metrics' keys)."""
+    """Per-item evidence of the generation metrics (sftlab.metrics.text.text_metrics' keys; each one's
+    `whole()` is that metric)."""
     from sftlab.metrics.text import bleu, chrf, exact_matches, rouge_per_item
 
     pairs = list(zip(predictions, references))
