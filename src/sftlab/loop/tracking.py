@@ -15,22 +15,26 @@ from sftlab.rundir import read_metrics
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step; mirrors scalars to TensorBoard when asked."""
+    """Appends one JSON object per logged step; mirrors scalars to TensorBoard when asked. Only the main
+    process owns the files: another rank truncating them on resume would race rank 0's appends."""
 
-    def __init__(self, output_dir: Path, report_to: list[str], resume_step: int = 0):
-        self.path = output_dir / rundir.METRICS
+    def __init__(self, output_dir: Path, report_to: list[str], resume_step: int = 0, main: bool = True):
+        self.path, self.main, self.tb = output_dir / rundir.METRICS, main, None
+        if not main:
+            return
         for path in (self.path, output_dir / rundir.GENERATIONS):
             if resume_step and path.is_file():
                 truncate_after(path, resume_step)  # steps logged after the checkpoint will be logged again
             elif not resume_step:
                 path.unlink(missing_ok=True)
-        self.tb = None
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=resume_step or None)
 
     def log(self, record: dict) -> None:
+        if not self.main:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
@@ -62,9 +66,17 @@ class RunStatus:
 
 
 def truncate_after(path: Path, step: int) -> None:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    """Keep the rows up to `step`. A last line cut off by a kill mid-write is dropped, not an error:
+    that step comes after the checkpoint and is logged again."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", step + 1) <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def plot_curves(metrics_path: Path, out: Path) -> None:

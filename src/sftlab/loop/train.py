@@ -112,7 +112,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print)
                 say(f"resumed from {resume_from} at step {state.step}")
         elif run.speed.early_optimizer_state:
             init_state(run.optimizer)
-        log = MetricsLog(out, cfg.train.report_to, resume_step=state.step)
+        log = MetricsLog(out, cfg.train.report_to, resume_step=state.step, main=run.accelerator.is_main_process)
         try:
             outcome = loop(run, state, log, say)
         finally:
