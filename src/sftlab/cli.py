@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["as-trained", "fp32"], default="as-trained",
                    help="as-trained (default): the run's precision path and attention kernel, so eval loss "
                         "matches training's; fp32: both models in fp32")  # fmt: skip
+    p.add_argument("--judge", metavar="ENDPOINT",
+                   help="an OpenAI-compatible API (e.g. http://127.0.0.1:8000/v1; `sftlab serve` too) that grades "
+                        "the answers 1-10 and, with --compare, judges base vs tuned in both orders")  # fmt: skip
+    p.add_argument("--judge-model", metavar="ID", help="the judge's model id (default: the first the endpoint lists)")
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("report", help="one self-contained HTML page: curves, data report, metrics, samples")
@@ -440,7 +444,8 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from sftlab.evaluate.runner import run_eval
 
-    run_eval(args.config, args.overrides, args.output, args.compare, precision=args.precision)
+    run_eval(args.config, args.overrides, args.output, args.compare, precision=args.precision, judge=args.judge,
+             judge_model=args.judge_model)  # fmt: skip
     return 0
 
 

@@ -200,23 +200,36 @@ class Seq2SeqConfig:
 
 
 TaskType = Literal["multiple_choice", "exact_match", "code", "generation"]
+# Tasks whose data ships in a package (sftlab.evaluate.benchmarks reads them): name -> type.
+BUILTIN_TASKS = {"humaneval": "code"}
 
 
 @dataclass
 class TaskSpec:
-    path: str = _f(help="JSONL task file (layouts: MMLU, GSM8K, HumanEval, or prompt/reference)")
-    type: TaskType = _f(help="multiple_choice | exact_match | code | generation")
-    name: str | None = _f(None, help="label in tables (default: the file name without suffix)")
-    limit: int = _f(0, help="use only the first N items (0: all)")
+    path: str | None = _f(None, help="JSONL task file (layouts: MMLU, GSM8K, HumanEval, or prompt/reference); "
+                                     "none for a built-in task (name: humaneval)")  # fmt: skip
+    type: TaskType | None = _f(None, help="multiple_choice | exact_match | code | generation (built-ins know theirs)")
+    name: str | None = _f(None, help="label in tables (default: the file name without suffix); without a path, "
+                                     "the built-in task: humaneval")  # fmt: skip
+    limit: int = _f(0, help="use only the first N items (0: eval.limit, else all)")
+    protocol: Literal["chat", "completion", "both"] | None = _f(
+        None, help="code tasks: chat (instruction, reply's code block), completion (the prompt continued raw, cut at "
+                   "the HumanEval paper's stop sequences) or both; default chat, both for humaneval")  # fmt: skip
 
     @property
     def label(self) -> str:
         return self.name or Path(self.path).stem
 
+    @property
+    def protocols(self) -> list[str]:
+        chosen = self.protocol or ("both" if self.path is None else "chat")
+        return ["chat", "completion"] if chosen == "both" else [chosen]
+
 
 @dataclass
 class EvalConfig:
     tasks: list[TaskSpec] = _f(factory=list, help="benchmark-style task files run by `sftlab eval`")
+    limit: int = _f(0, help="use only the first N items of each task without its own limit (0: all)")
     max_examples: int = _f(64, help="eval-data conversations answered for generation metrics (0: all)")
     max_new_tokens: int = _f(128, help="tokens generated per answer")
     temperature: float = _f(0.0, help="sampling temperature; 0 is greedy")
@@ -226,6 +239,11 @@ class EvalConfig:
     batch_size: int = _f(8, help="prompts generated (or choices scored) together")
     seed: int = _f(0, help="seed for sampled generation")
     semantic: bool = _f(True, help="embedding similarity with the bundled all-MiniLM-L6-v2 encoder")
+    bertscore: bool = _f(True, help="BERTScore (bert-score) on the bundled all-MiniLM-L6-v2: not comparable with "
+                                    "the usual roberta-large BERTScores")  # fmt: skip
+    bertscore_layer: int = _f(6, help="the all-MiniLM-L6-v2 layer BERTScore reads (0 embeddings .. 6 last); 6: the "
+                                      "layer its similarity training shaped")  # fmt: skip
+    meteor: bool = _f(True, help="METEOR (nltk) with WordNet from $SFTLAB_WORDNET or Debian's wordnet-base")
     code_timeout: float = _f(10.0, help="seconds a code candidate may run")
     code_memory_mb: int = _f(1024, help="address-space limit for a code candidate")
     generate_every: int = _f(0, help="during training: answer a few eval prompts every N steps (0: off)")
@@ -354,10 +372,8 @@ def build(cls: type, raw: Any, where: str) -> Any:
         and f.default is dataclasses.MISSING
         and f.default_factory is dataclasses.MISSING
     ]
-    if cls is TaskSpec and "path" not in kwargs or cls is DatasetSpec and not ({"path", "hf"} & set(kwargs)):
+    if cls is DatasetSpec and not ({"path", "hf"} & set(kwargs)):
         missing = ["path"]
-    if cls is TaskSpec and "type" not in kwargs and not missing:
-        missing = ["type"]
     if missing:
         raise ConfigError(f"{where}: missing required key '{missing[0]}'")
     return cls(**kwargs)
@@ -460,6 +476,7 @@ def validate(cfg: Config) -> None:
          "eval.num_samples > 1 needs eval.temperature > 0 (greedy answers are all the same)"),
         (cfg.eval.code_timeout > 0 and cfg.eval.code_memory_mb >= 64,
          "eval.code_timeout must be > 0 and eval.code_memory_mb >= 64"),
+        (cfg.eval.limit >= 0, "eval.limit must be >= 0 (0: every item)"),
         (cfg.eval.generate_every >= 0 and cfg.eval.generate_examples >= 1,
          "eval.generate_every must be >= 0 and eval.generate_examples >= 1"),
     ]
@@ -469,6 +486,8 @@ def validate(cfg: Config) -> None:
     for split in ("train", "eval"):
         for i, spec in enumerate(getattr(cfg.data, split)):
             _check_spec(spec, f"data.{split}[{i}]", split)
+    for i, task in enumerate(cfg.eval.tasks):
+        _check_task(task, f"eval.tasks[{i}]")
     if cfg.eval.generate_every and not cfg.data.eval:
         raise ConfigError("eval.generate_every needs data.eval (conversations whose last assistant turn is the reference)")
 
@@ -489,6 +508,24 @@ def _check_spec(spec: DatasetSpec, where: str, split: str) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def _check_task(spec: TaskSpec, where: str) -> None:
+    """A task is a file with its type, or a built-in by name; the type of a built-in is its own."""
+    builtin = BUILTIN_TASKS.get(spec.name) if spec.path is None else None
+    checks = [
+        (spec.path is not None or builtin is not None,
+         f"{where}: give path and type (a task file), or name one of the built-in tasks: {', '.join(BUILTIN_TASKS)}"),
+        (spec.path is None or spec.type is not None, f"{where}: a task file needs its type ({', '.join(TaskType.__args__)})"),
+        (builtin is None or spec.type in (None, builtin), f"{where}: {spec.name} is a {builtin} task (drop type)"),
+        (spec.protocol is None or (spec.type or builtin) == "code", f"{where}.protocol is for code tasks"),
+        (spec.limit >= 0, f"{where}.limit must be >= 0"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if builtin is not None:
+        spec.type = builtin
 
 
 def _task_checks(cfg: Config) -> list[tuple[bool, str]]:

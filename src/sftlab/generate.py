@@ -84,12 +84,28 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], sampling
     return [text for text, _ in complete_ids(model, tokenizer, prompts, sampling, batch_size, desc)]
 
 
+def continue_texts(model, tokenizer, texts: list[str], sampling: Sampling, stop: list[str], batch_size: int = 8,
+                   desc: str | None = None) -> list[str]:  # fmt: skip
+    """Each raw text continued (no chat template; the tokenizer's own special tokens, as in pretraining) and
+    cut before the first of `stop`: the completion protocol of base-model benchmarks such as HumanEval."""
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    outs = complete_ids(model, tokenizer, prompts, sampling, batch_size, desc, stop_strings=stop, strip=False)
+    return [cut_at(text, stop) for text, _ in outs]
+
+
+def cut_at(text: str, stop: list[str]) -> str:
+    """`text` up to the earliest occurrence of any stop sequence."""
+    return text[: min([i for i in (text.find(s) for s in stop) if i >= 0], default=len(text))]
+
+
 @torch.no_grad()
 def complete_ids(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int = 8,
-                 desc: str | None = None) -> list[tuple[str, bool]]:  # fmt: skip
+                 desc: str | None = None, stop_strings: list[str] | None = None, strip: bool = True
+                 ) -> list[tuple[str, bool]]:  # fmt: skip
     """(text, stopped) continuing each prompt: longest prompts batched together, left-padded.
 
-    stopped is False where the text ran into max_new_tokens instead of an end-of-turn token."""
+    stopped is False where the text ran into max_new_tokens instead of an end-of-turn token. `stop_strings`
+    also end a sequence (the text keeps them; callers cut); strip=False keeps leading whitespace (code)."""
     from tqdm.auto import tqdm
 
     from sftlab.data.templates import end_of_turn_ids
@@ -108,11 +124,13 @@ def complete_ids(model, tokenizer, prompts: list[list[int]], sampling: Sampling,
             mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=sampling.max_new_tokens, eos_token_id=stop,
-                                 pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs())  # fmt: skip
+                                 pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs(),
+                                 **({"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}))  # fmt: skip
             for row, i in enumerate(idx):
                 new = out[row, width:].tolist()
                 stopped = any(t in stop for t in new)
-                results[i] = (tokenizer.decode(new, skip_special_tokens=True).strip(), stopped)
+                text = tokenizer.decode(new, skip_special_tokens=True)
+                results[i] = (text.strip() if strip else text, stopped)
     return results
 
 

@@ -112,7 +112,7 @@ def test_task_config_keys_are_checked_and_paths_rebased(tmp_path):
     assert Path(cfg.eval.tasks[0].path) == tmp_path / "t" / "mc.jsonl" and cfg.eval.tasks[0].label == "mc"
     with pytest.raises(ConfigError, match="did you mean 'multiple_choice'"):
         load_config(None, ["eval.tasks=[{path: a.jsonl, type: multiple_choise}]"])
-    with pytest.raises(ConfigError, match="missing required key 'type'"):
+    with pytest.raises(ConfigError, match="a task file needs its type"):
         load_config(None, ["eval.tasks=[{path: a.jsonl}]"])
     with pytest.raises(ConfigError, match="eval.num_samples"):
         load_config(None, ["eval.pass_k=[1, 5]"])

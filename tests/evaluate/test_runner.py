@@ -19,7 +19,8 @@ QUIET = dict(say=lambda *a, **k: None)
 
 def _eval_cfg(tiny_model_dir, tmp_path, *overrides):
     return tiny_config(tiny_model_dir, tmp_path / "run", f"data.eval=[{EVAL}]", "eval.max_examples=5",
-                       "eval.max_new_tokens=8", "eval.semantic=false", *overrides)  # fmt: skip
+                       "eval.max_new_tokens=8", "eval.semantic=false", "eval.bertscore=false", "eval.meteor=false",
+                       *overrides)  # fmt: skip
 
 
 def test_perplexity_equals_an_independent_computation(tiny_model_dir, tmp_path):
@@ -70,6 +71,7 @@ def test_eval_cli_compares_with_the_base_and_writes_metrics_and_samples(tiny_mod
     gsm = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "2+2?", "answer": "#### 4"}])
     run = tmp_path / "run"
     overrides = [f"eval.tasks=[{{path: {mc}, type: multiple_choice}}, {{path: {gsm}, type: exact_match, name: arith}}]"]
+    overrides += ["eval.bertscore=true", "eval.meteor=true"] if _library_metrics() else []
     assert main(["eval", str(run), "--compare", *overrides]) == 0
     record = json.loads((run / "eval" / "metrics.json").read_text())
     tuned, base = record["models"]["model"]["metrics"], record["models"]["base"]["metrics"]
@@ -86,6 +88,10 @@ def test_eval_cli_compares_with_the_base_and_writes_metrics_and_samples(tiny_mod
     for iv in intervals.values():
         assert iv["low"] is None or iv["low"] <= iv["high"]
     assert "p" in intervals["mc/accuracy"] and "p" not in intervals["eval/rougeL"]
+    if _library_metrics():  # BERTScore and METEOR by their libraries, named with what they ran on
+        assert {"eval/bertscore_f1", "eval/meteor"} <= set(tuned) & set(base) & set(intervals)
+        assert record["bertscore"]["layer"] == 6 and "all-MiniLM-L6-v2" in record["bertscore"]["model"]
+        assert record["meteor"]["wordnet"]
     rows = [json.loads(line) for line in (run / "eval" / "samples.jsonl").read_text().splitlines()]
     assert [r["source"] for r in rows] == ["data.eval"] * 5 + ["mc"] * 4 + ["arith"]
     assert all("answer" in r and "base_answer" in r and "reference" in r for r in rows)
@@ -144,7 +150,8 @@ def test_eval_of_a_bf16_run_computes_as_trained(lively_model_dir, tmp_path):
     train(cfg, **QUIET)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["compute"]["precision"] == "bf16" and summary["compute"]["autocast"] == "bf16"
-    overrides = ["eval.max_examples=1", "eval.max_new_tokens=2", "eval.semantic=false"]
+    overrides = ["eval.max_examples=1", "eval.max_new_tokens=2", "eval.semantic=false", "eval.bertscore=false",
+                 "eval.meteor=false"]
     record = run_eval(str(out), overrides, output=str(tmp_path / "e1"), **QUIET)
     assert record["models"]["model"]["metrics"]["eval/loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-4)
     assert record["compute"] == summary["compute"]
@@ -168,3 +175,10 @@ def test_eval_names_the_code_sandbox_it_ran_in(tiny_model_dir, tmp_path, capsys)
     assert main(["eval", str(cfg), "--output", str(tmp_path / "out")]) == 0
     assert f"code sandbox: {isolation().description}" in capsys.readouterr().out
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["sandbox"] == isolation().name
+
+
+def _library_metrics() -> bool:
+    from sftlab.evaluate.embedding import encoder_dir
+    from sftlab.metrics.library import wordnet_dir
+
+    return encoder_dir() is not None and wordnet_dir() is not None

@@ -48,6 +48,43 @@ def test_text_evidence_averages_to_the_metrics():
         assert ev.value(list(range(len(preds)))) == pytest.approx(metrics[key])
 
 
+def test_library_metrics_have_evidence_that_averages_to_them_and_gives_intervals():
+    from sftlab.config import EvalConfig
+    from sftlab.metrics.library import BertScore, Meteor, wordnet_dir
+    from sftlab.metrics.text import Scorers, text_metrics
+    from sftlab.model.load import INSTALL_ENCODER, encoder_dir
+
+    if encoder_dir() is None or wordnet_dir() is None:
+        pytest.skip(f"needs the bundled encoder ({INSTALL_ENCODER}) and WordNet (apt-get install wordnet-base)")
+    scorers = Scorers(bertscore=BertScore(EvalConfig().bertscore_layer), meteor=Meteor())
+    refs = ["the cat sat on the mat", "a dog ran in the park", "hello there world", "it is 42", "paris is in france"]
+    base = ["a cat", "dogs", "hi", "it is 7", "rome"]
+    tuned = ["the cat sat on a mat", "a dog ran in a park", "hello world", "it is 42", "paris is in france"]
+    metrics, evidence = text_metrics(tuned, refs, scorers), text_evidence(tuned, refs, scorers)
+    assert set(evidence) == set(metrics) >= {"bertscore_precision", "bertscore_recall", "bertscore_f1", "meteor"}
+    for key, ev in evidence.items():
+        assert ev.whole() == pytest.approx(metrics[key])
+    before = text_evidence(base, refs, scorers)
+    for key in ("bertscore_f1", "meteor"):
+        iv = interval(before[key], evidence[key])
+        assert iv["items"] == 5 and 0 < iv["low"] <= iv["high"]
+
+
+def test_a_bare_sentence_encoder_still_adds_semantic_similarity():
+    class Encoder:  # what callers passed before metrics.text.Scorers
+        def similarities(self, predictions, references):
+            return [1.0 if p == r else 0.5 for p, r in zip(predictions, references)]
+
+        def similarity(self, predictions, references):
+            return sum(self.similarities(predictions, references)) / len(predictions)
+
+    from sftlab.metrics.text import text_metrics
+
+    preds, refs = ["a", "b"], ["a", "c"]
+    assert text_evidence(preds, refs, Encoder())["semantic_similarity"].scores == [100.0, 50.0]
+    assert text_metrics(preds, refs, Encoder())["semantic_similarity"] == pytest.approx(75.0)
+
+
 def test_example_losses_combine_to_the_eval_loss(tiny_model_dir, tmp_path):
     from conftest import tiny_config
 

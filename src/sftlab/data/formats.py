@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import csv
 import glob
+import gzip
 import io
 import itertools
 import json
@@ -79,8 +80,9 @@ def read_records(path: Path) -> Iterator[tuple[str, dict | RecordProblem]]:
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[str, dict | RecordProblem]]:
-    """One JSON value per line, with "file:line" origins; blank lines skipped, bad lines as RecordProblem."""
-    with open(path, "rb") as f:
+    """One JSON value per line, with "file:line" origins; blank lines skipped, bad lines as RecordProblem.
+    A .gz file is read through gzip (benchmark data ships compressed, e.g. HumanEval.jsonl.gz)."""
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
         for lineno, raw in _lines(f):
             if lineno == 1:
                 raw = raw.removeprefix(codecs.BOM_UTF8)  # Notepad and PowerShell write one; it is no JSON

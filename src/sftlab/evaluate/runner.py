@@ -54,7 +54,7 @@ def prepare_inputs(cfg: Config, tokenizer) -> EvalInputs:
 
     data = eval_data(cfg, tokenizer)
     references = reference_items(cfg, cfg.eval.max_examples)
-    tasks = [(spec, load_benchmark(spec)) for spec in cfg.eval.tasks]
+    tasks = [(spec, load_benchmark(spec, cfg.eval.limit)) for spec in cfg.eval.tasks]
     if data is None and not references and not tasks:
         raise ConfigError("nothing to evaluate: add data.eval (or data.eval_split) or eval.tasks to the config")
     return EvalInputs(cfg, tokenizer, data, references, tasks)
@@ -101,18 +101,18 @@ def reference_items(cfg: Config, limit: int = 0) -> list[Item]:
     return items[:limit] if limit else items
 
 
-def score_model(model, inputs: EvalInputs, label: str, embedder=None, compute=FP32) -> tuple[dict, dict, dict]:
+def score_model(model, inputs: EvalInputs, label: str, scorers=None, compute=FP32) -> tuple[dict, dict, dict]:
     """Flat metrics {"eval/loss": ..., "<task>/accuracy": ...}, answers {(source, index): text} and each
     metric's per-item evidence (evaluate.significance), computed on `compute`'s path (speed.as_trained: the
     run's autocast; its attention for the loss)."""
     with computing(model, compute, kernels=False):
-        return _score(model, inputs, label, embedder, compute)
+        return _score(model, inputs, label, scorers, compute)
 
 
-def _score(model, inputs: EvalInputs, label: str, embedder, compute) -> tuple[dict, dict, dict]:
+def _score(model, inputs: EvalInputs, label: str, scorers, compute) -> tuple[dict, dict, dict]:
     from sftlab.evaluate import benchmarks as B
     from sftlab.evaluate.significance import loss_evidence, mean_scores
-    from sftlab.generate import Sampling, generate_answers
+    from sftlab.generate import Sampling, continue_texts, generate_answers
     from sftlab.metrics.text import numeric_match, numeric_matches
 
     cfg, tok = inputs.cfg.eval, inputs.tokenizer
@@ -124,6 +124,11 @@ def _score(model, inputs: EvalInputs, label: str, embedder, compute) -> tuple[di
         out = generate_answers(model, tok, convs, sampling, cfg.batch_size, desc=f"{desc} ({label})")
         return [out[i * n : (i + 1) * n] for i in range(len(items))]
 
+    def complete(items, desc, n=cfg.num_samples):  # the code prompt continued raw, no chat template
+        texts = [it.code["prompt"] for it in items for _ in range(n)]
+        out = continue_texts(model, tok, texts, sampling, B.COMPLETION_STOP, cfg.batch_size, f"{desc} ({label})")
+        return [out[i * n : (i + 1) * n] for i in range(len(items))]
+
     if inputs.eval_data is not None:
         with computing(model, compute):
             result = loss_of(model, inputs.cfg, inputs.eval_data, tok)
@@ -133,7 +138,7 @@ def _score(model, inputs: EvalInputs, label: str, embedder, compute) -> tuple[di
     if inputs.references:
         replies = [r[0] for r in generate(inputs.references, "eval data")]
         refs = [it.reference for it in inputs.references]
-        _text_scores("eval", replies, refs, embedder, metrics, evidence)
+        _text_scores("eval", replies, refs, scorers, metrics, evidence)
         answers |= {("data.eval", i): r for i, r in enumerate(replies)}
     for spec, items in inputs.tasks:
         name = spec.label
@@ -145,54 +150,80 @@ def _score(model, inputs: EvalInputs, label: str, embedder, compute) -> tuple[di
             answers |= {(name, i): it.choices[max(range(len(s)), key=s.__getitem__)]
                         for i, (it, s) in enumerate(zip(items, scores))}  # fmt: skip
             continue
-        n = cfg.num_samples if spec.type == "code" else 1
-        replies = generate(items, name, n)
+        if spec.type == "code":
+            for protocol in spec.protocols:
+                label = code_label(spec, protocol)
+                replies = generate(items, label, cfg.num_samples) if protocol == "chat" else complete(items, label)
+                answers |= {(label, i): r[0] for i, r in enumerate(replies)}
+                _code_scores(label, items, replies, protocol, cfg, metrics, evidence)
+            continue
+        replies = generate(items, name)
         answers |= {(name, i): r[0] for i, r in enumerate(replies)}
         first, refs = [r[0] for r in replies], [it.reference for it in items]
         if spec.type == "exact_match":
             metrics[f"{name}/exact_match"] = numeric_match(first, refs)
             evidence[f"{name}/exact_match"] = mean_scores([100 * h for h in numeric_matches(first, refs)], True)
-        elif spec.type == "generation":
-            _text_scores(name, first, refs, embedder, metrics, evidence)
         else:
-            scores, statuses = B.code_scores(items, replies, cfg.pass_k, cfg.code_timeout, cfg.code_memory_mb,
-                                             progress=True)  # fmt: skip
-            metrics |= {f"{name}/{k}": v for k, v in scores.items()}
-            evidence |= {f"{name}/pass@{k}": mean_scores([100 * B.pass_at_k(len(st), st.count("passed"), k)
-                                                          for st in statuses], binary=len(replies[0]) == 1)
-                         for k in cfg.pass_k}  # fmt: skip
+            _text_scores(name, first, refs, scorers, metrics, evidence)
     return metrics, answers, evidence
 
 
-def _text_scores(prefix: str, replies: list[str], refs: list[str], embedder, metrics: dict, evidence: dict) -> None:
+def code_label(spec: TaskSpec, protocol: str) -> str:
+    """A code task's label in the table: its name for the chat protocol, NAME/completion for the other."""
+    return spec.label if protocol == "chat" else f"{spec.label}/completion"
+
+
+def _code_scores(label: str, items: list[Item], replies: list[list[str]], protocol: str, cfg, metrics: dict,
+                 evidence: dict) -> None:  # fmt: skip
+    """pass@k of each k and its per-problem evidence (binary with one sample: McNemar applies)."""
+    from sftlab.evaluate import benchmarks as B
+    from sftlab.evaluate.significance import mean_scores
+
+    program = B.build_program if protocol == "chat" else B.completion_program
+    scores, statuses = B.code_scores(items, replies, cfg.pass_k, cfg.code_timeout, cfg.code_memory_mb,
+                                     progress=True, program=program)  # fmt: skip
+    metrics |= {f"{label}/{k}": v for k, v in scores.items()}
+    for k in cfg.pass_k:
+        per = [100 * B.pass_at_k(len(st), st.count("passed"), k) for st in statuses]
+        evidence[f"{label}/pass@{k}"] = mean_scores(per, binary=len(replies[0]) == 1)
+
+
+def _text_scores(prefix: str, replies: list[str], refs: list[str], scorers, metrics: dict, evidence: dict) -> None:
     """The generation metrics and their per-item evidence, computed once (the metric is the evidence whole)."""
     from sftlab.evaluate.significance import text_evidence
 
-    for key, ev in text_evidence(replies, refs, embedder).items():
+    for key, ev in text_evidence(replies, refs, scorers).items():
         metrics[f"{prefix}/{key}"], evidence[f"{prefix}/{key}"] = ev.whole(), ev
 
 
 def run_eval(target: str, overrides: list[str] = (), output: str | None = None, compare: str | None = None,
-             say=print, precision: str = "as-trained") -> dict:  # fmt: skip
+             say=print, precision: str = "as-trained", judge: str | None = None, judge_model: str | None = None
+             ) -> dict:  # fmt: skip
     """Evaluate a run (and its base with compare="base", or any model.name); write metrics.json and samples.jsonl.
 
     precision: "as-trained" computes both models on the run's precision path (summary.json's
-    `compute`; fp32 for a run without one), so eval loss reads as training's did; "fp32" in fp32."""
+    `compute`; fp32 for a run without one), so eval loss reads as training's did; "fp32" in fp32.
+    judge: an OpenAI-compatible endpoint that then grades the open-ended answers (evaluate.judge)."""
     cfg, source, default_out = resolve_target(target, overrides)
     out = Path(output) if output else default_out
     if cfg.task != "causal_lm":
-        if compare:
-            raise ConfigError("--compare is for chat (causal_lm) runs; classification and seq2seq runs print their own metrics")
+        if compare or judge:
+            raise ConfigError("--compare and --judge are for chat (causal_lm) runs; classification and seq2seq runs "
+                              "print their own metrics")  # fmt: skip
         return eval_task_run(source, cfg, out, say)
+    if judge:  # a wrong URL or key fails now, not after the generation
+        from sftlab.evaluate.judge import probe
+
+        judge, judge_model = probe(judge, judge_model)
     started = time.perf_counter()
     compute = (rundir.read_compute(Path(source)) if precision == "as-trained" else None) or FP32
     dtype = weights_dtype(compute, adapter=rundir.model_kind(Path(source)) not in (None, "full"))
     loaded = load_run(source, dtype=dtype)
     inputs = prepare_inputs(cfg, loaded.tokenizer)
-    embedder = _embedder(cfg, say) if inputs.references or any(s.type == "generation" for s, _ in inputs.tasks) else None
+    scorers = _scorers(cfg, say) if inputs.references or any(s.type == "generation" for s, _ in inputs.tasks) else None
     say(f"evaluating {source} ({_describe(compute)})")
     sandbox = _sandbox(inputs, say)
-    results = {"model": score_model(loaded.model, inputs, "model", embedder, compute)}
+    results = {"model": score_model(loaded.model, inputs, "model", scorers, compute)}
     base_source = None
     if compare:
         base_source = loaded.base_name if compare == "base" else compare
@@ -201,15 +232,32 @@ def run_eval(target: str, overrides: list[str] = (), output: str | None = None, 
         del loaded
         say(f"evaluating the base {base_source}")
         base = load_run(base_source, dtype=dtype)
-        results["base"] = score_model(base.model, inputs, "base", embedder, compute)
+        results["base"] = score_model(base.model, inputs, "base", scorers, compute)
     record = _record(cfg, source, base_source, results, time.perf_counter() - started)
     record["compute"] = compute.record()
+    if scorers is not None:
+        record |= scorers.record()  # which encoder and layer BERTScore used, which WordNet METEOR read
     if sandbox:
         record["sandbox"] = sandbox
     write_results(out, record, _samples(inputs, results))
     say(format_table(record))
+    if judge:  # after the write: a judge failure never loses the eval
+        record["judge"] = _judge(out, inputs, source, judge, judge_model, cfg.eval.seed, say)
+        write_results(out, record, None)
     say(f"wrote {out / 'metrics.json'} and {out / 'samples.jsonl'}")
     return record
+
+
+def _judge(out: Path, inputs: EvalInputs, source: str, endpoint: str, model: str, seed: int, say) -> dict:
+    """The judge's grades and base-vs-tuned verdicts on the open-ended answers: data.eval and generation tasks."""
+    from sftlab.evaluate.judge import format_judge, judge_samples, ratings_stores, read_samples
+
+    sources = {"data.eval"} | {spec.label for spec, _ in inputs.tasks if spec.type == "generation"}
+    stores = ratings_stores(Path(source) if Path(source).is_dir() else out.parent)
+    judged = judge_samples(read_samples(out / "samples.jsonl"), endpoint, model, cache=out / "judge_cache.jsonl",
+                           ratings=stores, seed=seed, say=say, sources=sources)  # fmt: skip
+    say(format_judge(judged))
+    return judged
 
 
 def _sandbox(inputs: EvalInputs, say) -> str | None:
@@ -247,15 +295,10 @@ def eval_task_run(run_dir: str, cfg: Config, out: Path, say=print) -> dict:
     return metrics
 
 
-def _embedder(cfg: Config, say):
-    from sftlab.evaluate.embedding import INSTALL, SentenceEncoder, encoder_dir
+def _scorers(cfg: Config, say):
+    from sftlab.evaluate.embedding import load_scorers
 
-    if not cfg.eval.semantic:
-        return None
-    if encoder_dir() is None:
-        say(f"note: semantic similarity skipped: the encoder is not installed ({INSTALL})")
-        return None
-    return SentenceEncoder()
+    return load_scorers(cfg.eval, say)
 
 
 def _record(cfg: Config, source: str, base_source: str | None, results: dict, seconds: float) -> dict:
@@ -276,11 +319,16 @@ def _record(cfg: Config, source: str, base_source: str | None, results: dict, se
 def _samples(inputs: EvalInputs, results: dict) -> list[dict]:
     """One row per prompt: the prompt, the reference and each model's answer, side by side."""
     rows = []
-    sources = [("data.eval", inputs.references)] + [(spec.label, items) for spec, items in inputs.tasks]
-    for name, items in sources:
+    sources = [("data.eval", inputs.references, "chat")]
+    for spec, items in inputs.tasks:
+        sources += [(code_label(spec, p), items, p) for p in spec.protocols]
+    for name, items, protocol in sources:
         for i, item in enumerate(items):
-            row = {"source": name, "prompt": item.messages[-1]["content"] if item.messages else "",
-                   "messages": item.messages, "reference": item.reference}  # fmt: skip
+            if protocol == "completion":  # the model saw the code prompt itself, no conversation
+                row = {"source": name, "prompt": item.code["prompt"], "messages": [], "reference": item.reference}
+            else:
+                row = {"source": name, "prompt": item.messages[-1]["content"] if item.messages else "",
+                       "messages": item.messages, "reference": item.reference}  # fmt: skip
             for label, (_, answers, _) in results.items():
                 if (name, i) in answers:
                     row["answer" if label == "model" else "base_answer"] = answers[(name, i)]
@@ -288,9 +336,12 @@ def _samples(inputs: EvalInputs, results: dict) -> list[dict]:
     return rows
 
 
-def write_results(out: Path, record: dict, samples: list[dict]) -> None:
+def write_results(out: Path, record: dict, samples: list[dict] | None) -> None:
+    """metrics.json, and samples.jsonl unless samples is None (kept as written)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(record, indent=1, ensure_ascii=False), encoding="utf-8")
+    if samples is None:
+        return
     with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
         for row in samples:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

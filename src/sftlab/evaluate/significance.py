@@ -101,16 +101,22 @@ def intervals(base: dict[str, PerItem], tuned: dict[str, PerItem], seed: int = 0
     return {k: interval(base[k], tuned[k], seed) for k in tuned if k in base}
 
 
-def text_evidence(predictions: list[str], references: list[str], embedder=None) -> dict[str, PerItem]:
+def text_evidence(predictions: list[str], references: list[str], scorers=None) -> dict[str, PerItem]:
     """Per-item evidence of the generation metrics (sftlab.metrics.text.text_metrics' keys; each one's
-    `whole()` is that metric)."""
-    from sftlab.metrics.text import bleu, chrf, exact_matches, rouge_per_item
+    `whole()` is that metric). `scorers`: a metrics.text.Scorers, or a bare sentence encoder."""
+    from sftlab.metrics.text import as_scorers, bleu, chrf, exact_matches, rouge_per_item
 
     pairs = list(zip(predictions, references))
     out = {"bleu": PerItem(items=pairs, corpus=lambda ps: bleu([p for p, _ in ps], [r for _, r in ps])),
            "chrf": PerItem(items=pairs, corpus=lambda ps: chrf([p for p, _ in ps], [r for _, r in ps]))}  # fmt: skip
     out |= {k: mean_scores(v) for k, v in rouge_per_item(predictions, references).items()}
     out["exact_match"] = mean_scores([100 * h for h in exact_matches(predictions, references)], binary=True)
-    if embedder is not None:
-        out["semantic_similarity"] = mean_scores([100 * x for x in embedder.similarities(predictions, references)])
+    scorers = as_scorers(scorers)
+    if scorers.semantic is not None:
+        similarities = scorers.semantic.similarities(predictions, references)
+        out["semantic_similarity"] = mean_scores([100 * x for x in similarities])
+    if scorers.bertscore is not None:
+        out |= {k: mean_scores(v) for k, v in scorers.bertscore.scores(predictions, references).items()}
+    if scorers.meteor is not None:
+        out["meteor"] = mean_scores(scorers.meteor.scores(predictions, references))
     return out

@@ -1,4 +1,5 @@
-"""Generation metrics against references: BLEU, chrF, ROUGE-1/2/L, exact match, numeric answers.
+"""Generation metrics against references: BLEU, chrF, ROUGE-1/2/L, exact match, numeric answers (and, through
+metrics.library, BERTScore and METEOR).
 
 The libraries' default tokenizers drop or glue CJK text (rouge-score keeps only [a-z0-9], sacrebleu's
 13a leaves a Chinese sentence as one "word"), so CJK characters are split one per token first;
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from dataclasses import dataclass
 
 # Han, Hiragana, Katakana, Hangul and CJK punctuation: scored a character at a time.
 _CJK = re.compile(r"([\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef])")
@@ -99,11 +101,46 @@ def numeric_matches(predictions: list[str], references: list[str]) -> list[bool]
     return hits
 
 
-def text_metrics(predictions: list[str], references: list[str], embedder=None) -> dict[str, float]:
-    """Every reference-based metric for one set of answers; `embedder` adds semantic similarity."""
+def text_metrics(predictions: list[str], references: list[str], scorers=None) -> dict[str, float]:
+    """Every reference-based metric for one set of answers; `scorers` (a Scorers, or a bare sentence
+    encoder) adds those it holds: semantic similarity, BERTScore, METEOR."""
     out = {"bleu": bleu(predictions, references), "chrf": chrf(predictions, references)}
     out |= rouge(predictions, references)
     out["exact_match"] = exact_match(predictions, references)
-    if embedder is not None:
-        out["semantic_similarity"] = 100 * embedder.similarity(predictions, references)
+    scorers = as_scorers(scorers)
+    if scorers.semantic is not None:
+        out["semantic_similarity"] = 100 * scorers.semantic.similarity(predictions, references)
+    if scorers.bertscore is not None:
+        out |= {k: _mean(v) for k, v in scorers.bertscore.scores(predictions, references).items()}
+    if scorers.meteor is not None:
+        out["meteor"] = _mean(scorers.meteor.scores(predictions, references))
     return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+@dataclass
+class Scorers:
+    """An eval's model- and data-backed scorers, each loaded once; None where it is off or not installed."""
+
+    semantic: object | None = None  # evaluate.embedding.SentenceEncoder: similarity(), similarities()
+    bertscore: object | None = None  # metrics.library.BertScore
+    meteor: object | None = None  # metrics.library.Meteor
+
+    def record(self) -> dict:
+        """metrics.json's account of the scorers that ran: {"bertscore": {...}, "meteor": {...}}."""
+        out = {}
+        if self.bertscore is not None:
+            out["bertscore"] = self.bertscore.record()
+        if self.meteor is not None:
+            out["meteor"] = self.meteor.record()
+        return out
+
+
+def as_scorers(scorers) -> Scorers:
+    """A Scorers from None, a Scorers, or a bare sentence encoder (semantic similarity alone)."""
+    if scorers is None:
+        return Scorers()
+    return scorers if isinstance(scorers, Scorers) else Scorers(semantic=scorers)
