@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from sftlab.auth import LOOPBACK_BINDS as LOOPBACK
-from sftlab.errors import SftlabError
+from sftlab.errors import ConfigError, SftlabError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an OpenAI-compatible API (e.g. http://127.0.0.1:8000/v1; `sftlab serve` too) that grades "
                         "the answers 1-10 and, with --compare, judges base vs tuned in both orders")  # fmt: skip
     p.add_argument("--judge-model", metavar="ID", help="the judge's model id (default: the first the endpoint lists)")
+    p.add_argument("--harness", metavar="TASK[,TASK...]",
+                   help="lm-evaluation-harness tasks (or groups) run in process on the model (and the base)")  # fmt: skip
+    p.add_argument("--num-fewshot", type=int, metavar="N", help="--harness: few-shot examples (default: each task's)")
+    p.add_argument("--limit", type=int, metavar="N", help="--harness: only the first N documents of each task")
+    p.add_argument("--include-path", metavar="DIR", help="--harness: a folder of your own lm-eval YAML tasks")
+    p.add_argument("--apply-chat-template", action=argparse.BooleanOptionalAction, default=False,
+                   help="--harness: render the prompts with the run's chat template (default: off, as lm-eval)")  # fmt: skip
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("report", help="one self-contained HTML page: curves, data report, metrics, samples")
@@ -444,8 +451,17 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from sftlab.evaluate.runner import run_eval
 
+    harness = None
+    if args.harness is not None:
+        from sftlab.evaluate.harness import HarnessSpec
+
+        harness = HarnessSpec([t.strip() for t in args.harness.split(",") if t.strip()], args.num_fewshot, args.limit,
+                              args.include_path, args.apply_chat_template)  # fmt: skip
+    elif any(v not in (None, False) for v in (args.num_fewshot, args.limit, args.include_path, args.apply_chat_template)):
+        raise ConfigError("--num-fewshot, --limit, --include-path and --apply-chat-template set up --harness; "
+                          "name its tasks with --harness TASK[,TASK...]")  # fmt: skip
     run_eval(args.config, args.overrides, args.output, args.compare, precision=args.precision, judge=args.judge,
-             judge_model=args.judge_model)  # fmt: skip
+             judge_model=args.judge_model, harness=harness)  # fmt: skip
     return 0
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from sftlab import rundir
@@ -20,7 +20,7 @@ from sftlab.speed.as_trained import FP32, computing, weights_dtype
 from sftlab.task import get_task
 from sftlab.task.base import score_eval
 
-LOWER_IS_BETTER = ("/loss", "/ppl")
+LOWER_IS_BETTER = ("/loss", "/ppl", "perplexity", "/bits_per_byte")  # the last two: lm-eval's rolling tasks
 
 
 @dataclass
@@ -30,6 +30,8 @@ class EvalInputs:
     eval_data: object  # tokenized data.eval (or the eval_split hold-out), or None
     references: list[Item]  # data.eval conversations: prompt + reference answer
     tasks: list[tuple[TaskSpec, list[Item]]]
+    harness: object = None  # evaluate.harness.HarnessSpec: lm-eval tasks run on each model
+    harness_info: dict | None = None  # what lm-eval resolved (version, task configs): set by the first model scored
 
 
 def resolve_target(target: str, overrides: list[str]) -> tuple[Config, str, Path]:
@@ -49,15 +51,16 @@ def resolve_target(target: str, overrides: list[str]) -> tuple[Config, str, Path
     return cfg, str(run) if rundir.model_kind(run) else cfg.model.name, run / rundir.EVAL
 
 
-def prepare_inputs(cfg: Config, tokenizer) -> EvalInputs:
+def prepare_inputs(cfg: Config, tokenizer, harness=None) -> EvalInputs:
     from sftlab.evaluate.benchmarks import load_benchmark
 
     data = eval_data(cfg, tokenizer)
     references = reference_items(cfg, cfg.eval.max_examples)
     tasks = [(spec, load_benchmark(spec, cfg.eval.limit)) for spec in cfg.eval.tasks]
-    if data is None and not references and not tasks:
-        raise ConfigError("nothing to evaluate: add data.eval (or data.eval_split) or eval.tasks to the config")
-    return EvalInputs(cfg, tokenizer, data, references, tasks)
+    if data is None and not references and not tasks and harness is None:
+        raise ConfigError("nothing to evaluate: add data.eval (or data.eval_split) or eval.tasks to the config, "
+                          "or name lm-eval tasks with --harness")  # fmt: skip
+    return EvalInputs(cfg, tokenizer, data, references, tasks, harness)
 
 
 def eval_data(cfg: Config, tokenizer):
@@ -165,6 +168,13 @@ def _score(model, inputs: EvalInputs, label: str, scorers, compute) -> tuple[dic
             evidence[f"{name}/exact_match"] = mean_scores([100 * h for h in numeric_matches(first, refs)], True)
         else:
             _text_scores(name, first, refs, scorers, metrics, evidence)
+    if inputs.harness is not None:  # last: lm-eval sets the global random, numpy and torch seeds
+        from sftlab.evaluate.harness import harness_scores
+
+        result = harness_scores(model, tok, inputs.harness, cfg.batch_size)
+        metrics |= result.metrics
+        evidence |= result.evidence
+        inputs.harness_info = inputs.harness_info or result.info
     return metrics, answers, evidence
 
 
@@ -197,29 +207,35 @@ def _text_scores(prefix: str, replies: list[str], refs: list[str], scorers, metr
 
 
 def run_eval(target: str, overrides: list[str] = (), output: str | None = None, compare: str | None = None,
-             say=print, precision: str = "as-trained", judge: str | None = None, judge_model: str | None = None
-             ) -> dict:  # fmt: skip
+             say=print, precision: str = "as-trained", judge: str | None = None, judge_model: str | None = None,
+             harness=None) -> dict:  # fmt: skip
     """Evaluate a run (and its base with compare="base", or any model.name); write metrics.json and samples.jsonl.
 
     precision: "as-trained" computes both models on the run's precision path (summary.json's
     `compute`; fp32 for a run without one), so eval loss reads as training's did; "fp32" in fp32.
-    judge: an OpenAI-compatible endpoint that then grades the open-ended answers (evaluate.judge)."""
+    judge: an OpenAI-compatible endpoint that then grades the open-ended answers (evaluate.judge);
+    harness: an evaluate.harness.HarnessSpec, lm-eval tasks run in process on each model."""
     cfg, source, default_out = resolve_target(target, overrides)
     out = Path(output) if output else default_out
     if cfg.task != "causal_lm":
-        if compare or judge:
-            raise ConfigError("--compare and --judge are for chat (causal_lm) runs; classification and seq2seq runs "
-                              "print their own metrics")  # fmt: skip
+        if compare or judge or harness:
+            raise ConfigError("--compare, --judge and --harness are for chat (causal_lm) runs; classification and "
+                              "seq2seq runs print their own metrics")  # fmt: skip
         return eval_task_run(source, cfg, out, say)
     if judge:  # a wrong URL or key fails now, not after the generation
         from sftlab.evaluate.judge import probe
 
         judge, judge_model = probe(judge, judge_model)
+    if harness is not None:  # unknown tasks and bad settings fail before a model loads
+        from sftlab.evaluate.harness import check_harness
+
+        harness = replace(harness, seed=cfg.eval.seed)
+        check_harness(harness)
     started = time.perf_counter()
     compute = (rundir.read_compute(Path(source)) if precision == "as-trained" else None) or FP32
     dtype = weights_dtype(compute, adapter=rundir.model_kind(Path(source)) not in (None, "full"))
     loaded = load_run(source, dtype=dtype)
-    inputs = prepare_inputs(cfg, loaded.tokenizer)
+    inputs = prepare_inputs(cfg, loaded.tokenizer, harness)
     scorers = _scorers(cfg, say) if inputs.references or any(s.type == "generation" for s, _ in inputs.tasks) else None
     say(f"evaluating {source} ({_describe(compute)})")
     sandbox = _sandbox(inputs, say)
@@ -237,6 +253,8 @@ def run_eval(target: str, overrides: list[str] = (), output: str | None = None, 
     record["compute"] = compute.record()
     if scorers is not None:
         record |= scorers.record()  # which encoder and layer BERTScore used, which WordNet METEOR read
+    if inputs.harness_info:
+        record["harness"] = inputs.harness_info
     if sandbox:
         record["sandbox"] = sandbox
     write_results(out, record, _samples(inputs, results))
