@@ -113,3 +113,36 @@ def test_output_is_bounded_and_the_isolation_is_named():
     assert iso.name in ("bwrap", "unshare", "session") and iso.description
     if os.geteuid() == 0:  # root here and in CI: namespaces are there (bwrap where installed)
         assert iso.name != "session"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the drop to an unprivileged user is what root's sandbox does")
+def test_started_by_root_the_candidate_runs_as_an_unprivileged_user():
+    iso = isolation()
+    assert iso.user is not None and iso.user[0] != 0 and f"uid {iso.user[0]}" in iso.description
+    uid, gid = iso.user
+    code = (f"import os, json, decimal\nassert os.getuid() == os.geteuid() == {uid} and os.getgid() == {gid}\n"
+            "assert os.getgroups() == []\nopen('mine.txt', 'w').write('ok')\nassert open('mine.txt').read() == 'ok'")  # fmt: skip
+    outcome = run_program(code)
+    assert outcome.passed, outcome.detail
+    assert not run_program("import os\nos.setuid(0)").passed  # no way back to root
+
+
+def test_a_python_under_a_private_directory_is_bound_into_a_traversable_copy():
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from sftlab.evaluate.sandbox import _uncovered
+
+    base = Path(tempfile.mkdtemp(dir="/tmp"))  # every ancestor traversable (pytest's tmp_path is under a 0700 one)
+    base.chmod(0o755)
+    private = base / "home"
+    (private / "py" / "lib").mkdir(parents=True)
+    (private / "other").mkdir()
+    private.chmod(0o700)
+    py, lib, pub = str(private / "py"), str(private / "py" / "lib"), str(base)
+    args = _uncovered([lib, py, pub])
+    assert args == ["--perms", "0755", "--tmpfs", str(private), "--ro-bind", py, py]  # lib lies under py; tmp is open
+    deeper = _uncovered([lib])
+    assert deeper == ["--perms", "0755", "--tmpfs", str(private), "--perms", "0755", "--dir", py, "--ro-bind", lib, lib]
+    shutil.rmtree(base)

@@ -4,7 +4,11 @@ Layers, each cheap:
 - isolation: under bubblewrap (`bwrap`) where it works, a read-only root with only the temporary
   directory writable, its own PID namespace (nothing it starts outlives it) and no network; else
   `unshare` into PID and network namespaces (root may do so; others where user namespaces allow it);
-  else only its own session. `isolation()` names the layer in use, and `sftlab eval` prints it.
+  else only its own session. `isolation()` names the layer in use, and `sftlab eval` prints it;
+- an unprivileged user: started by root (these machines and CI), the child drops to `nobody` before the
+  candidate runs (so RLIMIT_NPROC applies and no file is root's to write). Under bubblewrap a Python
+  installed under a private directory (/root, 0700) is bound into an empty, traversable copy of it;
+  elsewhere the child stays root only when `nobody` could not run that Python, and says so;
 - a fresh `python -I -B` in a temporary directory, with rlimits on CPU time, address space, file size,
   open files and processes, and a wall-clock timeout that kills it;
 - an audit hook (PEP 578) that refuses writes outside the temporary directory, reads outside it and the
@@ -28,13 +32,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 OUTPUT_TAIL = 4096  # bytes of each stream read back
 
-# Runs inside the child before the candidate: argv = guard.py candidate.py timeout memory_mb.
+# Runs inside the child before the candidate: argv = guard.py candidate.py timeout memory_mb uid gid
+# (uid -1: keep the user it was started as).
 GUARD = r'''
 def _main():
     import os, posix, resource, sys
@@ -43,6 +48,11 @@ def _main():
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
+    uid, gid = int(sys.argv[4]), int(sys.argv[5])
+    if uid >= 0:  # root's last act: no supplementary groups, then the unprivileged ids, for good
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
     timeout, memory_mb = float(sys.argv[2]), int(sys.argv[3])
     cpu = int(timeout) + 1
     for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, memory_mb << 20),
@@ -198,32 +208,93 @@ class Isolation:
     name: str  # bwrap | unshare | session
     description: str
     prefix: tuple[str, ...]  # the command that wraps the child (the temporary directory goes in as {dir})
+    user: tuple[int, int] | None = None  # (uid, gid) the child drops to; None: it keeps the caller's
+
+    @property
+    def who(self) -> str:
+        return f"runs as uid {self.user[0]}" if self.user else f"runs as uid {os.geteuid()}"
 
 
 @lru_cache(maxsize=1)
 def isolation() -> Isolation:
-    """The strongest isolation this machine runs: bubblewrap, else unshare, else a session of its own."""
+    """The strongest isolation this machine runs: bubblewrap, else unshare, else a session of its own; as
+    root, with the child dropping to an unprivileged user where that user can run this Python."""
+    user = _unprivileged()
     bwrap = shutil.which("bwrap")
     if bwrap:
-        cmd = (bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--bind", "{dir}", "{dir}",
-               "--unshare-pid", "--unshare-net", "--die-with-parent", "--new-session", "--chdir", "{dir}")  # fmt: skip
-        if _works(cmd):
-            return Isolation("bwrap", "bubblewrap: read-only root, only its temporary directory writable, own PID "
-                             "namespace, no network", cmd)  # fmt: skip
+        base = (bwrap, "--ro-bind", "/", "/")
+        tail = ("--dev", "/dev", "--proc", "/proc", "--bind", "{dir}", "{dir}", "--unshare-pid", "--unshare-net",
+                "--die-with-parent", "--new-session", "--chdir", "{dir}")  # fmt: skip
+        for cmd, as_user in (((*base, *_uncovered(_python_dirs()), *tail), user), ((*base, *tail), None)):
+            if _works(cmd, as_user):
+                iso = Isolation("bwrap", "", cmd, as_user)
+                return replace(iso, description="bubblewrap: read-only root, only its temporary directory writable, "
+                                                f"own PID namespace, no network, {iso.who}")  # fmt: skip
     unshare = shutil.which("unshare")
     if unshare:
         for cmd in ((unshare, "--pid", "--fork", "--kill-child", "--net"),
                     (unshare, "--user", "--map-root-user", "--pid", "--fork", "--kill-child", "--net")):
-            if _works(cmd):
-                return Isolation("unshare", "unshare: own PID and network namespaces (writes and reads limited by "
-                                 "the audit hook only; install bubblewrap for a read-only root)", cmd)  # fmt: skip
-    return Isolation("session", "own session only (no namespaces on this machine; install bubblewrap)", ())
+            for as_user in (user, None) if user else (None,):
+                if _works(cmd, as_user):
+                    iso = Isolation("unshare", "", cmd, as_user)
+                    return replace(iso, description=f"unshare: own PID and network namespaces, {iso.who} (writes "
+                                   "and reads limited by the audit hook only; install bubblewrap for a read-only "
+                                   "root)")  # fmt: skip
+    iso = Isolation("session", "", (), user if user and _works((), user) else None)
+    return replace(iso, description=f"own session only, {iso.who} (no namespaces on this machine; install "
+                                    "bubblewrap)")  # fmt: skip
 
 
-def _works(cmd: tuple[str, ...]) -> bool:
+def _unprivileged() -> tuple[int, int] | None:
+    """(uid, gid) of `nobody` when this process is root (whose processes no RLIMIT_NPROC bounds), else None."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        entry = pwd.getpwnam("nobody")
+        return entry.pw_uid, entry.pw_gid
+    except KeyError:
+        return 65534, 65534
+
+
+def _python_dirs() -> list[str]:
+    """The directories this Python runs from: its installation, the virtual environment, the executable's."""
+    dirs = {sys.base_prefix, sys.prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
+    return sorted(os.path.realpath(d) for d in dirs)
+
+
+def _uncovered(paths: list[str]) -> list[str]:
+    """bwrap arguments that let another user reach `paths` under a private directory (mode without o+x, such
+    as /root): an empty tmpfs over the topmost private directory, traversable directories down to each path,
+    each path bound read-only. Nothing else of the private directory is visible."""
+    args, made, bound = [], set(), []
+    for path in sorted(paths):  # a parent before what lies under it
+        parts = path.strip("/").split("/")
+        ancestors = ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
+        private = next((a for a in ancestors if not os.stat(a).st_mode & 0o001), None)
+        if private is None or private == path or any(path.startswith(b + "/") for b in bound):
+            continue
+        for d in ancestors[ancestors.index(private) : -1]:
+            if d not in made:
+                made.add(d)
+                args += ["--perms", "0755", "--tmpfs" if d == private else "--dir", d]
+        args += ["--ro-bind", path, path]
+        bound.append(path)
+    return args
+
+
+# What the probe runs: the drop the guard makes, then a stdlib import (the installation must stay readable).
+_PROBE = "import os, sys\nif len(sys.argv) > 1:\n    os.setgroups([]); os.setresgid(*[int(sys.argv[2])] * 3); " \
+         "os.setresuid(*[int(sys.argv[1])] * 3)\nimport json, decimal"  # fmt: skip
+
+
+def _works(cmd: tuple[str, ...], user: tuple[int, int] | None) -> bool:
     with tempfile.TemporaryDirectory(prefix="sftlab-sandbox-probe-") as tmp:
+        os.chmod(tmp, 0o755)
+        ids = [str(user[0]), str(user[1])] if user else []
         try:
-            run = subprocess.run([c.replace("{dir}", tmp) for c in cmd] + [sys.executable, "-c", "pass"],
+            run = subprocess.run([c.replace("{dir}", tmp) for c in cmd] + [sys.executable, "-I", "-c", _PROBE, *ids],
                                  capture_output=True, timeout=20, cwd=tmp, check=False)  # fmt: skip
         except (OSError, subprocess.TimeoutExpired):
             return False
@@ -234,14 +305,20 @@ def run_program(code: str, timeout: float = 10.0, memory_mb: int = 1024) -> Outc
     """Run `code` as a script; it passes when its last line returned (the guard's secret follows it) and it
     exits 0, within `timeout` seconds."""
     secret = secrets.token_hex(16).encode()
+    iso = isolation()
     with tempfile.TemporaryDirectory(prefix="sftlab-sandbox-") as outer:
         box, out, err = Path(outer) / "box", Path(outer) / "stdout", Path(outer) / "stderr"
         box.mkdir()
         (box / "candidate.py").write_text(code, encoding="utf-8")
         (box / "guard.py").write_text(GUARD, encoding="utf-8")
+        uid, gid = iso.user or (-1, -1)
+        if iso.user:  # the box is the dropped user's; the outer directory only traversable (not listable)
+            os.chown(box, uid, gid)
+            os.chmod(outer, 0o711)
         env = {"PATH": "/usr/bin:/bin", "HOME": str(box), "TMPDIR": str(box), "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
-        prefix = [c.replace("{dir}", str(box)) for c in isolation().prefix]
-        cmd = [*prefix, sys.executable, "-I", "-B", "guard.py", "candidate.py", str(timeout), str(memory_mb)]
+        prefix = [c.replace("{dir}", str(box)) for c in iso.prefix]
+        cmd = [*prefix, sys.executable, "-I", "-B", "guard.py", "candidate.py", str(timeout), str(memory_mb), str(uid),
+               str(gid)]  # fmt: skip
         with open(out, "wb") as stdout, open(err, "wb") as stderr:  # files: the output cannot fill a pipe or RAM
             proc = subprocess.Popen(cmd, cwd=box, env=env, stdin=subprocess.PIPE, stdout=stdout, stderr=stderr,
                                     start_new_session=True)  # fmt: skip
