@@ -15,3 +15,7 @@ class DataError(SftlabError):
 
 class ModelError(SftlabError):
     pass
+
+
+class CheckpointError(SftlabError):
+    """A checkpoint that cannot be written (a full disk) or resumed from (damaged, incomplete, unsafe)."""

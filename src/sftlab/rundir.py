@@ -61,9 +61,11 @@ def is_run(path: Path) -> bool:
 
 
 def read_config(run: Path, overrides: list[str] = ()) -> Config:
+    """A run's saved config with the user's `overrides`. model.trust_remote_code is never taken from the
+    run directory (anyone who can write there could make a reader run hub code): only an override sets it."""
     if not is_run(run):
         raise ModelError(f"{run}: not a run directory (no {CONFIG})")
-    return load_config(Path(run) / CONFIG, list(overrides))
+    return load_config(Path(run) / CONFIG, ["model.trust_remote_code=false", *overrides])
 
 
 def base_of(path: Path) -> str:
@@ -111,16 +113,19 @@ class Loaded:
     cfg: Config | None = None  # the run's config, when `source` is a run of ours
 
 
-def load_run(source: str, task: str = "causal_lm", *, full_precision_base: bool = False, dtype=None) -> Loaded:
+def load_run(source: str, task: str = "causal_lm", *, full_precision_base: bool = False, dtype=None,
+             trust_remote_code: bool = False) -> Loaded:  # fmt: skip
     """A run directory (adapter or full model), an exported model directory, or (causal_lm) anything
     model.name accepts. Classification and seq2seq load their runs with their heads.
 
     dtype: of the full model or an adapter's base (default fp32; a 4-bit base keeps its own).
+    trust_remote_code: the caller's (the user's) permission to run the base's hub code; a run's saved
+    config never grants it (read_config).
 
     A qlora run's adapter goes on the 4-bit NF4 base it trained on; full_precision_base puts it on the
     original full-precision base instead (what `sftlab merge --into full-precision` folds into)."""
     path = Path(source)
-    cfg = read_config(path) if is_run(path) else None
+    cfg = read_config(path, [f"model.trust_remote_code={str(trust_remote_code).lower()}"]) if is_run(path) else None
     if task != "causal_lm" and (cfg is None or cfg.task != task):
         raise ModelError(f"{path}: not a {task} run" + (f" (it is a {cfg.task} run)" if cfg else f" (no {CONFIG})"))
     kind = model_kind(path)

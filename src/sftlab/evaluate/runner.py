@@ -234,7 +234,7 @@ def run_eval(target: str, overrides: list[str] = (), output: str | None = None, 
     started = time.perf_counter()
     compute = (rundir.read_compute(Path(source)) if precision == "as-trained" else None) or FP32
     dtype = weights_dtype(compute, adapter=rundir.model_kind(Path(source)) not in (None, "full"))
-    loaded = load_run(source, dtype=dtype)
+    loaded = load_run(source, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)  # the user's, never the run's
     inputs = prepare_inputs(cfg, loaded.tokenizer, harness)
     scorers = _scorers(cfg, say) if inputs.references or any(s.type == "generation" for s, _ in inputs.tasks) else None
     say(f"evaluating {source} ({_describe(compute)})")
@@ -247,7 +247,7 @@ def run_eval(target: str, overrides: list[str] = (), output: str | None = None, 
             raise ConfigError(f"--compare {compare}: {source} is not a fine-tune of another model; name the base")
         del loaded
         say(f"evaluating the base {base_source}")
-        base = load_run(base_source, dtype=dtype)
+        base = load_run(base_source, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
         results["base"] = score_model(base.model, inputs, "base", scorers, compute)
     record = _record(cfg, source, base_source, results, time.perf_counter() - started)
     record["compute"] = compute.record()
@@ -298,7 +298,7 @@ def _describe(compute) -> str:
 def eval_task_run(run_dir: str, cfg: Config, out: Path, say=print) -> dict:
     """`sftlab eval` of a classification or seq2seq run: eval loss and the task's metrics on data.eval
     (overrides may point it at other data), written as OUT/metrics.json in `sftlab eval`'s layout."""
-    loaded = load_run(run_dir, cfg.task)
+    loaded = load_run(run_dir, cfg.task, trust_remote_code=cfg.model.trust_remote_code)
     task = get_task(cfg)
     if cfg.task == "classification":  # the run's class order, whatever the data holds
         task.labels = rundir.load_labels(Path(run_dir))[0]

@@ -11,6 +11,7 @@ the task (sftlab.task) what is fine-tuned; the loop owns the maths and reads wha
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from sftlab.config import Config
 from sftlab.data.batching import example_lengths, plan_epoch, rows, without_weights
 from sftlab.errors import SftlabError
 from sftlab.evaluate.runner import reference_items
-from sftlab.files import atomic_dir
+from sftlab.files import atomic_dir, remove_stale
 from sftlab.generate import Sampling, generate_answers
 from sftlab.loop import checkpoint
 from sftlab.loop.optim import build_optimizer, build_scheduler, init_state
@@ -96,8 +97,8 @@ class Run:
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print) -> dict:
     """Run (or resume) training; returns the summary that is also written to summary.json."""
     out = Path(cfg.train.output_dir)
-    resume_from = _prepare_output_dir(out, resume, overwrite, cfg)
-    status = RunStatus(out, enabled=int(os.environ.get("RANK", "0")) == 0)
+    resume_from = _prepare_output_dir(out, resume, overwrite, cfg, say)
+    status = RunStatus(out, enabled=_global_rank() == 0)
     try:
         run = setup(cfg, out, say)
         # Not before setup: under DDP another rank may still be checking that the directory is empty;
@@ -138,6 +139,9 @@ def setup(cfg: Config, out: Path, say) -> Run:
     # tests) choose its own. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=speed.mixed_precision, cpu=speed.cpu)
+    check_launch(accelerator.num_processes, os.environ, _launcher_args(), torch.cuda.is_available())
+    if accelerator.num_processes > 1:
+        check_same_config(_config_hashes(accelerator, cfg))
     _configure_engine(accelerator, cfg)
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
@@ -145,7 +149,9 @@ def setup(cfg: Config, out: Path, say) -> Run:
     train_data, eval_data, reports = task.load_data(tokenizer, cfg.train.seed)
     if accelerator.is_main_process:
         _write_run_files(out, cfg, reports)
-    steps_per_epoch = math.ceil(len(train_data) / (cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes))
+    steps_per_epoch = math.ceil(
+        len(train_data) / (cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes)
+    )
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.epochs * steps_per_epoch)
     lm = for_training(task.load_model(speed.precision, tokenizer), cfg, speed.precision, total)
     weights = speed.apply(lm, accelerator, task)
@@ -166,8 +172,9 @@ def setup(cfg: Config, out: Path, say) -> Run:
 def _write_run_files(out: Path, cfg: Config, reports: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / rundir.CONFIG).write_text(cfg.to_yaml(), encoding="utf-8")
-    (out / rundir.DATA_REPORT).write_text(json.dumps(
-        {k: [r.to_dict() for r in v] for k, v in reports.items()}, ensure_ascii=False, indent=1))
+    (out / rundir.DATA_REPORT).write_text(
+        json.dumps({k: [r.to_dict() for r in v] for k, v in reports.items()}, ensure_ascii=False, indent=1)
+    )
     _print_reports(reports)
 
 
@@ -192,7 +199,8 @@ def _configure_engine(accelerator, cfg: Config) -> None:
         )
     if engine == "deepspeed":  # no dataloader goes through prepare(), so DeepSpeed is told the micro-batch
         accelerator.state.deepspeed_plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=cfg.train.batch_size, gradient_accumulation_steps=1)
+            train_micro_batch_size_per_gpu=cfg.train.batch_size, gradient_accumulation_steps=1
+        )
 
 
 def _single_process() -> bool:
@@ -201,6 +209,85 @@ def _single_process() -> bool:
     engines = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
     alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
     return alone and not any(os.environ.get(e, "").lower() == "true" for e in engines)
+
+
+# What accelerate reads a world size from (torchrun sets WORLD_SIZE, MPI launchers the others).
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def check_launch(world: int, env, launcher_args: list[str] | None, cuda: bool) -> None:
+    """Stop when the launcher asked for another number of processes than the run sees: `accelerate launch
+    --cpu --num_processes N` starts one process, which would train alone at 1/N of the global batch."""
+    asked = _asked_processes(env, launcher_args)
+    if asked is None or asked[0] == world:
+        return
+    n, source = asked
+    how = f"`torchrun --nproc_per_node {n or 2} -m sftlab train CONFIG`"
+    how += (f" or `accelerate launch --multi_gpu --num_processes {n or 2} -m sftlab train CONFIG`" if cuda else
+            " (on CPU, `accelerate launch --cpu` starts a single process whatever --num_processes says)")  # fmt: skip
+    raise TrainError(f"{source}, but this run sees a world of {world} process{'es' * (world != 1)}: it would "
+                     f"not train the run you asked for. Launch with {how}.")  # fmt: skip
+
+
+def _asked_processes(env, launcher_args: list[str] | None) -> tuple[int, str] | None:
+    """(processes the launcher asked for, where that shows; 0: more than one), or None where no launcher
+    asked for a number."""
+    for var in WORLD_SIZE_VARS:
+        if env.get(var, "").strip().isdigit():
+            return int(env[var]), f"the launcher started {env[var]} processes ({var}={env[var]})"
+    # accelerate launch sets no world size, but MASTER_ADDR/MASTER_PORT only when asked for more than one
+    if "ACCELERATE_MIXED_PRECISION" not in env or not env.get("MASTER_PORT"):
+        return None
+    n, machines = (_flag(launcher_args or [], f) for f in ("num_processes", "num_machines"))
+    if n is not None and n <= 1 and (machines or 1) <= 1:
+        return None
+    if n:
+        return n, f"accelerate launch asked for {n} processes (--num_processes {n})"
+    return 0, (
+        "accelerate launch asked for more than one process (it sets MASTER_PORT only then; if you set "
+        "MASTER_PORT yourself for a single process, unset it)"
+    )
+
+
+def _flag(args: list[str], name: str) -> int | None:
+    """The integer value of --name (or --name-with-dashes) in a command line, or None."""
+    names = {f"--{name}", f"--{name.replace('_', '-')}"}
+    for i, arg in enumerate(args):
+        key, eq, value = arg.partition("=")
+        value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+        if key in names and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def _launcher_args() -> list[str] | None:
+    """The parent process's command line (Linux /proc), where accelerate launch's --num_processes shows."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _config_hashes(accelerator, cfg: Config) -> list[int]:
+    """Every rank's hash of its resolved config, in rank order (one all-gather)."""
+    digest = int.from_bytes(hashlib.sha256(cfg.to_yaml().encode()).digest()[:7], "big")  # fits an int64
+    return accelerator.gather(torch.tensor([digest], dtype=torch.int64, device=accelerator.device)).tolist()
+
+
+def check_same_config(hashes: list[int]) -> None:
+    """Every rank trains the same run, or none does (each rank sees the same hashes and raises alike)."""
+    differ = [str(rank) for rank, h in enumerate(hashes) if h != hashes[0]]
+    if differ:
+        who = f"rank {differ[0]} differs" if len(differ) == 1 else f"ranks {', '.join(differ)} differ"
+        raise TrainError(f"the ranks were given different configs: {who} from rank 0. Launch every rank with the "
+                         "same config file and key=value overrides, from the same directory (relative paths "
+                         "resolve against it).")  # fmt: skip
+
+
+def _global_rank() -> int:
+    # From the launcher's environment: _prepare_output_dir runs before the process group exists.
+    return int(os.environ.get("RANK", "0"))
 
 
 def loop(run: Run, state: RunState, log: MetricsLog, say) -> str:
@@ -374,10 +461,15 @@ def _track_best(run: Run, state: RunState, loss: float) -> str | None:
 
 
 def _save_best(run: Run, state: RunState) -> None:
+    """best/ replaced durably, the old one renamed aside until the new one is in place (files.atomic_dir)."""
     from safetensors.torch import save_file
 
-    with atomic_dir(run.out / rundir.BEST, replace=True) as tmp:
-        save_file(checkpoint.trainable_state(run.weights), tmp / "trainable.safetensors")
+    kept = "best/ keeps the previous best weights" if (run.out / rundir.BEST).is_dir() else "no best/ was written yet"
+    weights = checkpoint.trainable_state(run.weights)
+    writing = atomic_dir(run.out / rundir.BEST, replace=True, durable=True)
+    needed = checkpoint.tensor_bytes(weights)
+    with checkpoint.full_disk_stops(run.out, f"{rundir.BEST}/ (step {state.step})", kept, needed), writing as tmp:
+        save_file(weights, tmp / "trainable.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": state.step, "eval_loss": state.best_eval}))
 
 
@@ -485,9 +577,9 @@ def _manifests(cfg: Config) -> dict[str, str]:
 
 
 def _summary_text(s: dict, out: Path) -> str:
-    lines = [f"{s['outcome']}: {s['steps']}/{s['total_steps']} steps in {s['train_time_s']} s, "
-             f"{s['tokens_per_s']} tokens/s ({s['supervised_tokens_per_s']} supervised), "
-             f"{s['supervised_tokens']:,} supervised tokens"]  # fmt: skip
+    lines = [(f"{s['outcome']}: {s['steps']}/{s['total_steps']} steps in {s['train_time_s']} s, "
+              f"{s['tokens_per_s']} tokens/s ({s['supervised_tokens_per_s']} supervised), "
+              f"{s['supervised_tokens']:,} supervised tokens")]  # fmt: skip
     if s["first_eval_loss"] is not None:
         best = f" (best {s['best_eval_loss']:.4f} at step {s['best_step']})" if s["best_step"] else ""
         lines.append(f"eval loss {s['first_eval_loss']:.4f} -> {s['final_eval_loss']:.4f}{best}")
@@ -496,30 +588,43 @@ def _summary_text(s: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def _prepare_output_dir(out: Path, resume: bool, overwrite: bool, cfg: Config) -> Path | None:
-    """The checkpoint to resume from, or None; refuses to mix two runs in one directory."""
-    if resume:
-        found = checkpoint.complete(out / rundir.CHECKPOINTS)
-        if not found:
-            raise TrainError(f"--resume: no complete checkpoint in {out / rundir.CHECKPOINTS}; run without --resume")
-        _check_resumable(found[-1], cfg)
-        return found[-1]
+def _prepare_output_dir(out: Path, resume: bool, overwrite: bool, cfg: Config, say=print) -> Path | None:
+    """The checkpoint to resume from (the newest that verifies), or None; refuses to mix two runs in one
+    directory. What a kill left behind is cleaned up first, by the main process alone."""
+    main = _global_rank() == 0
     existing = [name for name in rundir.RUN_FILES if (out / name).exists()]
-    if existing and not overwrite:
+    if existing and not resume and not overwrite:  # before any cleanup: a live run there keeps its files
         raise TrainError(f"{out} already holds a run ({', '.join(existing)}). Pass --resume to continue it, "
                          "--overwrite to replace it, or set train.output_dir elsewhere.")  # fmt: skip
-    for name in existing:
+    if main:
+        _remove_stale(out, say)
+    if resume:
+        found = checkpoint.newest_verified(out / rundir.CHECKPOINTS, say if main else (lambda *a, **k: None))
+        _check_resumable(found, cfg)
+        return found
+    for name in rundir.RUN_FILES if main else ():  # one process deletes: two would race each other
         path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return None
+
+
+def _remove_stale(out: Path, say) -> None:
+    """Temporary checkpoint and best/ directories of a killed save, and a best/ replacement cut short
+    between its renames (the old best/ goes back into place)."""
+    done = remove_stale(out / rundir.CHECKPOINTS, f"{checkpoint.PREFIX}*") + remove_stale(out, rundir.BEST)
+    if done:
+        say(f"cleaned up after an interrupted save in {out}: {', '.join(sorted(done))}")
 
 
 def _check_resumable(ckpt: Path, cfg: Config) -> None:
     import yaml
 
     saved, now = _flatten(yaml.safe_load((ckpt / rundir.CONFIG).read_text())), _flatten(cfg.to_dict())
-    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k)
-                     and k not in RESUMABLE_CHANGES and not k.startswith(RESUMABLE_PREFIXES))
+    changed = sorted(
+        k
+        for k in saved.keys() | now.keys()
+        if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES and not k.startswith(RESUMABLE_PREFIXES)
+    )
     if changed:
         raise TrainError(f"--resume: the config differs from the checkpoint's in {', '.join(changed)}; "
                          "resuming would not continue the same run. Restore those keys or start a new run.")  # fmt: skip
