@@ -98,3 +98,26 @@ def live_server(app, limits=None):
         thread.join(timeout=30)
 
     return f"http://127.0.0.1:{port}", stop
+
+
+def torchrun(config, *extra: str, nproc: int = 2) -> str:
+    """`torchrun --nproc_per_node N -m sftlab train CONFIG EXTRA...` on a free port; asserts it succeeded and
+    that rank 0 alone reported. Returns its stdout."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun_bin = Path(sys.executable).parent / "torchrun"
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    proc = subprocess.run([str(torchrun_bin), "--nproc_per_node", str(nproc), "--master_port", str(port), "-m",
+                           "sftlab", "train", str(config), *extra], capture_output=True, text=True, timeout=300,
+                          env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trainable of") == 1  # rank 0 alone reports
+    return proc.stdout

@@ -154,6 +154,9 @@ class TrainConfig:
                                     "fused elementwise kernels for compile time at the start")
     loss_chunk_tokens: int = _f(512, help="supervised tokens per cross-entropy chunk (bounds logits memory)")
     neftune_alpha: float = _f(0.0, help="NEFTune noise on input embeddings while training (0: off; 5 is usual)")
+    sharding: Literal["none", "fsdp"] = _f(
+        "none", help="fsdp: PyTorch's FSDP2 over the ranks torchrun starts, each transformer block sharded "
+                     "(gloo on CPU, NCCL on GPUs); none: every rank holds the whole model (DDP)")  # fmt: skip
 
 
 @dataclass
@@ -480,7 +483,7 @@ def validate(cfg: Config) -> None:
         (cfg.eval.generate_every >= 0 and cfg.eval.generate_examples >= 1,
          "eval.generate_every must be >= 0 and eval.generate_examples >= 1"),
     ]
-    for ok, message in checks + _task_checks(cfg):
+    for ok, message in checks + _task_checks(cfg) + _sharding_checks(cfg):
         if not ok:
             raise ConfigError(message)
     for split in ("train", "eval"):
@@ -540,6 +543,27 @@ def _task_checks(cfg: Config) -> list[tuple[bool, str]]:
         (not cfg.eval.tasks, f"eval.tasks (benchmark files) are for causal_lm, not task {t}"),
         (cfg.seq2seq.max_target_length >= 1 and cfg.seq2seq.num_beams >= 1,
          "seq2seq.max_target_length and seq2seq.num_beams must be at least 1"),
+    ]  # fmt: skip
+
+
+def _sharding_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """What train.sharding=fsdp covers: full and LoRA fine-tuning of a causal LM; the rest is refused by
+    name rather than run untested."""
+    if cfg.train.sharding != "fsdp":
+        return []
+    t = cfg.train
+    return [
+        (cfg.task == "causal_lm" and t.method in ("full", "lora"),
+         f"train.sharding=fsdp trains causal_lm with train.method full or lora (got {cfg.task}, {t.method})"),
+        (not t.save_best,
+         "train.save_best is not available under train.sharding=fsdp yet (best/ holds whole weights); remove it, "
+         "or train with train.sharding=none (DDP)"),
+        (not (t.compile or t.gradient_checkpointing),
+         "train.compile and train.gradient_checkpointing are not combined with train.sharding=fsdp yet"),
+        (not cfg.eval.generate_every,
+         "eval.generate_every: rank 0 alone cannot run a sharded model; turn it off under train.sharding=fsdp"),
+        (not (cfg.lora.use_dora or cfg.lora.modules_to_save) or t.method != "lora",
+         "lora.use_dora and lora.modules_to_save are not combined with train.sharding=fsdp yet"),
     ]  # fmt: skip
 
 

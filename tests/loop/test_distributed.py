@@ -1,15 +1,13 @@
 """Two CPU processes (torchrun, gloo) through accelerate: the same losses as one process, and resumable."""
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import FIXTURES, ROOT, tiny_config
 from helpers import losses as _losses
+from helpers import torchrun as _torchrun
 
 from sftlab.loop.train import train
 
@@ -24,20 +22,6 @@ def _yaml(tiny_model_dir, out, tmp_path, **train_keys) -> Path:
     path = tmp_path / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def _torchrun(config: Path, *extra: str) -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), "-m", "sftlab", "train",
-                           str(config), *extra], capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("trainable of") == 1  # rank 0 alone reports
 
 
 @pytest.mark.slow
@@ -106,6 +90,7 @@ def test_a_gathered_state_saves_tied_weights_once_as_the_live_model_does(tiny_mo
     accelerator = SimpleNamespace(get_state_dict=lambda model: gathered)
     monkeypatch.setattr(train_mod, "sharding_engine", lambda acc: "fsdp")
     run = SimpleNamespace(accelerator=accelerator, model=None, lm=lm, out=tmp_path / "sharded", template_source=None,
+                          speed=SimpleNamespace(sharded=0),  # accelerate's FSDP, not train.sharding
                           cfg=tiny_config(tiny_model_dir, tmp_path / "x", "train.method=full"),
                           tokenizer=SimpleNamespace(save_pretrained=lambda out: None),
                           task=SimpleNamespace(save_extras=lambda out, tok, model: None))  # fmt: skip

@@ -29,6 +29,9 @@ from sftlab.files import atomic_dir, file_digest
 PREFIX = "step-"
 MANIFEST = "manifest.json"
 REQUIRED = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "config.yaml", "state.json")
+# A sharded checkpoint (train.sharding=fsdp): Distributed Checkpoint's shards and their index, one RNG per rank.
+SHARD_INDEX = ".metadata"
+REQUIRED_SHARDED = (SHARD_INDEX, "scheduler.pt", "config.yaml", "state.json")
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -95,6 +98,54 @@ def save(root: Path, step: int, model, optimizer, scheduler, state: dict, config
         for old in older[: max(len(older) - (keep - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_sharded(root: Path, step: int, model, optimizer, scheduler, state: dict, config_yaml: str, keep: int) -> Path:
+    """Checkpoint `step` of a sharded model with Distributed Checkpoint; every rank calls it. Each rank writes
+    its own shards of the weights and optimizer state (nothing gathered) and its RNG; rank 0 the scheduler,
+    state and manifest, then renames the directory into place as save() does."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank, final = dist.get_rank(), root / f"{PREFIX}{step:07d}"
+    weights, optim = get_state_dict(model, optimizer)
+    if rank != 0:
+        _write_shards(_shared_dir(None), weights, optim, rank)
+        dist.barrier()  # rank 0 completes the checkpoint
+        return final
+    before = [p for p in checkpoints(root) if p.name < final.name]
+    kept = f"the last checkpoint, {before[-1]}, is kept" if before else "there is no earlier checkpoint"
+    writing = atomic_dir(final, replace=True, durable=True)
+    with full_disk_stops(root, f"checkpoint {final.name}", kept, tensor_bytes([weights, optim])), writing as tmp:
+        _write_shards(_shared_dir(tmp), weights, optim, rank)
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        (tmp / "state.json").write_text(json.dumps(state | {"ranks": dist.get_world_size()}, indent=1))
+        write_manifest(tmp)
+    if keep > 0:
+        older = [p for p in checkpoints(root) if p.name < final.name]
+        for old in older[: max(len(older) - (keep - 1), 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def _shared_dir(tmp: Path | None) -> Path:
+    """Rank 0's temporary checkpoint directory, told to every rank."""
+    import torch.distributed as dist
+
+    box = [str(tmp) if tmp is not None else None]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
+def _write_shards(tmp: Path, weights: dict, optim: dict, rank: int) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"model": weights, "optim": optim}, checkpoint_id=str(tmp))  # collective: each rank its shards
+    torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+    dist.barrier()  # every rank's files are written before rank 0 syncs and renames the directory
 
 
 def write_manifest(path: Path) -> None:
@@ -177,7 +228,7 @@ def problem(path: Path) -> str | None:
         return f"no {MANIFEST} (its save was cut off, or an sftlab without manifests wrote it)"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST} is unreadable ({type(e).__name__}: {e})"
-    for name in REQUIRED:
+    for name in REQUIRED_SHARDED if SHARD_INDEX in files else REQUIRED:
         if name not in files:
             return f"{MANIFEST} lists no {name}"
     for name, want in files.items():
@@ -226,6 +277,33 @@ def load(path: Path, model, optimizer, scheduler) -> dict:
         set_rng_state(_torch_load(path / "rng.pt"))
     with _reading(path / "state.json"):
         return json.loads((path / "state.json").read_text())
+
+
+def load_sharded(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore a sharded checkpoint on every rank: each reads the shards it holds now. The rank count must be
+    the one that wrote it (the data plan of a resumed epoch depends on it)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    with _reading(path / "state.json"):
+        state = json.loads((path / "state.json").read_text())
+    ranks, world, rank = state.pop("ranks", None), dist.get_world_size(), dist.get_rank()
+    if ranks is None:
+        raise CheckpointError(f"{path}: not a sharded checkpoint (train.sharding=fsdp writes them); resume with the "
+                              "config that wrote it")  # fmt: skip
+    if ranks != world:
+        raise CheckpointError(f"{path}: written by {ranks} ranks, resumed by {world}; resume with the same number "
+                              f"(torchrun --nproc_per_node {ranks}): resharding to another count is not supported yet")  # fmt: skip
+    weights, optim = get_state_dict(model, optimizer)
+    with _reading(path / SHARD_INDEX):
+        dcp.load({"model": weights, "optim": optim}, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim)
+    with _reading(path / "scheduler.pt"):
+        scheduler.load_state_dict(_torch_load(path / "scheduler.pt"))
+    with _reading(path / f"rng-{rank}.pt"):
+        set_rng_state(_torch_load(path / f"rng-{rank}.pt"))
+    return state
 
 
 def load_method_state(path: Path) -> dict | None:

@@ -106,9 +106,13 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print)
         status.set("running", total_steps=run.total_steps)
         state = RunState()
         if resume_from is not None:
-            state = RunState(**checkpoint.load(resume_from, run.weights, run.optimizer, run.scheduler))
-            run.weights.after_load()
-            run.hooks.load_state(run.lm, checkpoint.load_method_state(resume_from))
+            if run.speed.sharded:  # each rank reads the shards it holds
+                state = RunState(**checkpoint.load_sharded(resume_from, run.model, run.optimizer.optimizer,
+                                                           run.scheduler))  # fmt: skip
+            else:
+                state = RunState(**checkpoint.load(resume_from, run.weights, run.optimizer, run.scheduler))
+                run.weights.after_load()
+                run.hooks.load_state(run.lm, checkpoint.load_method_state(resume_from))
             if run.accelerator.is_main_process:
                 say(f"resumed from {resume_from} at step {state.step}")
         elif run.speed.early_optimizer_state:
@@ -153,12 +157,17 @@ def setup(cfg: Config, out: Path, say) -> Run:
         len(train_data) / (cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes)
     )
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.epochs * steps_per_epoch)
-    lm = for_training(task.load_model(speed.precision, tokenizer), cfg, speed.precision, total)
-    weights = speed.apply(lm, accelerator, task)
+    # Under FSDP2 the shards of a full fine-tune are its fp32 masters; its policy casts them for compute.
+    loaded = "fp32" if cfg.train.sharding == "fsdp" and cfg.train.method == "full" else speed.precision
+    lm = for_training(task.load_model(loaded, tokenizer), cfg, speed.precision, total)
     params = count_parameters(lm)
+    weights = speed.apply(lm, accelerator, task)
     optimizer = build_optimizer(weights, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total)
-    model, optimizer = accelerator.prepare(task.loss_module(lm), optimizer)  # scheduler stepped by hand, once a step
+    if speed.sharded:  # sharded by sftlab (speed.sharding): accelerate must not wrap the model in DDP as well
+        model, optimizer = weights.model, accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(task.loss_module(lm), optimizer)  # scheduler stepped by hand
     say = say if accelerator.is_main_process else (lambda *a, **k: None)
     say(f"{cfg.train.method}: {params[0]:,} trainable of {params[1]:,} parameters "
         f"({100 * params[0] / params[1]:.2f}%); {speed.describe()}; {len(train_data)} train examples, "
@@ -179,14 +188,22 @@ def _write_run_files(out: Path, cfg: Config, reports: dict) -> None:
 
 
 def sharding_engine(accelerator) -> str | None:
-    """'fsdp' or 'deepspeed' when one shards the model (its parameters are not whole on any rank)."""
+    """'fsdp' or 'deepspeed' when one of accelerate's engines shards the model (its parameters are not whole
+    on any rank); train.sharding=fsdp is sftlab's own (run.speed.sharded)."""
     from accelerate.utils import DistributedType
 
     return {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(accelerator.distributed_type)
 
 
+def _sharded(run: Run) -> bool:
+    return bool(run.speed.sharded) or sharding_engine(run.accelerator) is not None
+
+
 def _configure_engine(accelerator, cfg: Config) -> None:
     engine = sharding_engine(accelerator)
+    if engine is not None and cfg.train.sharding != "none":
+        raise TrainError(f"train.sharding={cfg.train.sharding} and accelerate's {engine} config both shard the model: "
+                         "choose one (launch with torchrun, or an accelerate config without fsdp_config/deepspeed)")  # fmt: skip
     if engine is None:
         return
     refused = [name for name, on in (("train.save_steps", cfg.train.save_steps > 0), ("train.save_best", cfg.train.save_best),
@@ -312,7 +329,7 @@ def loop(run: Run, state: RunState, log: MetricsLog, say) -> str:
                 state.step += 1
                 state.step_in_epoch += 1
                 record["epoch"] = round(state.epoch + state.step_in_epoch / len(plan), 4)
-                outcome = after_step(run, state, record, log, stop.requested)
+                outcome = after_step(run, state, record, log, _any_rank(acc, stop.requested))
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
                                 tok_s=f"{state.tokens / max(state.train_time, 1e-9):.0f}")  # fmt: skip
@@ -323,6 +340,14 @@ def loop(run: Run, state: RunState, log: MetricsLog, say) -> str:
             state.step_in_epoch = 0
     bar.close()
     return "completed"  # reached only when resuming a run that had already finished
+
+
+def _any_rank(acc, flag: bool) -> bool:
+    """Whether any rank has `flag`: a signal reaches the ranks at different moments, and a rank that
+    stopped (and saved) a step before the others would leave them waiting in a collective."""
+    if acc.num_processes == 1:
+        return flag
+    return acc.reduce(torch.tensor([float(flag)], device=acc.device), "sum").item() > 0
 
 
 def train_step(run: Run, micro_batches: list[list[int]], state: RunState) -> dict:
@@ -474,7 +499,11 @@ def _save_best(run: Run, state: RunState) -> None:
 
 
 def save_checkpoint(run: Run, state: RunState) -> None:
-    if sharding_engine(run.accelerator):  # only an interrupt gets here (_configure_engine refuses save_steps)
+    if run.speed.sharded:  # every rank writes its shards (Distributed Checkpoint)
+        checkpoint.save_sharded(run.out / rundir.CHECKPOINTS, state.step, run.model, run.optimizer.optimizer,
+                                run.scheduler, asdict(state), run.cfg.to_yaml(), run.cfg.train.save_total_limit)  # fmt: skip
+        return
+    if _sharded(run):  # only an interrupt gets here (_configure_engine refuses save_steps)
         if run.accelerator.is_main_process:
             print(f"no checkpoint at step {state.step}: sharded FSDP/DeepSpeed checkpoints are not written yet")
         return
@@ -512,12 +541,20 @@ def finish(run: Run, state: RunState, outcome: str, say) -> dict:
 
 def _gathered_state(run: Run) -> dict | None:
     """The whole model's state dict gathered from FSDP/DeepSpeed shards (on rank 0), else None."""
-    if sharding_engine(run.accelerator) is None:
+    if run.speed.sharded:
+        from sftlab.speed.sharding import full_state_dict
+
+        state = full_state_dict(run.model)  # every rank joins; rank 0 gets the tensors
+        if not run.accelerator.is_main_process:
+            return None
+        whole = {k.removeprefix("lm."): v for k, v in state.items()}
+    elif sharding_engine(run.accelerator) is None:
         return None
-    state = run.accelerator.get_state_dict(run.model)  # keys of the SupervisedLoss wrapper: "lm.<name>"
-    if state is None:
-        return None
-    whole = {k.removeprefix("lm."): v for k, v in state.items()}
+    else:
+        state = run.accelerator.get_state_dict(run.model)  # keys of the SupervisedLoss wrapper: "lm.<name>"
+        if state is None:
+            return None
+        whole = {k.removeprefix("lm."): v for k, v in state.items()}
     # Gathering copies tied weights apart; aliased again, save_pretrained drops them as it does the live model's.
     for target, source in (getattr(run.lm, "all_tied_weights_keys", None) or {}).items():
         if target in whole and source in whole:
@@ -561,7 +598,16 @@ def _summary(run: Run, state: RunState, outcome: str) -> dict:
         "first_eval_loss": evals[0] if evals else None, "final_eval_loss": evals[-1] if evals else None,
         "best_eval_loss": state.best_eval, "best_step": state.best_step, "skipped_steps": state.skipped_steps,
         "data_manifests": _manifests(run.cfg),
-    }  # fmt: skip
+    } | _sharding_record(run)  # fmt: skip
+
+
+def _sharding_record(run: Run) -> dict:
+    """Under train.sharding=fsdp: the ranks, and the parameter elements rank 0 held of the whole (measured)."""
+    if not run.speed.sharded:
+        return {}
+    held, whole = run.speed.shard_share
+    return {"sharding": {"engine": "fsdp", "ranks": run.accelerator.num_processes, "blocks": run.speed.sharded,
+                         "rank0_elements": held, "elements": whole}}  # fmt: skip
 
 
 def _manifests(cfg: Config) -> dict[str, str]:

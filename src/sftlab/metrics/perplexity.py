@@ -46,11 +46,16 @@ def _eval_loss(loss_module, data, batch_size: int, pad_id: int, accelerator=None
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     total, count = torch.zeros((), dtype=torch.float64), 0
-    for idx in batches[accelerator.process_index :: accelerator.num_processes]:
+    mine = batches[accelerator.process_index :: accelerator.num_processes]
+    # Every rank runs as many forwards: a sharded model (FSDP) gathers its weights collectively in each one,
+    # so a rank with one batch fewer repeats a batch and discards it rather than leave the others waiting.
+    rounds = -(-len(batches) // accelerator.num_processes)
+    for n, idx in enumerate(mine + batches[: rounds - len(mine)]):
         batch = without_weights(collate_fn(rows(data, idx)))  # eval loss is the plain token mean, whatever the weights
         with accelerator.autocast():
-            total += loss_module(**{k: v.to(accelerator.device) for k, v in batch.items()}).double().cpu()
-        count += count_fn(batch)
+            loss = loss_module(**{k: v.to(accelerator.device) for k, v in batch.items()}).double().cpu()
+        if n < len(mine):
+            total, count = total + loss, count + count_fn(batch)
     stats = torch.tensor([total.item(), float(count)], dtype=torch.float64, device=accelerator.device)
     total, count = accelerator.reduce(stats, "sum").tolist()
     loss_module.train(was_training)

@@ -4,8 +4,8 @@
         heap, and the precision path (bf16 over fp32 masters, autocast, or plain fp32), which is what
         accelerate's mixed precision must be told
     Speed.apply(lm, accelerator, task)   on the model the method wrapped: attention kernel, RMSNorm, fused
-        LoRA, gradient checkpointing, compile and the batch layout; returns the weights the optimizer
-        steps (fp32 masters, or the model's own)
+        LoRA, gradient checkpointing, compile, the batch layout and FSDP2 sharding (train.sharding);
+        returns the weights the optimizer steps (fp32 masters, the model's own, or its shards)
 
 The loop reads the returned Speed and prints it once; it never asks which hardware it runs on.
 """
@@ -18,7 +18,7 @@ import torch
 
 from sftlab.config import FROZEN_BASE, PROMPT_LEARNING, Config
 from sftlab.model.precision import half_dtype
-from sftlab.speed import attention, cpu, lora_fused, masters, rmsnorm
+from sftlab.speed import attention, cpu, lora_fused, masters, rmsnorm, sharding
 from sftlab.speed.weights import ModelWeights
 
 
@@ -40,6 +40,8 @@ class Speed:
     checkpointing: bool = False
     compiled: int = 0  # transformer blocks compiled
     layout: str = "padded"  # padded | packed | flat (sftlab.data.batching)
+    sharded: int = 0  # transformer blocks FSDP2 shards (train.sharding=fsdp; sftlab.speed.sharding)
+    shard_share: tuple[int, int] = (0, 0)  # parameter elements this rank holds, of the whole model's
 
     def apply(self, lm: torch.nn.Module, accelerator, task):
         """Switch the wrapped model to the fast paths that are exact for it; returns the weights to step."""
@@ -61,6 +63,12 @@ class Speed:
         if cfg.compile:
             self.compiled = compile_blocks(lm)
         self.layout = batch_layout(self.cfg, fused, accelerator.device, self.precision, decoder)
+        if cfg.sharding == "fsdp":  # last: the shards replace the parameters every path above set up
+            lm.to(accelerator.device)
+            root = task.loss_module(lm)  # the loop trains this very module (ShardedWeights.model)
+            self.sharded = sharding.shard(root, lm, self.precision)
+            self.shard_share = sharding.local_share(lm)
+            return sharding.ShardedWeights(root, accelerator)
         if self.masters:  # the masters live beside the weights they update (prepare() would move only the model)
             lm.to(accelerator.device)
             return masters.MasterWeights(lm)
@@ -73,8 +81,9 @@ class Speed:
         return Compute(self.precision, self.masters, self.mixed_precision, self.attention)
 
     def describe(self) -> str:
-        path = " (fp32 master weights)" if self.masters else ""
-        return f"precision {self.precision}{path}; attention {self.attention}; batches {self.layout}"
+        path = " (fp32 master weights)" if self.masters else " (fp32 shards)" if self.sharded else ""
+        shards = f"; FSDP2 over {self.sharded} blocks" if self.sharded else ""
+        return f"precision {self.precision}{path}; attention {self.attention}; batches {self.layout}{shards}"
 
 
 def configure(cfg: Config, precision: str, single_process: bool) -> Speed:
@@ -82,8 +91,10 @@ def configure(cfg: Config, precision: str, single_process: bool) -> Speed:
     on_cpu = not torch.cuda.is_available()
     threads = cpu.use_cores()
     heap = cpu.keep_freed_memory() if on_cpu else False
-    use_masters = masters.applies(cfg, precision, single_process)
-    mixed = "no" if use_masters or precision == "fp32" else precision  # a bf16 model needs no autocast
+    fsdp = cfg.train.sharding == "fsdp"
+    use_masters = masters.applies(cfg, precision, single_process) and not fsdp
+    # A bf16 model needs no autocast; under FSDP2 its mixed-precision policy casts the fp32 shards.
+    mixed = "no" if use_masters or fsdp or precision == "fp32" else precision
     # FSDP and DeepSpeed lay the optimizer state out over their own flat shards.
     return Speed(cfg, precision, use_masters, mixed, single_process, on_cpu, threads, heap)
 

@@ -1,0 +1,80 @@
+"""train.sharding: fsdp — PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`) applied by sftlab, apart
+from the model code and the loop (as torchtitan does), on any process group: NCCL on GPUs, gloo on CPUs.
+
+Each transformer block (the model's `_no_split_modules`) is one FSDP unit, the rest of the model the root
+unit; parameters stay fp32 where they are sharded (the masters) and, under bf16, are cast for compute by
+FSDP's mixed-precision policy, with gradients reduced in fp32. The reduce-scatter averages over ranks as
+DDP's all-reduce does, so the loop's scale (ranks / the step's supervised tokens) is the same for both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sftlab.errors import ModelError
+from sftlab.speed.weights import ModelWeights
+
+
+def transformer_blocks(lm: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks a decoder is made of, found by the class names the model declares unsplittable."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    blocks = [m for m in lm.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ModelError(f"train.sharding=fsdp: no transformer block found in {type(base).__name__} (its "
+                         f"_no_split_modules {sorted(names)}); train with train.sharding=none")  # fmt: skip
+    return blocks
+
+
+def shard(root: torch.nn.Module, lm: torch.nn.Module, precision: str) -> int:
+    """fully_shard every block of `lm`, then `root`, the module whose forward computes the loss (the loss
+    module: its forward calls the decoder and the head directly, so the root unit holding embeddings,
+    final norm and head, tied weights as one parameter, must be the module called). Returns the number
+    of blocks; the modules are changed in place."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
+    blocks = transformer_blocks(lm)
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(root, mp_policy=policy)
+    return len(blocks)
+
+
+def local_share(lm: torch.nn.Module) -> tuple[int, int]:
+    """(elements this rank holds, elements of the whole model): what sharding saves, measured."""
+    from torch.distributed.tensor import DTensor
+
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in lm.parameters())
+    return local, sum(p.numel() for p in lm.parameters())
+
+
+def full_state_dict(root: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of the sharded `root` on rank 0, on the CPU (gathered unit by unit; empty on
+    the other ranks). Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+class ShardedWeights(ModelWeights):
+    """The model's own (sharded) parameters: gradients synchronized on the last micro-batch only, and the
+    norm for clipping taken over every rank's shard."""
+
+    def __init__(self, model: torch.nn.Module, accelerator):
+        from torch.distributed.fsdp import FSDPModule
+
+        super().__init__(model, accelerator)
+        self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+    def begin_micro_batch(self, last: bool) -> None:
+        for unit in self.units:  # reduce-scatter once a step, not once a micro-batch
+            unit.set_requires_gradient_sync(last, recurse=False)
+
+    def clip(self, max_norm: float) -> float | None:
+        from torch.distributed.tensor import DTensor
+
+        params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm

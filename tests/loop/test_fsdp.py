@@ -1,0 +1,144 @@
+"""train.sharding=fsdp: PyTorch's FSDP2 over two CPU processes (torchrun, gloo) trains as one process does
+at the same global batch, each rank holding about half the parameters, and saves one whole model."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import FIXTURES, tiny_config
+from helpers import losses, torchrun
+from safetensors.torch import load_file
+
+from sftlab.config import load_config
+from sftlab.errors import ConfigError
+from sftlab.loop.train import train
+
+
+def _yaml(model_dir, out, tmp_path, method: str):
+    cfg = {"model": {"name": str(model_dir)},
+           "data": {"train": [str(FIXTURES / "train_small.jsonl")], "eval": [str(FIXTURES / "train_small.jsonl")],
+                    "template": "chatml", "max_length": 128},
+           "train": {"method": method, "output_dir": str(out), "precision": "fp32", "report_to": [], "lr": 1e-3,
+                     "batch_size": 2, "grad_accum": 2, "max_steps": 3, "sharding": "fsdp"},
+           "lora": {"dropout": 0.0}}  # fmt: skip
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _one_process(model_dir, out, method: str):
+    train(tiny_config(model_dir, out, f"data.eval=[{FIXTURES / 'train_small.jsonl'}]", f"train.method={method}",
+                      "train.batch_size=4", "train.grad_accum=2", "train.max_steps=3"),
+          say=lambda *a, **k: None)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, weights", [("full", "model.safetensors"), ("lora", "adapter_model.safetensors")])
+def test_two_sharded_ranks_train_as_one_process_and_save_one_model(tiny_model_dir, tmp_path, method, weights):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _one_process(tiny_model_dir, one, method)
+    out = torchrun(_yaml(tiny_model_dir, two, tmp_path, method))
+    assert "FSDP2 over 2 blocks" in out
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)  # 2 ranks x 2 x 2 = 1 x 4 x 2 examples a step
+    assert losses(two, "eval_loss") == pytest.approx(losses(one, "eval_loss"), rel=1e-5)
+    assert losses(two, "grad_norm") == pytest.approx(losses(one, "grad_norm"), rel=1e-4)
+    sharding = json.loads((two / "summary.json").read_text())["sharding"]
+    assert sharding["ranks"] == 2 and 0.4 < sharding["rank0_elements"] / sharding["elements"] < 0.6
+    mine, theirs = load_file(two / weights), load_file(one / weights)
+    assert mine.keys() == theirs.keys()
+    for key in theirs:  # the whole model, gathered once: the one-process run's weights. Adam divides each
+        # element's step by its own gradient scale, so a near-zero gradient summed in another order may move its
+        # weight differently; a tenth of one step (lr 1e-3) bounds that, where a wrong gradient moves every weight.
+        torch.testing.assert_close(mine[key], theirs[key], rtol=1e-3, atol=1e-4)
+    if method == "full":
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(two)  # plain transformers loads it
+
+
+def test_what_fsdp_does_not_cover_yet_is_refused_by_name():
+    base = ["model.name=x", "train.sharding=fsdp"]
+    load_config(None, base + ["train.method=lora"])
+    for extra, message in ((["train.save_best=true", "data.eval_split=0.1"], "save_best"),
+                           (["train.method=qlora"], "full or lora"),
+                           (["train.compile=true"], "compile"), (["task=classification"], "causal_lm")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, base + extra)
+
+
+def test_every_rank_runs_as_many_eval_forwards_and_the_extra_ones_count_nothing():
+    """A sharded forward is collective: a rank with one batch fewer repeats one (discarded), or the
+    others would wait for it forever."""
+    import contextlib
+
+    import datasets
+
+    from sftlab.metrics.perplexity import eval_loss
+
+    data = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]] * 7, "labels": [[-100, 2, 3]] * 7,
+                                       "length": [3] * 7})  # fmt: skip
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.calls = torch.nn.Parameter(torch.ones(())), 0
+
+        def forward(self, input_ids, labels, **_):
+            self.calls += 1
+            return (labels != -100).sum().double() * self.w.double()  # loss sum 1 a supervised token
+
+    shares = []
+    for rank in range(3):  # 7 batches of 1 over 3 ranks: 3, 2, 2 real ones
+        module = Counting()
+        acc = type("Acc", (), {"process_index": rank, "num_processes": 3, "device": "cpu",
+                               "autocast": staticmethod(contextlib.nullcontext), "reduce": staticmethod(lambda t, op: t)})  # fmt: skip
+        record = eval_loss(module, data, 1, 0, acc)
+        shares.append((module.calls, record["eval_tokens"]))
+    assert [calls for calls, _ in shares] == [3, 3, 3]
+    assert [tokens for _, tokens in shares] == [6, 4, 4]  # 2 supervised tokens each, the repeats uncounted
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_then_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    """Each rank writes its own shards (Distributed Checkpoint) when the ranks agree to stop; --resume
+    on the same ranks continues with the uninterrupted run's losses."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def config(out):
+        path = _yaml(tiny_model_dir, out, tmp_path, "lora")
+        cfg = yaml.safe_load(path.read_text())
+        cfg["data"].pop("eval")
+        cfg["train"] |= {"max_steps": 80, "save_steps": 0}
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    torchrun(config(whole))
+    launcher = [str(__import__("pathlib").Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
+                "--master_port", str(_free_port()), "-m", "sftlab", "train", str(config(cut))]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(FIXTURES.parents[1] / "src")}
+    proc = subprocess.Popen(launcher, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not ((cut / "metrics.jsonl").is_file() and len((cut / "metrics.jsonl").read_text().splitlines()) >= 3):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    saved = sorted((cut / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and (saved[0] / ".metadata").is_file() and len(list(saved[0].glob("rng-*.pt"))) == 2
+    stopped = int(saved[0].name.split("-")[1])
+    assert 3 <= stopped < 80 and len(losses(cut)) == stopped
+    torchrun(config(cut), "--resume")
+    assert losses(cut) == pytest.approx(losses(whole), rel=1e-6)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
