@@ -142,3 +142,25 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_two_rank_checkpoint_resumes_on_one_process_with_the_same_global_batch(tiny_model_dir, tmp_path):
+    """Distributed Checkpoint reshards: the 2-rank run's step-2 shards, loaded by one unsharded process
+    at batch 4 x accumulation 2 (= 2 x 2 x 2 ranks), give its steps 3 and 4."""
+    import shutil
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    path = _yaml(tiny_model_dir, two, tmp_path, "lora")
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"].pop("eval")
+    cfg["train"] |= {"max_steps": 4, "save_steps": 2, "save_total_limit": 0}
+    path.write_text(yaml.safe_dump(cfg))
+    torchrun(path)
+    shutil.copytree(two, one)
+    shutil.rmtree(one / "checkpoints" / "step-0000004")
+    overrides = [f"train.output_dir={one}", "train.sharding=none", "train.batch_size=4"]
+    with pytest.raises(Exception, match="their product is 8"):  # 2 x 2 x 2 ranks = 8 a step, all on one rank here
+        train(load_config(path, [*overrides, "train.batch_size=2"]), resume=True, say=lambda *a, **k: None)
+    train(load_config(path, overrides), resume=True, say=lambda *a, **k: None)
+    assert losses(one) == pytest.approx(losses(two), rel=1e-5)

@@ -279,30 +279,34 @@ def load(path: Path, model, optimizer, scheduler) -> dict:
         return json.loads((path / "state.json").read_text())
 
 
-def load_sharded(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore a sharded checkpoint on every rank: each reads the shards it holds now. The rank count must be
-    the one that wrote it (the data plan of a resumed epoch depends on it)."""
+def is_sharded(path: Path) -> bool:
+    return (path / SHARD_INDEX).is_file()
+
+
+def load_sharded(path: Path, model, optimizer, scheduler, masters: bool = False) -> dict:
+    """Restore a sharded checkpoint on every rank, each reading the shards it holds now: on the ranks that
+    wrote it, or on another number of them (even one process, unsharded), Distributed Checkpoint resharding.
+    A rank beyond those that wrote it takes rank 0's RNG (only dropout draws from it)."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    if masters:
+        raise CheckpointError(f"{path}: a sharded checkpoint holds the fp32 weights themselves; resume it with "
+                              "train.sharding=fsdp, or on one process with train.precision=fp32")  # fmt: skip
     with _reading(path / "state.json"):
         state = json.loads((path / "state.json").read_text())
-    ranks, world, rank = state.pop("ranks", None), dist.get_world_size(), dist.get_rank()
-    if ranks is None:
-        raise CheckpointError(f"{path}: not a sharded checkpoint (train.sharding=fsdp writes them); resume with the "
-                              "config that wrote it")  # fmt: skip
-    if ranks != world:
-        raise CheckpointError(f"{path}: written by {ranks} ranks, resumed by {world}; resume with the same number "
-                              f"(torchrun --nproc_per_node {ranks}): resharding to another count is not supported yet")  # fmt: skip
+    state.pop("ranks", None)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     weights, optim = get_state_dict(model, optimizer)
     with _reading(path / SHARD_INDEX):
         dcp.load({"model": weights, "optim": optim}, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim)
     with _reading(path / "scheduler.pt"):
         scheduler.load_state_dict(_torch_load(path / "scheduler.pt"))
-    with _reading(path / f"rng-{rank}.pt"):
-        set_rng_state(_torch_load(path / f"rng-{rank}.pt"))
+    rng = path / f"rng-{rank}.pt" if (path / f"rng-{rank}.pt").is_file() else path / "rng-0.pt"
+    with _reading(rng):
+        set_rng_state(_torch_load(rng))
     return state
 
 

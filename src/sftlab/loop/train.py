@@ -106,9 +106,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print)
         status.set("running", total_steps=run.total_steps)
         state = RunState()
         if resume_from is not None:
-            if run.speed.sharded:  # each rank reads the shards it holds
+            if checkpoint.is_sharded(resume_from):  # each rank reads the shards it holds now
                 state = RunState(**checkpoint.load_sharded(resume_from, run.model, run.optimizer.optimizer,
-                                                           run.scheduler))  # fmt: skip
+                                                           run.scheduler, masters=run.speed.masters))  # fmt: skip
+            elif run.speed.sharded:
+                raise checkpoint.CheckpointError(f"{resume_from}: a whole-model checkpoint cannot resume a sharded "
+                                                 "run yet; resume it with train.sharding=none")  # fmt: skip
             else:
                 state = RunState(**checkpoint.load(resume_from, run.weights, run.optimizer, run.scheduler))
                 run.weights.after_load()
@@ -671,9 +674,33 @@ def _check_resumable(ckpt: Path, cfg: Config) -> None:
         for k in saved.keys() | now.keys()
         if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES and not k.startswith(RESUMABLE_PREFIXES)
     )
+    changed = _reshaped_for_ranks(ckpt, saved, now, changed)
     if changed:
         raise TrainError(f"--resume: the config differs from the checkpoint's in {', '.join(changed)}; "
                          "resuming would not continue the same run. Restore those keys or start a new run.")  # fmt: skip
+
+
+RANK_SHAPED = ("train.batch_size", "train.grad_accum", "train.sharding")
+
+
+def _reshaped_for_ranks(ckpt: Path, saved: dict, now: dict, changed: list[str]) -> list[str]:
+    """`changed` less the per-rank batch, accumulation and sharding, where a sharded checkpoint resumes on
+    another number of ranks with the same global batch: each step then holds the same examples
+    (the data plan is a function of the global batch), and Distributed Checkpoint reshards."""
+    shaped = [k for k in changed if k in RANK_SHAPED]
+    if not shaped:
+        return changed
+    ranks = json.loads((ckpt / "state.json").read_text()).get("ranks")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks is None:  # a whole-model checkpoint keeps its shape
+        return changed
+    was = saved["train.batch_size"] * saved["train.grad_accum"] * ranks
+    is_ = now["train.batch_size"] * now["train.grad_accum"] * world
+    if was != is_:
+        raise TrainError(f"--resume: the checkpoint trained {was} examples a step (train.batch_size x train.grad_accum "
+                         f"x {ranks} ranks); on {world} rank(s) set train.batch_size and train.grad_accum so that "
+                         f"their product is {was / world:g}")  # fmt: skip
+    return [k for k in changed if k not in RANK_SHAPED]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
