@@ -162,7 +162,10 @@ def setup(cfg: Config, out: Path, say) -> Run:
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.epochs * steps_per_epoch)
     # Under FSDP2 the shards of a full fine-tune are its fp32 masters; its policy casts them for compute.
     loaded = "fp32" if cfg.train.sharding == "fsdp" and cfg.train.method == "full" else speed.precision
-    lm = for_training(task.load_model(loaded, tokenizer), cfg, speed.precision, total)
+    # Under FSDP2 rank 0 alone reads the weights; the other ranks build shapes and receive their shards.
+    shape_only = cfg.train.sharding == "fsdp" and accelerator.process_index != 0
+    lm = for_training(task.load_model(loaded, tokenizer, **({"shape_only": True} if shape_only else {})), cfg,
+                      speed.precision, total)  # fmt: skip
     params = count_parameters(lm)
     weights = speed.apply(lm, accelerator, task)
     optimizer = build_optimizer(weights, cfg.train)

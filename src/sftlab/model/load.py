@@ -164,6 +164,17 @@ def load_model(cfg: ModelConfig, dtype=None, auto_cls=None, **kwargs):
     return from_pretrained(auto_cls, cfg, dtype=dtype or torch.float32, **kwargs)
 
 
+def load_shape(cfg: ModelConfig, dtype=None, auto_cls=None, **kwargs):
+    """The base model's architecture on the meta device: shapes and dtypes, no weights read (a rank that
+    receives its shards from rank 0 under train.sharding=fsdp)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = from_pretrained(AutoConfig, cfg, **kwargs)
+    with torch.device("meta"):
+        return (auto_cls or AutoModelForCausalLM).from_config(config, dtype=dtype or torch.float32)
+
+
 def frozen_dtype(method: str, precision: str):
     """The dtype to load the base in: a frozen base can live in the compute dtype from the start."""
     import torch

@@ -64,9 +64,8 @@ class Speed:
             self.compiled = compile_blocks(lm)
         self.layout = batch_layout(self.cfg, fused, accelerator.device, self.precision, decoder)
         if cfg.sharding == "fsdp":  # last: the shards replace the parameters every path above set up
-            lm.to(accelerator.device)
             root = task.loss_module(lm)  # the loop trains this very module (ShardedWeights.model)
-            self.sharded = sharding.shard(root, lm, self.precision)
+            self.sharded = sharding.shard(root, lm, self.precision, accelerator.device)
             self.shard_share = sharding.local_share(lm)
             return sharding.ShardedWeights(root, accelerator)
         if self.masters:  # the masters live beside the weights they update (prepare() would move only the model)

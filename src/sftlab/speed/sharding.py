@@ -26,19 +26,33 @@ def transformer_blocks(lm: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
-def shard(root: torch.nn.Module, lm: torch.nn.Module, precision: str) -> int:
+def shard(root: torch.nn.Module, lm: torch.nn.Module, precision: str, device) -> int:
     """fully_shard every block of `lm`, then `root`, the module whose forward computes the loss (the loss
     module: its forward calls the decoder and the head directly, so the root unit holding embeddings,
     final norm and head, tied weights as one parameter, must be the module called). Returns the number
-    of blocks; the modules are changed in place."""
+    of blocks; the modules are changed in place.
+
+    Only rank 0 holds the weights (read once); the other ranks built the model on the meta device and
+    receive their shards, and every buffer, from it."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
+    whole = root.state_dict() if dist.get_rank() == 0 else {}  # rank 0's tensors, kept until they are scattered
+    if dist.get_rank() == 0:
+        root.to(device)
     blocks = transformer_blocks(lm)
     for block in blocks:
         fully_shard(block, mp_policy=policy)
     fully_shard(root, mp_policy=policy)
+    if dist.get_rank() != 0:
+        root.to_empty(device=device)  # storage for this rank's shards; filled below
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(root, whole, options=options)
+    for buffer in root.buffers():  # non-persistent ones too (rotary frequencies), which no state dict holds
+        dist.broadcast(buffer.data, src=0)
     return len(blocks)
 
 

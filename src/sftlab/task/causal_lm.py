@@ -25,7 +25,13 @@ class CausalLM:
     def load_data(self, tokenizer, seed: int):
         return load_train_eval(self.cfg.data, tokenizer, seed)
 
-    def load_model(self, precision: str, tokenizer):
+    def load_model(self, precision: str, tokenizer, shape_only: bool = False):
+        """The base as the method needs it; shape_only: on the meta device, no weights read (fsdp's ranks
+        after the first, which receive their shards from rank 0)."""
+        if shape_only:
+            from sftlab.model.load import frozen_dtype, load_shape
+
+            return load_shape(self.cfg.model, frozen_dtype(self.cfg.train.method, precision))
         return load_base_for(self.cfg, precision)
 
     def loss_module(self, lm) -> torch.nn.Module:
