@@ -164,3 +164,19 @@ def test_a_two_rank_checkpoint_resumes_on_one_process_with_the_same_global_batch
         train(load_config(path, [*overrides, "train.batch_size=2"]), resume=True, say=lambda *a, **k: None)
     train(load_config(path, overrides), resume=True, say=lambda *a, **k: None)
     assert losses(one) == pytest.approx(losses(two), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_bf16_shards_train_as_a_bf16_process_over_fp32_masters(tiny_model_dir, tmp_path):
+    """Under bf16 the fp32 shards are cast for compute by FSDP's policy, as one process computes on a bf16
+    copy over fp32 masters (speed.masters): the same losses up to bf16's summation order."""
+    path = _yaml(tiny_model_dir, tmp_path / "two", tmp_path, "full")
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"].pop("eval")
+    cfg["train"]["precision"] = "bf16"
+    path.write_text(yaml.safe_dump(cfg))
+    torchrun(path)
+    one = load_config(path, [f"train.output_dir={tmp_path / 'one'}", "train.sharding=none", "train.batch_size=4"])
+    train(one, say=lambda *a, **k: None)
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["compute"]["masters"]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
