@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="the tuned model for llama.cpp/Ollama (GGUF) or vLLM (merged 16-bit), "
                                       "checked against the run before it is kept")  # fmt: skip
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a finished run, or one of its checkpoints (RUN/checkpoints/step-N, sharded too)")
     p.add_argument("--format", choices=["gguf", "ollama", "hf"], default="gguf",
                    help="gguf: one GGUF file; ollama: GGUF + Modelfile; hf: merged Hugging Face model (vLLM)")
     p.add_argument("--quant", help="gguf/ollama: f32|f16|bf16|q8_0|q4_k_m|q5_k_m|q6_k|... (default q8_0); "
@@ -556,6 +556,19 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
+    import tempfile
+
+    from sftlab.loop.materialize import is_checkpoint, materialize
+
+    if not is_checkpoint(Path(args.run_dir)):
+        return _export(args)
+    with tempfile.TemporaryDirectory(prefix="sftlab-checkpoint-") as tmp:  # a stopped run's checkpoint
+        print(f"exporting checkpoint {args.run_dir} (written as its run's model first)")
+        args.run_dir = str(materialize(Path(args.run_dir), Path(tmp) / "model"))
+        return _export(args)
+
+
+def _export(args) -> int:
     from sftlab.errors import ConfigError
     from sftlab.generate import read_prompts
 

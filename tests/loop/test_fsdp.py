@@ -180,3 +180,43 @@ def test_bf16_shards_train_as_a_bf16_process_over_fp32_masters(tiny_model_dir, t
     train(one, say=lambda *a, **k: None)
     assert json.loads((tmp_path / "one" / "summary.json").read_text())["compute"]["masters"]
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_exports_as_the_model_its_run_ends_with(tiny_model_dir, tmp_path):
+    """The 2-rank run's last checkpoint, written as one model (DCP resharded into one process), is the
+    model the run saved at its end; `sftlab export` takes the checkpoint and merges it for vLLM."""
+    from sftlab.cli import main
+    from sftlab.loop.materialize import materialize
+
+    two = tmp_path / "two"
+    path = _yaml(tiny_model_dir, two, tmp_path, "lora")
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"].pop("eval")
+    cfg["train"] |= {"max_steps": 2, "save_steps": 2}
+    path.write_text(yaml.safe_dump(cfg))
+    torchrun(path)
+    ckpt = two / "checkpoints" / "step-0000002"
+    out = materialize(ckpt, tmp_path / "from-checkpoint")
+    mine, theirs = load_file(out / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert main(["export", str(ckpt), "--format", "hf", "--quant", "f32", "--output", str(tmp_path / "hf")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+
+
+def test_a_whole_checkpoint_exports_as_the_model_its_run_ends_with(tiny_model_dir, tmp_path):
+    from sftlab.loop.materialize import is_checkpoint, materialize
+
+    run = tmp_path / "run"
+    train(tiny_config(tiny_model_dir, run, "train.method=lora", "train.max_steps=2", "train.save_steps=2"),
+          say=lambda *a, **k: None)  # fmt: skip
+    ckpt = run / "checkpoints" / "step-0000002"
+    assert is_checkpoint(ckpt) and not is_checkpoint(run)
+    out = materialize(ckpt, tmp_path / "model")
+    mine, theirs = load_file(out / "adapter_model.safetensors"), load_file(run / "adapter_model.safetensors")
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    (ckpt / "trainable.safetensors").write_bytes(b"damaged")
+    with pytest.raises(Exception, match="trainable.safetensors"):
+        materialize(ckpt, tmp_path / "again")
