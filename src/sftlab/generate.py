@@ -125,13 +125,29 @@ def complete_ids(model, tokenizer, prompts: list[list[int]], sampling: Sampling,
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=sampling.max_new_tokens, eos_token_id=stop,
                                  pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs(),
-                                 **({"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}))  # fmt: skip
+                                 **_stopping(tokenizer, stop_strings, width))  # fmt: skip
             for row, i in enumerate(idx):
                 new = out[row, width:].tolist()
                 stopped = any(t in stop for t in new)
                 text = tokenizer.decode(new, skip_special_tokens=True)
                 results[i] = (text.strip() if strip else text, stopped)
     return results
+
+
+def _stopping(tokenizer, stop: list[str] | None, start: int) -> dict:
+    """generate()'s stopping_criteria for stop sequences in the *generated* text only. transformers' own
+    stop_strings also match across the prompt's end (a prompt ending in a newline, then "def", is "\ndef"),
+    where the completion protocol, as HumanEval's harness, looks only at what was generated."""
+    if not stop:
+        return {}
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class InNewText(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+            texts = tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+            return torch.tensor([any(s in t for s in stop) for t in texts], device=input_ids.device)
+
+    return {"stopping_criteria": StoppingCriteriaList([InNewText()])}
 
 
 def prompt_ids(tokenizer, messages: list[dict], chat_template: str | None = None, tools: list[dict] | None = None

@@ -84,3 +84,18 @@ def test_eval_reports_both_protocols_with_their_own_keys_and_samples(tiny_model_
     assert [r["source"] for r in rows] == ["humaneval"] * 2 + ["humaneval/completion"] * 2
     assert rows[2]["prompt"].startswith("from typing import List") and rows[2]["messages"] == []
     assert all("answer" in r for r in rows)
+
+
+def test_a_stop_sequence_across_the_prompts_end_does_not_stop_the_completion(lively_model_dir):
+    """The prompt ends in a newline; a completion starting with "def" holds no "\\ndef" of its own and must
+    run on (HumanEval's harness looks at the completion alone)."""
+    loaded = load_run(str(lively_model_dir))
+    tok, model = loaded.tokenizer, loaded.model
+    prompt = "x = 1\n"
+    ids = tok(prompt, return_tensors="pt")
+    first = model.generate(**ids, max_new_tokens=1, do_sample=False, pad_token_id=tok.pad_token_id)
+    start = tok.decode(first[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    stop = [f"\n{start[:2]}"] if start.strip() else ["\n#"]  # what the prompt's newline + the first token make
+    text = continue_texts(model, tok, [prompt], Sampling(max_new_tokens=12), stop)[0]
+    full = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert text == cut_at(tok.decode(full[0, ids["input_ids"].shape[1] :], skip_special_tokens=True), stop)

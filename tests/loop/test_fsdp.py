@@ -220,3 +220,16 @@ def test_a_whole_checkpoint_exports_as_the_model_its_run_ends_with(tiny_model_di
     (ckpt / "trainable.safetensors").write_bytes(b"damaged")
     with pytest.raises(Exception, match="trainable.safetensors"):
         materialize(ckpt, tmp_path / "again")
+
+
+def test_a_resume_on_other_ranks_keeps_the_global_batch_even_with_the_config_unchanged(tmp_path, monkeypatch):
+    from sftlab.loop.train import TrainError, _reshaped_for_ranks
+
+    (tmp_path / "state.json").write_text(json.dumps({"step": 2, "ranks": 2}))
+    saved = {"train.batch_size": 2, "train.grad_accum": 2, "train.sharding": "fsdp"}
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(TrainError, match="trained 8 examples a step.*their product is 2"):
+        _reshaped_for_ranks(tmp_path, saved, dict(saved), [])  # 2 x 2 x 4 = 16, not the 8 it trained
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    now = {"train.batch_size": 4, "train.grad_accum": 2, "train.sharding": "none"}
+    assert _reshaped_for_ranks(tmp_path, saved, now, ["train.batch_size", "train.sharding", "lora.r"]) == ["lora.r"]

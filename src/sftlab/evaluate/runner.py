@@ -155,10 +155,10 @@ def _score(model, inputs: EvalInputs, label: str, scorers, compute) -> tuple[dic
             continue
         if spec.type == "code":
             for protocol in spec.protocols:
-                label = code_label(spec, protocol)
-                replies = generate(items, label, cfg.num_samples) if protocol == "chat" else complete(items, label)
-                answers |= {(label, i): r[0] for i, r in enumerate(replies)}
-                _code_scores(label, items, replies, protocol, cfg, metrics, evidence)
+                task = code_label(spec, protocol)
+                replies = generate(items, task, cfg.num_samples) if protocol == "chat" else complete(items, task)
+                answers |= {(task, i): r[0] for i, r in enumerate(replies)}
+                _code_scores(task, items, replies, protocol, cfg, metrics, evidence)
             continue
         replies = generate(items, name)
         answers |= {(name, i): r[0] for i, r in enumerate(replies)}
@@ -236,6 +236,9 @@ def run_eval(target: str, overrides: list[str] = (), output: str | None = None, 
     dtype = weights_dtype(compute, adapter=rundir.model_kind(Path(source)) not in (None, "full"))
     loaded = load_run(source, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)  # the user's, never the run's
     inputs = prepare_inputs(cfg, loaded.tokenizer, harness)
+    if judge and not (inputs.references or any(s.type == "generation" for s, _ in inputs.tasks)):
+        raise ConfigError("--judge grades open-ended answers: data.eval conversations or generation tasks; this "
+                          "eval has neither (code and multiple-choice tasks are scored by their tests)")  # fmt: skip
     scorers = _scorers(cfg, say) if inputs.references or any(s.type == "generation" for s, _ in inputs.tasks) else None
     say(f"evaluating {source} ({_describe(compute)})")
     sandbox = _sandbox(inputs, say)

@@ -102,50 +102,91 @@ def save(root: Path, step: int, model, optimizer, scheduler, state: dict, config
 
 def save_sharded(root: Path, step: int, model, optimizer, scheduler, state: dict, config_yaml: str, keep: int) -> Path:
     """Checkpoint `step` of a sharded model with Distributed Checkpoint; every rank calls it. Each rank writes
-    its own shards of the weights and optimizer state (nothing gathered) and its RNG; rank 0 the scheduler,
-    state and manifest, then renames the directory into place as save() does."""
+    its own shards of the trainable weights and optimizer state (nothing gathered; a frozen base is not
+    saved, as save() saves none) and its RNG; rank 0 the scheduler, state and manifest, then renames the
+    directory into place as save() does. A failure on any rank is raised on every rank (none is left
+    waiting in a collective)."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     rank, final = dist.get_rank(), root / f"{PREFIX}{step:07d}"
-    weights, optim = get_state_dict(model, optimizer)
+    weights, optim = get_state_dict(model, optimizer, options=_trainable_only())
     if rank != 0:
-        _write_shards(_shared_dir(None), weights, optim, rank)
-        dist.barrier()  # rank 0 completes the checkpoint
+        tmp = Path(_raise_any(_broadcast(None)))  # rank 0's temporary directory, or the error it met first
+        _raise_any(_all_errors(_attempt(_write_shards, tmp, weights, optim, rank)))
+        _raise_any(_broadcast(None))  # rank 0 completed the checkpoint, or says why not
         return final
     before = [p for p in checkpoints(root) if p.name < final.name]
     kept = f"the last checkpoint, {before[-1]}, is kept" if before else "there is no earlier checkpoint"
-    writing = atomic_dir(final, replace=True, durable=True)
-    with full_disk_stops(root, f"checkpoint {final.name}", kept, tensor_bytes([weights, optim])), writing as tmp:
-        _write_shards(_shared_dir(tmp), weights, optim, rank)
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        (tmp / "state.json").write_text(json.dumps(state | {"ranks": dist.get_world_size()}, indent=1))
-        write_manifest(tmp)
+    told = None  # which broadcast the other ranks wait in: "start", then "done"
+    try:
+        with full_disk_stops(root, f"checkpoint {final.name}", kept, tensor_bytes([weights, optim])), \
+                atomic_dir(final, replace=True, durable=True) as tmp:  # fmt: skip
+            _broadcast({"ok": str(tmp)})
+            told = "start"
+            _raise_any(_all_errors(_attempt(_write_shards, tmp, weights, optim, rank)))
+            told = "shards"
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+            (tmp / "state.json").write_text(json.dumps(state | {"ranks": dist.get_world_size()}, indent=1))
+            write_manifest(tmp)
+    except Exception as e:
+        if told in (None, "shards"):  # the others wait for the start, or for the end: tell them
+            _broadcast({"error": f"rank 0: {e}"})
+        raise
+    _broadcast({"ok": str(final)})
     if keep > 0:
         older = [p for p in checkpoints(root) if p.name < final.name]
         for old in older[: max(len(older) - (keep - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
     return final
 
 
-def _shared_dir(tmp: Path | None) -> Path:
-    """Rank 0's temporary checkpoint directory, told to every rank."""
+def _trainable_only(restoring: bool = False):
+    """get_state_dict's options for checkpoints: the trainable parameters only (a LoRA's frozen base is not
+    saved; training rebuilds it from the base model, as for whole checkpoints). Restoring them leaves the
+    frozen ones as they are (not strict): dcp.load has already failed on any trainable key it lacks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=not restoring)
+
+
+def _broadcast(message: dict | None) -> dict:
     import torch.distributed as dist
 
-    box = [str(tmp) if tmp is not None else None]
+    box = [message]
     dist.broadcast_object_list(box, src=0)
-    return Path(box[0])
+    return box[0]
+
+
+def _attempt(fn, *args) -> str | None:
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 -- told to every rank by _all_errors, then raised
+        return f"rank {args[-1]}: {type(e).__name__}: {e}"
+    return None
+
+
+def _all_errors(mine: str | None) -> dict:
+    import torch.distributed as dist
+
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    errors = [e for e in every if e]
+    return {"error": "; ".join(errors)} if errors else {"ok": None}
+
+
+def _raise_any(message: dict):
+    if "error" in message:
+        raise CheckpointError(f"the sharded checkpoint was not written: {message['error']}")
+    return message["ok"]
 
 
 def _write_shards(tmp: Path, weights: dict, optim: dict, rank: int) -> None:
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
     dcp.save({"model": weights, "optim": optim}, checkpoint_id=str(tmp))  # collective: each rank its shards
     torch.save(rng_state(), tmp / f"rng-{rank}.pt")
-    dist.barrier()  # every rank's files are written before rank 0 syncs and renames the directory
 
 
 def write_manifest(path: Path) -> None:
@@ -276,7 +317,9 @@ def load(path: Path, model, optimizer, scheduler) -> dict:
     with _reading(path / "rng.pt"):
         set_rng_state(_torch_load(path / "rng.pt"))
     with _reading(path / "state.json"):
-        return json.loads((path / "state.json").read_text())
+        state = json.loads((path / "state.json").read_text())
+    state.pop("ranks", None)  # for the resume check (train._reshaped_for_ranks), not the loop
+    return state
 
 
 def is_sharded(path: Path) -> bool:
@@ -298,10 +341,11 @@ def load_sharded(path: Path, model, optimizer, scheduler, masters: bool = False)
         state = json.loads((path / "state.json").read_text())
     state.pop("ranks", None)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    weights, optim = get_state_dict(model, optimizer)
+    weights, optim = get_state_dict(model, optimizer, options=_trainable_only())
     with _reading(path / SHARD_INDEX):
         dcp.load({"model": weights, "optim": optim}, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim)
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim,
+                       options=_trainable_only(restoring=True))  # fmt: skip
     with _reading(path / "scheduler.pt"):
         scheduler.load_state_dict(_torch_load(path / "scheduler.pt"))
     rng = path / f"rng-{rank}.pt" if (path / f"rng-{rank}.pt").is_file() else path / "rng-0.pt"

@@ -101,6 +101,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print)
     status = RunStatus(out, enabled=_global_rank() == 0)
     try:
         run = setup(cfg, out, say)
+        resume_from = _agreed_checkpoint(run.accelerator, resume_from)
         # Not before setup: under DDP another rank may still be checking that the directory is empty;
         # setup's collectives order this write after every rank's check.
         status.set("running", total_steps=run.total_steps)
@@ -516,7 +517,8 @@ def save_checkpoint(run: Run, state: RunState) -> None:
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
         checkpoint.save(run.out / rundir.CHECKPOINTS, state.step, run.weights, run.optimizer, run.scheduler,
-                        asdict(state), run.cfg.to_yaml(), run.cfg.train.save_total_limit,
+                        asdict(state) | {"ranks": run.accelerator.num_processes}, run.cfg.to_yaml(),
+                        run.cfg.train.save_total_limit,
                         run.hooks.state(run.lm))  # fmt: skip
 
 
@@ -650,14 +652,28 @@ def _prepare_output_dir(out: Path, resume: bool, overwrite: bool, cfg: Config, s
                          "--overwrite to replace it, or set train.output_dir elsewhere.")  # fmt: skip
     if main:
         _remove_stale(out, say)
+    if resume and not main:  # rank 0 chooses (after its clean-up) and tells the others (_agreed_checkpoint)
+        return FROM_RANK0
     if resume:
-        found = checkpoint.newest_verified(out / rundir.CHECKPOINTS, say if main else (lambda *a, **k: None))
+        found = checkpoint.newest_verified(out / rundir.CHECKPOINTS, say)
         _check_resumable(found, cfg)
         return found
     for name in rundir.RUN_FILES if main else ():  # one process deletes: two would race each other
         path = out / name
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return None
+
+
+FROM_RANK0 = Path("(the checkpoint rank 0 chooses)")
+
+
+def _agreed_checkpoint(acc, found: Path | None) -> Path | None:
+    """Every rank resumes from rank 0's choice: one verification, made after its clean-up of what a kill left."""
+    if acc.num_processes == 1 or found is None:
+        return found
+    from accelerate.utils import broadcast_object_list
+
+    return Path(broadcast_object_list([str(found)], from_process=0)[0])
 
 
 def _remove_stale(out: Path, say) -> None:
@@ -687,15 +703,13 @@ RANK_SHAPED = ("train.batch_size", "train.grad_accum", "train.sharding")
 
 
 def _reshaped_for_ranks(ckpt: Path, saved: dict, now: dict, changed: list[str]) -> list[str]:
-    """`changed` less the per-rank batch, accumulation and sharding, where a sharded checkpoint resumes on
-    another number of ranks with the same global batch: each step then holds the same examples
-    (the data plan is a function of the global batch), and Distributed Checkpoint reshards."""
-    shaped = [k for k in changed if k in RANK_SHAPED]
-    if not shaped:
-        return changed
+    """`changed` less the per-rank batch, accumulation and sharding, where the checkpoint resumes on any
+    number of ranks with the same global batch: each step then holds the same examples (the data plan is
+    a function of the global batch), and Distributed Checkpoint reshards a sharded one. Another global
+    batch, even from an unchanged config on another number of ranks, is refused."""
     ranks = json.loads((ckpt / "state.json").read_text()).get("ranks")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if ranks is None:  # a whole-model checkpoint keeps its shape
+    if ranks is None:  # written before checkpoints recorded their ranks: its shape stays
         return changed
     was = saved["train.batch_size"] * saved["train.grad_accum"] * ranks
     is_ = now["train.batch_size"] * now["train.grad_accum"] * world

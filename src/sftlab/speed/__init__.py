@@ -80,7 +80,8 @@ class Speed:
         return Compute(self.precision, self.masters, self.mixed_precision, self.attention)
 
     def describe(self) -> str:
-        path = " (fp32 master weights)" if self.masters else " (fp32 shards)" if self.sharded else ""
+        sharded = " (fp32 shards)" if self.cfg.train.method == "full" else " (fp32 adapter shards, the base in its dtype)"
+        path = " (fp32 master weights)" if self.masters else sharded if self.sharded else ""
         shards = f"; FSDP2 over {self.sharded} blocks" if self.sharded else ""
         return f"precision {self.precision}{path}; attention {self.attention}; batches {self.layout}{shards}"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sftlab.errors import ModelError
+from sftlab.errors import ConfigError, ModelError
 from sftlab.speed.weights import ModelWeights
 
 
@@ -40,14 +40,17 @@ def shard(root: torch.nn.Module, lm: torch.nn.Module, precision: str, device) ->
 
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
-    whole = root.state_dict() if dist.get_rank() == 0 else {}  # rank 0's tensors, kept until they are scattered
-    if dist.get_rank() == 0:
-        root.to(device)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        raise ConfigError("train.sharding=fsdp shards over several processes: launch with `torchrun "
+                          "--nproc_per_node N -m sftlab train CONFIG` (N >= 2), or use train.sharding=none")  # fmt: skip
+    # Rank 0's tensors, kept (on the CPU) until they are scattered; fully_shard moves one unit at a time to the
+    # device, so no rank ever holds the whole model there.
+    whole = root.state_dict() if dist.get_rank() == 0 else {}
     blocks = transformer_blocks(lm)
     for block in blocks:
         fully_shard(block, mp_policy=policy)
     fully_shard(root, mp_policy=policy)
-    if dist.get_rank() != 0:
+    if dist.get_rank() != 0:  # rank 0's shards and buffers fully_shard moved to the device already
         root.to_empty(device=device)  # storage for this rank's shards; filled below
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(root, whole, options=options)
