@@ -79,3 +79,22 @@ def test_report_of_a_run_without_eval_says_what_to_run(tmp_path, tiny_model_dir)
 def test_report_needs_a_run_dir(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_the_judges_verdicts_are_in_the_report(tmp_path):
+    from sftlab.evaluate.report import render
+    from sftlab.evaluate.runner import write_results
+
+    judge = {"judge": {"endpoint": "http://judge/v1", "model": EVIL, "template": "sftlab-judge-1", "requests": 8,
+                       "cached": 0, "failed": 0, "unparsed": 0},
+             "single": {"n": 2, "model": 7.5, "base": 5.0, "missing_model": 0, "missing_base": 0, "delta": 2.5,
+                        "interval": {"low": 1.0, "high": 4.0, "significant": True}},
+             "pairwise": {"n": 2, "wins": 2, "losses": 0, "ties": 0, "win_rate": 1.0, "interval": [1.0, 1.0],
+                          "significant": True, "inconsistent": 0, "missing": 0},
+             "agreement": {"kappa": 0.5, "n": 4, "items": 2, "observed": 0.75}}  # fmt: skip
+    record = {"created": "now", "models": {"model": {"source": "run", "metrics": {"eval/bleu": 30.0}}}, "delta": {},
+              "judge": judge}  # fmt: skip
+    write_results(tmp_path / "eval", record, [])
+    html = render(tmp_path)
+    assert "<h3>LLM judge</h3>" in html and "win rate 1.000" in html and "Cohen&#x27;s kappa 0.500" in html
+    assert "<script>alert" not in html  # the judge's model id is escaped like any text

@@ -56,7 +56,8 @@ def render(run: Path) -> str:
         "<h2>Training curves</h2>",
         '<div class=charts id=charts>' + "".join(charts) + "</div>" if charts else "<p>No metrics.jsonl yet.</p>",
         "<h2>Data</h2>", _data_table(_json(run / "data_report.json") or {}),
-        "<h2>Evaluation</h2>", _metrics_table(evaluation), _confusion(run / "eval" / "confusion.png"),
+        "<h2>Evaluation</h2>", _metrics_table(evaluation), _judge_lines(evaluation),
+        _confusion(run / "eval" / "confusion.png"),
         "<h2>Answers side by side</h2>", _samples_table(run / "eval" / "samples.jsonl", evaluation),
     ]
     if (run / "generations.jsonl").is_file():
@@ -180,8 +181,18 @@ def _metrics_table(evaluation: dict | None) -> str:
             row.append(_num(value))
         rows.append(row)
     header = ["metric", "base", "tuned", "delta", "95% interval (~: not significant)"] if base else ["metric", "value"]
-    note = "<p class=muted>loss and perplexity: lower is better; every other metric: higher is better (percent).</p>"
+    note = ("<p class=muted>loss and perplexity: lower is better; every other metric: higher is better (percent; "
+            "harness/ metrics on lm-eval's own 0-1 scale).</p>")
     return f"<p class=muted>{escape(sources)} ({escape(evaluation.get('created', ''))})</p>" + _table(header, rows) + note
+
+
+def _judge_lines(evaluation: dict | None) -> str:
+    """The LLM judge's grades, win rate and agreement with human ratings, as `sftlab eval --judge` printed them."""
+    if not evaluation or not evaluation.get("judge"):
+        return ""
+    from sftlab.evaluate.judge import format_judge
+
+    return f"<h3>LLM judge</h3><pre>{escape(format_judge(evaluation['judge']))}</pre>"
 
 
 def _samples_table(path: Path, evaluation: dict | None) -> str:
