@@ -113,7 +113,7 @@ def test_sigterm_to_the_launcher_then_resume_reproduces_the_uninterrupted_run(ti
         path = _yaml(tiny_model_dir, out, tmp_path, "lora")
         cfg = yaml.safe_load(path.read_text())
         cfg["data"].pop("eval")
-        cfg["train"] |= {"max_steps": 80, "save_steps": 0}
+        cfg["train"] |= {"max_steps": 30, "save_steps": 0}
         path.write_text(yaml.safe_dump(cfg))
         return path
 
@@ -131,7 +131,7 @@ def test_sigterm_to_the_launcher_then_resume_reproduces_the_uninterrupted_run(ti
     saved = sorted((cut / "checkpoints").glob("step-*"))
     assert len(saved) == 1 and (saved[0] / ".metadata").is_file() and len(list(saved[0].glob("rng-*.pt"))) == 2
     stopped = int(saved[0].name.split("-")[1])
-    assert 3 <= stopped < 80 and len(losses(cut)) == stopped
+    assert 3 <= stopped < 30 and len(losses(cut)) == stopped
     torchrun(config(cut), "--resume")
     assert losses(cut) == pytest.approx(losses(whole), rel=1e-6)
 
@@ -145,9 +145,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_a_two_rank_checkpoint_resumes_on_one_process_with_the_same_global_batch(tiny_model_dir, tmp_path):
+def test_a_two_rank_checkpoint_resumes_on_one_process_and_exports(tiny_model_dir, tmp_path):
     """Distributed Checkpoint reshards: the 2-rank run's step-2 shards, loaded by one unsharded process
-    at batch 4 x accumulation 2 (= 2 x 2 x 2 ranks), give its steps 3 and 4."""
+    at batch 4 x accumulation 2 (= 2 x 2 x 2 ranks), give its steps 3 and 4; its step-4 shards export."""
     import shutil
 
     two, one = tmp_path / "two", tmp_path / "one"
@@ -165,6 +165,20 @@ def test_a_two_rank_checkpoint_resumes_on_one_process_with_the_same_global_batch
     train(load_config(path, overrides), resume=True, say=lambda *a, **k: None)
     assert losses(one) == pytest.approx(losses(two), rel=1e-5)
 
+    # The last checkpoint, written as one model (resharded into one process), is the model the run saved at
+    # its end; `sftlab export` takes the checkpoint itself and merges it for vLLM.
+    from transformers import AutoModelForCausalLM
+
+    from sftlab.cli import main
+    from sftlab.loop.materialize import materialize
+
+    ckpt = two / "checkpoints" / "step-0000004"
+    out = materialize(ckpt, tmp_path / "from-checkpoint")
+    mine, theirs = load_file(out / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert main(["export", str(ckpt), "--format", "hf", "--quant", "f32", "--output", str(tmp_path / "hf")]) == 0
+    AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+
 
 @pytest.mark.slow
 def test_bf16_shards_train_as_a_bf16_process_over_fp32_masters(tiny_model_dir, tmp_path):
@@ -180,30 +194,6 @@ def test_bf16_shards_train_as_a_bf16_process_over_fp32_masters(tiny_model_dir, t
     train(one, say=lambda *a, **k: None)
     assert json.loads((tmp_path / "one" / "summary.json").read_text())["compute"]["masters"]
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
-
-
-@pytest.mark.slow
-def test_a_sharded_checkpoint_exports_as_the_model_its_run_ends_with(tiny_model_dir, tmp_path):
-    """The 2-rank run's last checkpoint, written as one model (DCP resharded into one process), is the
-    model the run saved at its end; `sftlab export` takes the checkpoint and merges it for vLLM."""
-    from sftlab.cli import main
-    from sftlab.loop.materialize import materialize
-
-    two = tmp_path / "two"
-    path = _yaml(tiny_model_dir, two, tmp_path, "lora")
-    cfg = yaml.safe_load(path.read_text())
-    cfg["data"].pop("eval")
-    cfg["train"] |= {"max_steps": 2, "save_steps": 2}
-    path.write_text(yaml.safe_dump(cfg))
-    torchrun(path)
-    ckpt = two / "checkpoints" / "step-0000002"
-    out = materialize(ckpt, tmp_path / "from-checkpoint")
-    mine, theirs = load_file(out / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
-    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
-    assert main(["export", str(ckpt), "--format", "hf", "--quant", "f32", "--output", str(tmp_path / "hf")]) == 0
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
 
 
 def test_a_whole_checkpoint_exports_as_the_model_its_run_ends_with(tiny_model_dir, tmp_path):
