@@ -110,7 +110,7 @@ def save_sharded(root: Path, step: int, model, optimizer, scheduler, state: dict
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     rank, final = dist.get_rank(), root / f"{PREFIX}{step:07d}"
-    weights, optim = get_state_dict(model, optimizer, options=_trainable_only())
+    weights, optim = get_state_dict(model, optimizer, options=trainable_only())
     if rank != 0:
         tmp = Path(_raise_any(_broadcast(None)))  # rank 0's temporary directory, or the error it met first
         _raise_any(_all_errors(_attempt(_write_shards, tmp, weights, optim, rank)))
@@ -142,7 +142,7 @@ def save_sharded(root: Path, step: int, model, optimizer, scheduler, state: dict
     return final
 
 
-def _trainable_only(restoring: bool = False):
+def trainable_only(restoring: bool = False):
     """get_state_dict's options for checkpoints: the trainable parameters only (a LoRA's frozen base is not
     saved; training rebuilds it from the base model, as for whole checkpoints). Restoring them leaves the
     frozen ones as they are (not strict): dcp.load has already failed on any trainable key it lacks."""
@@ -341,11 +341,11 @@ def load_sharded(path: Path, model, optimizer, scheduler, masters: bool = False)
         state = json.loads((path / "state.json").read_text())
     state.pop("ranks", None)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    weights, optim = get_state_dict(model, optimizer, options=_trainable_only())
+    weights, optim = get_state_dict(model, optimizer, options=trainable_only())
     with _reading(path / SHARD_INDEX):
         dcp.load({"model": weights, "optim": optim}, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim,
-                       options=_trainable_only(restoring=True))  # fmt: skip
+                       options=trainable_only(restoring=True))  # fmt: skip
     with _reading(path / "scheduler.pt"):
         scheduler.load_state_dict(_torch_load(path / "scheduler.pt"))
     rng = path / f"rng-{rank}.pt" if (path / f"rng-{rank}.pt").is_file() else path / "rng-0.pt"

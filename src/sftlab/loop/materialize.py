@@ -56,13 +56,12 @@ def materialize(ckpt: Path, out: Path) -> Path:
 def _load_shards(ckpt: Path, root) -> None:
     """The model's part of a Distributed Checkpoint, resharded into one unsharded process (no process group)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    options = StateDictOptions(ignore_frozen_params=True)  # what checkpoint.save_sharded wrote
-    weights = get_model_state_dict(root, options=options)
+    weights = get_model_state_dict(root, options=checkpoint.trainable_only())  # what save_sharded wrote
     try:
         dcp.load({"model": weights}, checkpoint_id=str(ckpt))
     except Exception as e:  # noqa: BLE001 -- DCP wraps every reader failure in its own exception types
         raise CheckpointError(f"{ckpt}: its shards do not fit this run's model ({type(e).__name__}: "
                               f"{str(e)[:300]})") from None  # fmt: skip
-    set_model_state_dict(root, weights, options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    set_model_state_dict(root, weights, options=checkpoint.trainable_only(restoring=True))
