@@ -100,24 +100,49 @@ def live_server(app, limits=None):
     return f"http://127.0.0.1:{port}", stop
 
 
-def torchrun(config, *extra: str, nproc: int = 2) -> str:
-    """`torchrun --nproc_per_node N -m sftlab train CONFIG EXTRA...` on a free port; asserts it succeeded and
-    that rank 0 alone reported. Returns its stdout."""
-    import os
+def free_port() -> int:
     import socket
-    import subprocess
-    import sys
-    from pathlib import Path
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torchrun_bin = Path(sys.executable).parent / "torchrun"
-    src = Path(__file__).resolve().parents[1] / "src"
-    env = {**os.environ, "PYTHONPATH": str(src)}
-    proc = subprocess.run([str(torchrun_bin), "--nproc_per_node", str(nproc), "--master_port", str(port), "-m",
-                           "sftlab", "train", str(config), *extra], capture_output=True, text=True, timeout=300,
-                          env=env)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("trainable of") == 1  # rank 0 alone reports
-    return proc.stdout
+        return sock.getsockname()[1]
+
+
+def launcher(name: str, *args: str) -> list[str]:
+    """The command line of this environment's `torchrun` or `accelerate` (`launch` included)."""
+    import sys
+    from pathlib import Path
+
+    return [str(Path(sys.executable).parent / name), *(["launch"] if name == "accelerate" else []), *args]
+
+
+def launcher_env() -> dict:
+    import os
+    from pathlib import Path
+
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+
+
+def launch_together(*commands: list[str], timeout: int = 300) -> list[str]:
+    """Start every command at once (the launchers of one run, e.g. one per node), wait for all; asserts each
+    succeeded and that the run's rank 0 alone reported. Returns their stdouts."""
+    import subprocess
+
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launcher_env())
+             for cmd in commands]  # fmt: skip
+    try:
+        outs = [proc.communicate(timeout=timeout) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill() if proc.poll() is None else None
+    for proc, (_, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-3000:]
+    assert sum(out.count("trainable of") for out, _ in outs) == 1  # rank 0 alone reports
+    return [out for out, _ in outs]
+
+
+def torchrun(config, *extra: str, nproc: int = 2) -> str:
+    """`torchrun --nproc_per_node N -m sftlab train CONFIG EXTRA...` on a free port; asserts it succeeded and
+    that rank 0 alone reported. Returns its stdout."""
+    args = ["--nproc_per_node", str(nproc), "--master_port", str(free_port()), "-m", "sftlab", "train", str(config)]
+    return launch_together(launcher("torchrun", *args, *extra))[0]

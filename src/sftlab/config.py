@@ -157,6 +157,11 @@ class TrainConfig:
     sharding: Literal["none", "fsdp"] = _f(
         "none", help="fsdp: PyTorch's FSDP2 over the ranks torchrun starts, each transformer block sharded "
                      "(gloo on CPU, NCCL on GPUs); none: every rank holds the whole model (DDP)")  # fmt: skip
+    fsdp_reshard_after_forward: bool = _f(
+        True, help="fsdp: free each block's gathered weights after its forward; false keeps them for the "
+                   "backward (one all-gather a step instead of two, more memory: ZeRO-2 style)")  # fmt: skip
+    fsdp_blocks: list[str] = _f(factory=list, help="fsdp: class names of the modules sharded as units (default: "
+                                                   "the model's _no_split_modules, its decoder layers)")  # fmt: skip
 
 
 @dataclass
@@ -549,17 +554,16 @@ def _task_checks(cfg: Config) -> list[tuple[bool, str]]:
 def _sharding_checks(cfg: Config) -> list[tuple[bool, str]]:
     """What train.sharding=fsdp covers: full and LoRA fine-tuning of a causal LM; the rest is refused by
     name rather than run untested."""
-    if cfg.train.sharding != "fsdp":
-        return []
     t = cfg.train
+    if t.sharding != "fsdp":  # train.fsdp_* are kept as they are: a resume on one process reads them unused
+        return []
     return [
         (cfg.task == "causal_lm" and t.method in ("full", "lora"),
          f"train.sharding=fsdp trains causal_lm with train.method full or lora (got {cfg.task}, {t.method})"),
         (not t.save_best,
          "train.save_best is not available under train.sharding=fsdp yet (best/ holds whole weights); remove it, "
          "or train with train.sharding=none (DDP)"),
-        (not (t.compile or t.gradient_checkpointing),
-         "train.compile and train.gradient_checkpointing are not combined with train.sharding=fsdp yet"),
+        (not t.compile, "train.compile is not combined with train.sharding=fsdp yet"),
         (not cfg.eval.generate_every,
          "eval.generate_every: rank 0 alone cannot run a sharded model; turn it off under train.sharding=fsdp"),
         (not (cfg.lora.use_dora or cfg.lora.modules_to_save) or t.method != "lora",

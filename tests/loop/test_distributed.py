@@ -64,10 +64,11 @@ def test_sharding_engines_refuse_what_they_cannot_checkpoint_and_deepspeed_learn
         plugin = SimpleNamespace(deepspeed_config={"train_micro_batch_size_per_gpu": "auto"})
         return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))
 
-    for kind, override, name in ((DistributedType.FSDP, "train.save_steps=10", "fsdp"),
-                                 (DistributedType.DEEPSPEED, "train.grad_accum=2", "deepspeed")):  # fmt: skip
-        with pytest.raises(TrainError, match=f"{override.split('=')[0]}.*under {name}.*DDP"):
-            _configure_engine(fake(kind), tiny_config("m", tmp_path, override))
+    for override in ("train.save_steps=10", "train.grad_accum=2"):
+        with pytest.raises(TrainError, match=f"{override.split('=')[0]}.*under deepspeed.*fsdp or DDP"):
+            _configure_engine(fake(DistributedType.DEEPSPEED), tiny_config("m", tmp_path, override))
+    with pytest.raises(TrainError, match="both shard the model"):
+        _configure_engine(fake(DistributedType.DEEPSPEED), tiny_config("m", tmp_path, "train.sharding=fsdp"))
     ds = fake(DistributedType.DEEPSPEED)
     _configure_engine(ds, tiny_config("m", tmp_path, "train.batch_size=6"))
     assert ds.state.deepspeed_plugin.deepspeed_config == {"train_micro_batch_size_per_gpu": 6,
@@ -88,9 +89,9 @@ def test_a_gathered_state_saves_tied_weights_once_as_the_live_model_does(tiny_mo
     assert lm.config.tie_word_embeddings
     gathered = {f"lm.{k}": v.clone() for k, v in lm.state_dict().items()}  # as get_state_dict returns them
     accelerator = SimpleNamespace(get_state_dict=lambda model: gathered)
-    monkeypatch.setattr(train_mod, "sharding_engine", lambda acc: "fsdp")
+    monkeypatch.setattr(train_mod, "sharding_engine", lambda acc: "deepspeed")
     run = SimpleNamespace(accelerator=accelerator, model=None, lm=lm, out=tmp_path / "sharded", template_source=None,
-                          speed=SimpleNamespace(sharded=0),  # accelerate's FSDP, not train.sharding
+                          speed=SimpleNamespace(sharded=0),  # accelerate's DeepSpeed, not train.sharding
                           cfg=tiny_config(tiny_model_dir, tmp_path / "x", "train.method=full"),
                           tokenizer=SimpleNamespace(save_pretrained=lambda out: None),
                           task=SimpleNamespace(save_extras=lambda out, tok, model: None))  # fmt: skip

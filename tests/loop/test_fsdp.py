@@ -1,5 +1,6 @@
 """train.sharding=fsdp: PyTorch's FSDP2 over two CPU processes (torchrun, gloo) trains as one process does
-at the same global batch, each rank holding about half the parameters, and saves one whole model."""
+at the same global batch, each rank holding about half the parameters, and saves one whole model; the same
+run launched as two machines, or by accelerate (an FSDP config adopted as train.sharding=fsdp), is the same."""
 
 import json
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 import yaml
 from conftest import FIXTURES, tiny_config
-from helpers import losses, torchrun
+from helpers import free_port, launch_together, launcher, launcher_env, losses, torchrun
 from safetensors.torch import load_file
 
 from sftlab.config import load_config
@@ -33,12 +34,25 @@ def _one_process(model_dir, out, method: str):
           say=lambda *a, **k: None)  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def two_rank_lora(tiny_model_dir, tmp_path_factory):
+    """The LoRA run on 2 ranks of one machine (torchrun): (its config, its directory, its stdout), the run
+    every other launch of the same config must reproduce."""
+    tmp = tmp_path_factory.mktemp("fsdp-lora")
+    path = _yaml(tiny_model_dir, tmp / "two", tmp, "lora")
+    return path, tmp / "two", torchrun(path)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method, weights", [("full", "model.safetensors"), ("lora", "adapter_model.safetensors")])
-def test_two_sharded_ranks_train_as_one_process_and_save_one_model(tiny_model_dir, tmp_path, method, weights):
-    one, two = tmp_path / "one", tmp_path / "two"
+def test_two_sharded_ranks_train_as_one_process_and_save_one_model(tiny_model_dir, tmp_path, method, weights, request):
+    one = tmp_path / "one"
     _one_process(tiny_model_dir, one, method)
-    out = torchrun(_yaml(tiny_model_dir, two, tmp_path, method))
+    if method == "lora":
+        _, two, out = request.getfixturevalue("two_rank_lora")
+    else:
+        two = tmp_path / "two"
+        out = torchrun(_yaml(tiny_model_dir, two, tmp_path, method))
     assert "FSDP2 over 2 blocks" in out
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)  # 2 ranks x 2 x 2 = 1 x 4 x 2 examples a step
     assert losses(two, "eval_loss") == pytest.approx(losses(one, "eval_loss"), rel=1e-5)
@@ -103,10 +117,8 @@ def test_every_rank_runs_as_many_eval_forwards_and_the_extra_ones_count_nothing(
 def test_sigterm_to_the_launcher_then_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
     """Each rank writes its own shards (Distributed Checkpoint) when the ranks agree to stop; --resume
     on the same ranks continues with the uninterrupted run's losses."""
-    import os
     import signal
     import subprocess
-    import sys
     import time
 
     def config(out):
@@ -119,10 +131,9 @@ def test_sigterm_to_the_launcher_then_resume_reproduces_the_uninterrupted_run(ti
 
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     torchrun(config(whole))
-    launcher = [str(__import__("pathlib").Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
-                "--master_port", str(_free_port()), "-m", "sftlab", "train", str(config(cut))]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(FIXTURES.parents[1] / "src")}
-    proc = subprocess.Popen(launcher, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = launcher("torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "sftlab",
+                       "train", str(config(cut)))  # fmt: skip
+    proc = subprocess.Popen(command, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not ((cut / "metrics.jsonl").is_file() and len((cut / "metrics.jsonl").read_text().splitlines()) >= 3):
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         time.sleep(0.05)
@@ -134,14 +145,6 @@ def test_sigterm_to_the_launcher_then_resume_reproduces_the_uninterrupted_run(ti
     assert 3 <= stopped < 30 and len(losses(cut)) == stopped
     torchrun(config(cut), "--resume")
     assert losses(cut) == pytest.approx(losses(whole), rel=1e-6)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -223,3 +226,117 @@ def test_a_resume_on_other_ranks_keeps_the_global_batch_even_with_the_config_unc
     monkeypatch.setenv("WORLD_SIZE", "1")
     now = {"train.batch_size": 4, "train.grad_accum": 2, "train.sharding": "none"}
     assert _reshaped_for_ranks(tmp_path, saved, now, ["train.batch_size", "train.sharding", "lora.r"]) == ["lora.r"]
+
+
+def _same_run(out, reference) -> None:
+    for key in ("loss", "eval_loss", "grad_norm"):
+        assert losses(out, key) == pytest.approx(losses(reference, key), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_machines_of_one_process_each_train_as_two_processes_on_one(two_rank_lora, tmp_path):
+    """The README's multi-node torchrun command, both nodes on this machine (127.0.0.1): the run of two ranks
+    on one machine."""
+    path, reference, _ = two_rank_lora
+    port = str(free_port())
+    nodes = [launcher("torchrun", "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1", "--master_addr",
+                      "127.0.0.1", "--master_port", port, "-m", "sftlab", "train", str(path),
+                      f"train.output_dir={tmp_path / 'nodes'}")
+             for rank in (0, 1)]  # fmt: skip
+    first, second = launch_together(*nodes)
+    assert "3 steps of 2x2x2" in first and "FSDP2 over 2 blocks" in first and not second.strip()
+    _same_run(tmp_path / "nodes", reference)
+    assert json.loads((tmp_path / "nodes" / "summary.json").read_text())["sharding"]["ranks"] == 2
+
+
+@pytest.mark.slow
+def test_accelerate_launch_on_two_machines_trains_as_torchrun_does(two_rank_lora, tmp_path):
+    """The README's multi-machine accelerate command with the shipped DDP config, both machines here: the
+    losses of the sharded 2-rank run (DDP and FSDP2 both train as one process at that global batch)."""
+    from conftest import ROOT
+
+    path, reference, _ = two_rank_lora
+    port = str(free_port())
+    machines = [launcher("accelerate", "--config_file", str(ROOT / "examples" / "accelerate" / "ddp.yaml"),
+                         "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+                         "--main_process_ip", "127.0.0.1", "--main_process_port", port, "-m", "sftlab", "train",
+                         str(path), f"train.output_dir={tmp_path / 'ddp'}", "train.sharding=none")
+                for rank in (0, 1)]  # fmt: skip
+    first, _ = launch_together(*machines)
+    assert "3 steps of 2x2x2" in first and "FSDP2" not in first
+    _same_run(tmp_path / "ddp", reference)
+
+
+@pytest.mark.slow
+def test_accelerate_fsdp_config_trains_on_sftlabs_fsdp_with_its_settings(two_rank_lora, tmp_path):
+    """`accelerate launch --config_file examples/accelerate/fsdp.yaml` (on CPU accelerate itself would train
+    unsharded): the run is train.sharding=fsdp with the config's reshard, unit and checkpointing settings, and
+    trains as the torchrun run does, resumable checkpoints included."""
+    from conftest import ROOT
+
+    path, reference, _ = two_rank_lora
+    out = tmp_path / "accel"
+    command = launcher("accelerate", "--config_file", str(ROOT / "examples" / "accelerate" / "fsdp.yaml"),
+                       "--num_processes", "2", "--main_process_port", str(free_port()),
+                       "--fsdp_reshard_after_forward", "false", "--fsdp_activation_checkpointing", "true",
+                       "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
+                       "-m", "sftlab", "train", str(path), f"train.output_dir={out}", "train.sharding=none",
+                       "train.save_steps=3")  # fmt: skip
+    (printed,) = launch_together(command)
+    assert ("training on sftlab's FSDP2 with train.sharding=fsdp, train.fsdp_reshard_after_forward=False, "
+            "train.fsdp_blocks=['LlamaDecoderLayer'], train.gradient_checkpointing=True") in printed
+    assert "FSDP2 over 2 blocks" in printed
+    _same_run(out, reference)
+    saved = load_config(out / "config.yaml")
+    assert (saved.train.sharding, saved.train.fsdp_reshard_after_forward, saved.train.gradient_checkpointing) == \
+        ("fsdp", False, True)  # fmt: skip
+    assert len(list((out / "checkpoints" / "step-0000003").glob("rng-*.pt"))) == 2  # sharded, resumable
+
+
+def test_an_accelerate_fsdp_config_maps_to_train_settings_or_is_refused_by_key():
+    from sftlab.speed.sharding import from_accelerate
+
+    v2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true",
+          "FSDP_OFFLOAD_PARAMS": "false", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+          "FSDP_ACTIVATION_CHECKPOINTING": "false", "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD": "None",
+          "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_SHARDING_STRATEGY": "FULL_SHARD"}  # fmt: skip
+    assert from_accelerate({}) is None and from_accelerate({**v2, "ACCELERATE_USE_FSDP": "false"}) is None
+    assert from_accelerate(v2) == {"sharding": "fsdp", "fsdp_reshard_after_forward": True, "fsdp_blocks": []}
+    mapped = from_accelerate({**v2, "FSDP_RESHARD_AFTER_FORWARD": "False", "FSDP_ACTIVATION_CHECKPOINTING": "true",
+                              "FSDP_TRANSFORMER_CLS_TO_WRAP": "Qwen3DecoderLayer, Qwen3MoeDecoderLayer"})  # fmt: skip
+    assert mapped == {"sharding": "fsdp", "fsdp_reshard_after_forward": False, "gradient_checkpointing": True,
+                      "fsdp_blocks": ["Qwen3DecoderLayer", "Qwen3MoeDecoderLayer"]}  # fmt: skip
+    for change, key in (({"FSDP_VERSION": "1"}, "fsdp_version 1"), ({"FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params"),
+                        ({"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, "fsdp_auto_wrap_policy SIZE_BASED_WRAP"),
+                        ({"FSDP_RESHARD_AFTER_FORWARD": "SHARD_GRAD_OP"}, "fsdp_reshard_after_forward SHARD_GRAD_OP"),
+                        ({"FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD": "true"}, "checkpointing_offload"),
+                        ({"FSDP_IGNORED_MODULES": "vision"}, "fsdp_ignored_modules")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"fsdp_config asks for .*{key}.*torchrun"):
+            from_accelerate({**v2, **change})
+
+
+def test_an_adopted_fsdp_config_is_validated_and_kept_from_accelerate(tmp_path):
+    from sftlab.loop.train import adopt_accelerate_fsdp
+
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    said = []
+    cfg = adopt_accelerate_fsdp(tiny_config("m", tmp_path, "train.method=lora"), env, said.append)
+    assert cfg.train.sharding == "fsdp" and "ACCELERATE_USE_FSDP" not in env and len(said) == 1
+    with pytest.raises(ConfigError, match="full or lora"):  # what train.sharding=fsdp refuses, refused here too
+        adopt_accelerate_fsdp(tiny_config("m", tmp_path, "train.method=qlora"), {"ACCELERATE_USE_FSDP": "true",
+                                                                                 "FSDP_VERSION": "2"}, said.append)  # fmt: skip
+    unsharded = tiny_config("m", tmp_path)
+    assert adopt_accelerate_fsdp(unsharded, {}, said.append) is unsharded
+
+
+def test_named_fsdp_units_must_exist_in_the_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from sftlab.errors import ModelError
+    from sftlab.speed.sharding import transformer_blocks
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert len(transformer_blocks(lm)) == len(transformer_blocks(lm, ["LlamaDecoderLayer"])) == 2
+    assert len(transformer_blocks(lm, ["LlamaAttention"])) == 2
+    with pytest.raises(ModelError, match=r"\['Qwen3DecoderLayer'\] not in LlamaForCausalLM; its blocks are \['LlamaDecoderLayer'\]"):
+        transformer_blocks(lm, ["Qwen3DecoderLayer"])

@@ -18,13 +18,14 @@ import os
 import shutil
 import signal
 import time
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from sftlab import rundir
-from sftlab.config import Config
+from sftlab.config import Config, validate
 from sftlab.data.batching import example_lengths, plan_epoch, rows, without_weights
 from sftlab.errors import SftlabError
 from sftlab.evaluate.runner import reference_items
@@ -38,7 +39,7 @@ from sftlab.model.load import count_parameters, for_training, load_tokenizer
 from sftlab.model.methods import StepHooks, save_trained, step_hooks
 from sftlab.model.precision import resolve_precision
 from sftlab.rundir import read_metrics, write_eval
-from sftlab.speed import Speed, configure
+from sftlab.speed import Speed, configure, sharding
 from sftlab.task import Task, get_task
 from sftlab.task.base import score_eval
 
@@ -96,6 +97,7 @@ class Run:
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print) -> dict:
     """Run (or resume) training; returns the summary that is also written to summary.json."""
+    cfg = adopt_accelerate_fsdp(cfg, os.environ, say)
     out = Path(cfg.train.output_dir)
     resume_from = _prepare_output_dir(out, resume, overwrite, cfg, say)
     status = RunStatus(out, enabled=_global_rank() == 0)
@@ -195,36 +197,46 @@ def _write_run_files(out: Path, cfg: Config, reports: dict) -> None:
 
 
 def sharding_engine(accelerator) -> str | None:
-    """'fsdp' or 'deepspeed' when one of accelerate's engines shards the model (its parameters are not whole
-    on any rank); train.sharding=fsdp is sftlab's own (run.speed.sharded)."""
+    """'deepspeed' when accelerate's DeepSpeed shards the model (its parameters are not whole on any rank).
+    FSDP is sftlab's own (run.speed.sharded): an accelerate FSDP config is adopted as train.sharding=fsdp."""
     from accelerate.utils import DistributedType
 
-    return {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(accelerator.distributed_type)
+    return "deepspeed" if accelerator.distributed_type == DistributedType.DEEPSPEED else None
 
 
-def _sharded(run: Run) -> bool:
-    return bool(run.speed.sharded) or sharding_engine(run.accelerator) is not None
+def adopt_accelerate_fsdp(cfg: Config, env, say) -> Config:
+    """Under `accelerate launch` with an FSDP config the run trains on sftlab's FSDP2 with that config's
+    settings (speed.sharding.from_accelerate), and accelerate is kept from wrapping the model in its own."""
+    settings = sharding.from_accelerate(env)
+    if settings is None:
+        return cfg
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **settings))
+    validate(cfg)
+    env.pop("ACCELERATE_USE_FSDP")
+    if _global_rank() == 0:
+        say("accelerate's FSDP config: training on sftlab's FSDP2 with "
+            + ", ".join(f"train.{k}={v}" for k, v in settings.items()))
+    return cfg
 
 
 def _configure_engine(accelerator, cfg: Config) -> None:
-    engine = sharding_engine(accelerator)
-    if engine is not None and cfg.train.sharding != "none":
-        raise TrainError(f"train.sharding={cfg.train.sharding} and accelerate's {engine} config both shard the model: "
-                         "choose one (launch with torchrun, or an accelerate config without fsdp_config/deepspeed)")  # fmt: skip
-    if engine is None:
+    if sharding_engine(accelerator) is None:
         return
+    if cfg.train.sharding != "none":
+        raise TrainError(f"train.sharding={cfg.train.sharding} and accelerate's DeepSpeed config both shard the model: "
+                         "choose one (launch with torchrun, or an accelerate config without deepspeed_config)")  # fmt: skip
     refused = [name for name, on in (("train.save_steps", cfg.train.save_steps > 0), ("train.save_best", cfg.train.save_best),
-                                     ("train.grad_accum > 1", engine == "deepspeed" and cfg.train.grad_accum > 1)) if on]  # fmt: skip
+                                     ("train.grad_accum > 1", cfg.train.grad_accum > 1)) if on]  # fmt: skip
     if refused:
         raise TrainError(
-            f"{', '.join(refused)}: not available under {engine} yet (its checkpoints are sharded, and DeepSpeed "
+            f"{', '.join(refused)}: not available under deepspeed yet (its checkpoints are sharded, and DeepSpeed "
             "steps inside its engine at every backward); remove them, raise train.batch_size instead of "
-            "train.grad_accum, or train with DDP (examples/accelerate/ddp.yaml), which supports all of them."
+            "train.grad_accum, or train with train.sharding=fsdp or DDP, which support all of them."
         )
-    if engine == "deepspeed":  # no dataloader goes through prepare(), so DeepSpeed is told the micro-batch
-        accelerator.state.deepspeed_plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=cfg.train.batch_size, gradient_accumulation_steps=1
-        )
+    # No dataloader goes through prepare(), so DeepSpeed is told the micro-batch.
+    accelerator.state.deepspeed_plugin.deepspeed_config.update(
+        train_micro_batch_size_per_gpu=cfg.train.batch_size, gradient_accumulation_steps=1
+    )
 
 
 def _single_process() -> bool:
@@ -510,9 +522,9 @@ def save_checkpoint(run: Run, state: RunState) -> None:
         checkpoint.save_sharded(run.out / rundir.CHECKPOINTS, state.step, run.model, run.optimizer.optimizer,
                                 run.scheduler, asdict(state), run.cfg.to_yaml(), run.cfg.train.save_total_limit)  # fmt: skip
         return
-    if _sharded(run):  # only an interrupt gets here (_configure_engine refuses save_steps)
+    if sharding_engine(run.accelerator):  # only an interrupt gets here (_configure_engine refuses save_steps)
         if run.accelerator.is_main_process:
-            print(f"no checkpoint at step {state.step}: sharded FSDP/DeepSpeed checkpoints are not written yet")
+            print(f"no checkpoint at step {state.step}: DeepSpeed checkpoints are not written yet")
         return
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:

@@ -65,7 +65,8 @@ class Speed:
         self.layout = batch_layout(self.cfg, fused, accelerator.device, self.precision, decoder)
         if cfg.sharding == "fsdp":  # last: the shards replace the parameters every path above set up
             root = task.loss_module(lm)  # the loop trains this very module (ShardedWeights.model)
-            self.sharded = sharding.shard(root, lm, self.precision, accelerator.device)
+            self.sharded = sharding.shard(root, lm, self.precision, accelerator.device,
+                                          cfg.fsdp_reshard_after_forward, cfg.fsdp_blocks)
             self.shard_share = sharding.local_share(lm)
             return sharding.ShardedWeights(root, accelerator)
         if self.masters:  # the masters live beside the weights they update (prepare() would move only the model)

@@ -15,22 +15,30 @@ from sftlab.errors import ConfigError, ModelError
 from sftlab.speed.weights import ModelWeights
 
 
-def transformer_blocks(lm: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks a decoder is made of, found by the class names the model declares unsplittable."""
+def transformer_blocks(lm: torch.nn.Module, names: list[str] | tuple[str, ...] = ()) -> list[torch.nn.Module]:
+    """The repeated blocks a decoder is made of: modules of the classes `names` (train.fsdp_blocks), by default
+    those the model declares unsplittable."""
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    names = set(getattr(base, "_no_split_modules", None) or [])
-    blocks = [m for m in lm.modules() if type(m).__name__ in names]
+    wanted = set(names or getattr(base, "_no_split_modules", None) or [])
+    blocks = [m for m in lm.modules() if type(m).__name__ in wanted]
+    present = {type(m).__name__ for m in lm.modules()}
+    if names and not wanted <= present:
+        raise ModelError(f"train.fsdp_blocks: {sorted(wanted - present)} not in {type(base).__name__}; its blocks "
+                         f"are {sorted(getattr(base, '_no_split_modules', None) or [])}")  # fmt: skip
     if not blocks:
         raise ModelError(f"train.sharding=fsdp: no transformer block found in {type(base).__name__} (its "
-                         f"_no_split_modules {sorted(names)}); train with train.sharding=none")  # fmt: skip
+                         f"_no_split_modules {sorted(wanted)}); name them in train.fsdp_blocks, or train with "
+                         "train.sharding=none")  # fmt: skip
     return blocks
 
 
-def shard(root: torch.nn.Module, lm: torch.nn.Module, precision: str, device) -> int:
+def shard(root: torch.nn.Module, lm: torch.nn.Module, precision: str, device, reshard_after_forward: bool = True,
+          block_names: list[str] | tuple[str, ...] = ()) -> int:
     """fully_shard every block of `lm`, then `root`, the module whose forward computes the loss (the loss
     module: its forward calls the decoder and the head directly, so the root unit holding embeddings,
     final norm and head, tied weights as one parameter, must be the module called). Returns the number
-    of blocks; the modules are changed in place.
+    of blocks; the modules are changed in place. `reshard_after_forward` False keeps each block's gathered
+    weights from its forward to its backward (one all-gather a step instead of two, more memory).
 
     Only rank 0 holds the weights (read once); the other ranks built the model on the meta device and
     receive their shards, and every buffer, from it."""
@@ -46,10 +54,10 @@ def shard(root: torch.nn.Module, lm: torch.nn.Module, precision: str, device) ->
     # Rank 0's tensors, kept (on the CPU) until they are scattered; fully_shard moves one unit at a time to the
     # device, so no rank ever holds the whole model there.
     whole = root.state_dict() if dist.get_rank() == 0 else {}
-    blocks = transformer_blocks(lm)
+    blocks = transformer_blocks(lm, block_names)
     for block in blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(root, mp_policy=policy)
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(root, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     if dist.get_rank() != 0:  # rank 0's shards and buffers fully_shard moved to the device already
         root.to_empty(device=device)  # storage for this rank's shards; filled below
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
@@ -95,3 +103,42 @@ class ShardedWeights(ModelWeights):
         params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "y", "t", "on"), ("false", "0", "no", "n", "f", "off")
+
+
+def from_accelerate(env) -> dict | None:
+    """The train settings an accelerate FSDP config asks for, read from what `accelerate launch --config_file
+    fsdp.yaml` puts in the environment (accelerate/utils/launch.py), so that it trains on sftlab's FSDP2: one
+    engine, with resumable sharded checkpoints, on CPUs as on GPUs. None where no FSDP was asked for; what
+    this FSDP does not do is refused, never dropped."""
+    if env.get("ACCELERATE_USE_FSDP", "").strip().lower() != "true":
+        return None
+
+    def flag(name: str, default: str = "false") -> bool | None:  # None: not a boolean
+        value = env.get(name, "").strip().lower()
+        value = default if value in ("", "none") else value  # accelerate writes an unset option as "None"
+        return True if value in _TRUE else False if value in _FALSE else None
+
+    reshard, policy = flag("FSDP_RESHARD_AFTER_FORWARD", "true"), env.get("FSDP_AUTO_WRAP_POLICY", "").upper()
+    refused = [why for bad, why in (
+        (env.get("FSDP_VERSION", "1").strip() != "2", f"fsdp_version {env.get('FSDP_VERSION', '1')} (FSDP1): set "
+                                                      "fsdp_version: 2"),
+        (reshard is None, f"fsdp_reshard_after_forward {env.get('FSDP_RESHARD_AFTER_FORWARD')}: FSDP2 takes true "
+                          "or false"),
+        (policy not in ("", "TRANSFORMER_BASED_WRAP"), f"fsdp_auto_wrap_policy {policy}: sftlab shards per "
+                                                         "transformer block (TRANSFORMER_BASED_WRAP)"),
+        (flag("FSDP_OFFLOAD_PARAMS") is not False, "fsdp_offload_params: no CPU offload here"),
+        (flag("FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD") is not False, "fsdp_activation_checkpointing_offload"),
+        (bool(env.get("FSDP_IGNORED_MODULES", "").strip()), "fsdp_ignored_modules"),
+    ) if bad]  # fmt: skip
+    if refused:
+        raise ConfigError("the accelerate config's fsdp_config asks for what sftlab's FSDP2 (train.sharding=fsdp) "
+                          f"does not do: {'; '.join(refused)}. Change those keys, or launch with `torchrun "
+                          "--nproc_per_node N -m sftlab train CONFIG train.sharding=fsdp`")  # fmt: skip
+    blocks = [name.strip() for name in env.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if name.strip()]
+    settings = {"sharding": "fsdp", "fsdp_reshard_after_forward": reshard, "fsdp_blocks": blocks}
+    if flag("FSDP_ACTIVATION_CHECKPOINTING"):
+        settings["gradient_checkpointing"] = True
+    return settings
