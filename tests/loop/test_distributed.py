@@ -74,6 +74,8 @@ def test_sharding_engines_refuse_what_they_cannot_checkpoint_and_deepspeed_learn
     assert ds.state.deepspeed_plugin.deepspeed_config == {"train_micro_batch_size_per_gpu": 6,
                                                           "gradient_accumulation_steps": 1}  # fmt: skip
     _configure_engine(fake(DistributedType.MULTI_GPU), tiny_config("m", tmp_path, "train.save_steps=10"))  # DDP: all fine
+    with pytest.raises(TrainError, match="DeepSpeed config was not applied.*GPUs only.*train.sharding=fsdp"):
+        _configure_engine(fake(DistributedType.MULTI_CPU), tiny_config("m", tmp_path), {"ACCELERATE_USE_DEEPSPEED": "true"})
 
 
 def test_a_gathered_state_saves_tied_weights_once_as_the_live_model_does(tiny_model_dir, tmp_path, monkeypatch):

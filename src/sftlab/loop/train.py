@@ -219,8 +219,13 @@ def adopt_accelerate_fsdp(cfg: Config, env, say) -> Config:
     return cfg
 
 
-def _configure_engine(accelerator, cfg: Config) -> None:
+def _configure_engine(accelerator, cfg: Config, env=os.environ) -> None:
     if sharding_engine(accelerator) is None:
+        if env.get("ACCELERATE_USE_DEEPSPEED", "").strip().lower() == "true":  # accelerate drops it without a word
+            raise TrainError("accelerate's DeepSpeed config was not applied: accelerate runs DeepSpeed on GPUs only, "
+                             "and here the run would train unsharded (as DDP). On CPUs shard with FSDP2: `torchrun "
+                             "--nproc_per_node N -m sftlab train CONFIG train.sharding=fsdp`, or `accelerate launch "
+                             "--config_file examples/accelerate/fsdp.yaml ...`")  # fmt: skip
         return
     if cfg.train.sharding != "none":
         raise TrainError(f"train.sharding={cfg.train.sharding} and accelerate's DeepSpeed config both shard the model: "
