@@ -560,12 +560,7 @@ def _sharding_checks(cfg: Config) -> list[tuple[bool, str]]:
     return [
         (cfg.task == "causal_lm" and t.method in ("full", "lora"),
          f"train.sharding=fsdp trains causal_lm with train.method full or lora (got {cfg.task}, {t.method})"),
-        (not t.save_best,
-         "train.save_best is not available under train.sharding=fsdp yet (best/ holds whole weights); remove it, "
-         "or train with train.sharding=none (DDP)"),
         (not t.compile, "train.compile is not combined with train.sharding=fsdp yet"),
-        (not cfg.eval.generate_every,
-         "eval.generate_every: rank 0 alone cannot run a sharded model; turn it off under train.sharding=fsdp"),
         (not (cfg.lora.use_dora or cfg.lora.modules_to_save) or t.method != "lora",
          "lora.use_dora and lora.modules_to_save are not combined with train.sharding=fsdp yet"),
     ]  # fmt: skip

@@ -75,13 +75,14 @@ def is_right(answer: str, expected: str) -> bool:
 
 
 def generate_answers(model, tokenizer, conversations: list[list[dict]], sampling: Sampling, batch_size: int = 8,
-                     chat_template: str | None = None, desc: str | None = None) -> list[str]:  # fmt: skip
+                     chat_template: str | None = None, desc: str | None = None, synced: bool = False) -> list[str]:  # fmt: skip
     """Replies to many conversations, rendered with the chat template and stopped at end-of-turn.
 
     `chat_template` overrides the tokenizer's (the training loop passes the template it trains with).
+    `synced`: every rank generates the same, in step (a sharded model's forwards are collective).
     """
     prompts = [prompt_ids(tokenizer, m, chat_template) for m in conversations]
-    return [text for text, _ in complete_ids(model, tokenizer, prompts, sampling, batch_size, desc)]
+    return [text for text, _ in complete_ids(model, tokenizer, prompts, sampling, batch_size, desc, synced=synced)]
 
 
 def continue_texts(model, tokenizer, texts: list[str], sampling: Sampling, stop: list[str], batch_size: int = 8,
@@ -100,8 +101,8 @@ def cut_at(text: str, stop: list[str]) -> str:
 
 @torch.no_grad()
 def complete_ids(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int = 8,
-                 desc: str | None = None, stop_strings: list[str] | None = None, strip: bool = True
-                 ) -> list[tuple[str, bool]]:  # fmt: skip
+                 desc: str | None = None, stop_strings: list[str] | None = None, strip: bool = True,
+                 synced: bool = False) -> list[tuple[str, bool]]:  # fmt: skip
     """(text, stopped) continuing each prompt: longest prompts batched together, left-padded.
 
     stopped is False where the text ran into max_new_tokens instead of an end-of-turn token. `stop_strings`
@@ -125,7 +126,7 @@ def complete_ids(model, tokenizer, prompts: list[list[int]], sampling: Sampling,
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=sampling.max_new_tokens, eos_token_id=stop,
                                  pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs(),
-                                 **_stopping(tokenizer, stop_strings, width))  # fmt: skip
+                                 **_stopping(tokenizer, stop_strings, width), **({"synced_gpus": True} if synced else {}))  # fmt: skip
             for row, i in enumerate(idx):
                 new = out[row, width:].tolist()
                 stopped = any(t in stop for t in new)

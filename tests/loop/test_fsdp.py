@@ -74,8 +74,8 @@ def test_two_sharded_ranks_train_as_one_process_and_save_one_model(tiny_model_di
 def test_what_fsdp_does_not_cover_yet_is_refused_by_name():
     base = ["model.name=x", "train.sharding=fsdp"]
     load_config(None, base + ["train.method=lora"])
-    for extra, message in ((["train.save_best=true", "data.eval_split=0.1"], "save_best"),
-                           (["train.method=qlora"], "full or lora"),
+    load_config(None, base + ["train.save_best=true", "data.eval_split=0.1", "train.gradient_checkpointing=true"])
+    for extra, message in ((["train.method=qlora"], "full or lora"),
                            (["train.compile=true"], "compile"), (["task=classification"], "causal_lm")):  # fmt: skip
         with pytest.raises(ConfigError, match=message):
             load_config(None, base + extra)
@@ -340,3 +340,44 @@ def test_named_fsdp_units_must_exist_in_the_model(tiny_model_dir):
     assert len(transformer_blocks(lm, ["LlamaAttention"])) == 2
     with pytest.raises(ModelError, match=r"\['Qwen3DecoderLayer'\] not in LlamaForCausalLM; its blocks are \['LlamaDecoderLayer'\]"):
         transformer_blocks(lm, ["Qwen3DecoderLayer"])
+
+
+@pytest.mark.slow
+def test_the_best_weights_are_gathered_from_the_shards_and_saved_as_the_final_model(tiny_model_dir, tmp_path):
+    """train.save_best under FSDP2: every rank joins the gather of the trained weights at each better eval,
+    rank 0 writes best/, and the final model is best/'s, not the last step's. lr 1 makes the eval loss
+    rise after step 1, so the best is not the end."""
+    path = _yaml(tiny_model_dir, tmp_path / "two", tmp_path, "full")
+    cfg = yaml.safe_load(path.read_text())
+    cfg["train"] |= {"lr": 1.0, "save_best": True, "eval_steps": 1}
+    path.write_text(yaml.safe_dump(cfg))
+    out = torchrun(path)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["best_step"] == 1 and summary["final_eval_loss"] > summary["best_eval_loss"], out[-500:]
+    best = load_file(tmp_path / "two" / "best" / "trainable.safetensors")
+    final = load_file(tmp_path / "two" / "model.safetensors")
+    assert set(best) == set(final)  # the tied head once, as a one-process run saves it
+    assert all(torch.equal(best[k], final[k]) for k in best)
+    one = load_config(path, [f"train.output_dir={tmp_path / 'one'}", "train.sharding=none", "train.batch_size=4"])
+    train(one, say=lambda *a, **k: None)
+    theirs = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert theirs["best_step"] == 1 and summary["best_eval_loss"] == pytest.approx(theirs["best_eval_loss"], rel=1e-4)
+    assert set(load_file(tmp_path / "one" / "best" / "trainable.safetensors")) == set(best)
+
+
+@pytest.mark.slow
+def test_a_sharded_model_generates_on_every_rank_the_answers_of_one_process(lively_model_dir, tmp_path):
+    """eval.generate_every under FSDP2: every rank runs generate() in step (the root unit's weights gathered
+    around it), rank 0 writes generations.jsonl; the greedy answers are one process's."""
+    path = _yaml(lively_model_dir, tmp_path / "two", tmp_path, "lora")
+    cfg = yaml.safe_load(path.read_text())
+    cfg["eval"] = {"generate_every": 2, "generate_examples": 3, "max_new_tokens": 12}
+    path.write_text(yaml.safe_dump(cfg))
+    torchrun(path)
+    train(load_config(path, [f"train.output_dir={tmp_path / 'one'}", "train.sharding=none", "train.batch_size=4"]),
+          say=lambda *a, **k: None)  # fmt: skip
+    mine, theirs = ((tmp_path / run / "generations.jsonl").read_text().splitlines() for run in ("two", "one"))
+    rows = [json.loads(line) for line in mine]
+    assert [r["step"] for r in rows] == [2] * 3 + [3] * 3 and any(r["answer"] for r in rows)
+    assert mine == theirs
+    assert losses(tmp_path / "two", "gen_chrf") == losses(tmp_path / "one", "gen_chrf")

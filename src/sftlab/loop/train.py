@@ -461,8 +461,8 @@ def after_step(run: Run, state: RunState, record: dict, log: MetricsLog, stop_re
         record |= eval_now(run)
         outcome = _track_best(run, state, record["eval_loss"])
     every = run.cfg.eval.generate_every
-    if run.references and (last or step % every == 0) and run.accelerator.is_main_process:
-        record |= sample_answers(run, step)
+    if run.references and (last or step % every == 0) and (run.speed.sharded or run.accelerator.is_main_process):
+        record |= sample_answers(run, step)  # a sharded model's forwards are collective: every rank generates
     if len(record) > 2 and run.accelerator.is_main_process:
         log.log(record)
     if stop_requested:
@@ -482,11 +482,14 @@ def sample_answers(run: Run, step: int) -> dict:
     """Greedy answers to a few eval prompts, scored against their references and kept in generations.jsonl,
     so format drift and overfitting show up beside the eval loss."""
     rng = torch.get_rng_state()  # greedy decoding draws nothing; keep the run bit-exact regardless
-    with run.accelerator.autocast():
+    whole = sharding.unsharded_root(run.model) if run.speed.sharded else contextlib.nullcontext()
+    with run.accelerator.autocast(), whole:
         answers = generate_answers(run.lm, run.tokenizer, [it.messages for it in run.references],
                                    Sampling(run.cfg.eval.max_new_tokens), run.cfg.eval.batch_size,
-                                   chat_template=run.template_source)  # fmt: skip
+                                   chat_template=run.template_source, synced=bool(run.speed.sharded))  # fmt: skip
     torch.set_rng_state(rng)
+    if not run.accelerator.is_main_process:
+        return {}
     refs = [it.reference for it in run.references]
     with open(run.out / rundir.GENERATIONS, "a", encoding="utf-8") as f:
         for item, reply in zip(run.references, answers):
@@ -500,8 +503,10 @@ def _track_best(run: Run, state: RunState, loss: float) -> str | None:
     cfg = run.cfg.train
     if state.best_eval is None or loss < state.best_eval:
         state.best_eval, state.best_step, state.evals_since_best = loss, state.step, 0
-        if cfg.save_best and run.accelerator.is_main_process:
-            _save_best(run, state)
+        if cfg.save_best:
+            weights = _trainable_weights(run)  # a sharded model's are gathered: every rank joins
+            if run.accelerator.is_main_process:
+                _save_best(run, state, weights)
         return None
     state.evals_since_best += 1
     if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
@@ -509,12 +514,22 @@ def _track_best(run: Run, state: RunState, loss: float) -> str | None:
     return None
 
 
-def _save_best(run: Run, state: RunState) -> None:
+def _trainable_weights(run: Run) -> dict[str, torch.Tensor]:
+    """The trained parameters, whole, by the model's own names (on rank 0; empty elsewhere)."""
+    if run.speed.sharded:
+        from sftlab.speed.sharding import full_state_dict
+
+        state = {k.removeprefix("lm."): v for k, v in full_state_dict(run.model, trainable_only=True).items()}
+        names = {name for name, _ in run.lm.named_parameters()}  # a tied weight once, as trainable_state has it
+        return {k: v for k, v in state.items() if k in names}
+    return checkpoint.trainable_state(run.weights) if run.accelerator.is_main_process else {}
+
+
+def _save_best(run: Run, state: RunState, weights: dict[str, torch.Tensor]) -> None:
     """best/ replaced durably, the old one renamed aside until the new one is in place (files.atomic_dir)."""
     from safetensors.torch import save_file
 
     kept = "best/ keeps the previous best weights" if (run.out / rundir.BEST).is_dir() else "no best/ was written yet"
-    weights = checkpoint.trainable_state(run.weights)
     writing = atomic_dir(run.out / rundir.BEST, replace=True, durable=True)
     needed = checkpoint.tensor_bytes(weights)
     with checkpoint.full_disk_stops(run.out, f"{rundir.BEST}/ (step {state.step})", kept, needed), writing as tmp:
@@ -543,15 +558,14 @@ def finish(run: Run, state: RunState, outcome: str, say) -> dict:
     """Write the final model (HF format), summary.json and loss.png; print the summary."""
     acc = run.accelerator
     acc.wait_for_everyone()
-    whole = _gathered_state(run) if outcome != "interrupted" else None  # a collective: every rank joins
+    best = run.cfg.train.save_best and (run.out / rundir.BEST).is_dir()
+    restored = _best_weights(run) if best and outcome != "interrupted" and acc.is_main_process else None
+    whole = _gathered_state(run, restored) if outcome != "interrupted" else None  # a collective: every rank joins
     if not acc.is_main_process:
         return {}
     run.weights.release()  # the saved model carries the fp32 weights that were trained, not their bf16 rounding
-    best = run.cfg.train.save_best and (run.out / rundir.BEST).is_dir()
-    if best and outcome != "interrupted":
-        from safetensors.torch import load_file
-
-        checkpoint.load_trainable(run.lm, load_file(run.out / rundir.BEST / "trainable.safetensors"))
+    if restored is not None and whole is None:
+        checkpoint.load_trainable(run.lm, restored)
     if outcome != "interrupted":
         save_model(run, whole)
         if run.task.final_eval_file and run.eval_data is not None:
@@ -564,8 +578,15 @@ def finish(run: Run, state: RunState, outcome: str, say) -> dict:
     return summary
 
 
-def _gathered_state(run: Run) -> dict | None:
-    """The whole model's state dict gathered from FSDP/DeepSpeed shards (on rank 0), else None."""
+def _best_weights(run: Run) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run.out / rundir.BEST / "trainable.safetensors")
+
+
+def _gathered_state(run: Run, overlay: dict[str, torch.Tensor] | None = None) -> dict | None:
+    """The whole model's state dict gathered from FSDP/DeepSpeed shards (on rank 0), else None; `overlay`
+    (the best trained weights, by the model's names) replaces the gathered ones it names."""
     if run.speed.sharded:
         from sftlab.speed.sharding import full_state_dict
 
@@ -580,6 +601,11 @@ def _gathered_state(run: Run) -> dict | None:
         if state is None:
             return None
         whole = {k.removeprefix("lm."): v for k, v in state.items()}
+    unknown = sorted(set(overlay or {}) - set(whole))
+    if unknown:
+        raise TrainError(f"{run.out / rundir.BEST}: weights the model does not have ({unknown[:3]}); the run's "
+                         "last weights are in its checkpoints")  # fmt: skip
+    whole |= overlay or {}
     # Gathering copies tied weights apart; aliased again, save_pretrained drops them as it does the live model's.
     for target, source in (getattr(run.lm, "all_tied_weights_keys", None) or {}).items():
         if target in whole and source in whole:

@@ -9,6 +9,8 @@ DDP's all-reduce does, so the loop's scale (ranks / the step's supervised tokens
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from sftlab.errors import ConfigError, ModelError
@@ -67,6 +69,17 @@ def shard(root: torch.nn.Module, lm: torch.nn.Module, precision: str, device, re
     return len(blocks)
 
 
+@contextlib.contextmanager
+def unsharded_root(root: torch.nn.Module):
+    """The root unit's own weights (embeddings, final norm, head) gathered for calls that go around its
+    forward, such as generate() on the decoder inside it; the blocks gather theirs as they run."""
+    root.unshard()
+    try:
+        yield
+    finally:
+        root.reshard()
+
+
 def local_share(lm: torch.nn.Module) -> tuple[int, int]:
     """(elements this rank holds, elements of the whole model): what sharding saves, measured."""
     from torch.distributed.tensor import DTensor
@@ -75,12 +88,13 @@ def local_share(lm: torch.nn.Module) -> tuple[int, int]:
     return local, sum(p.numel() for p in lm.parameters())
 
 
-def full_state_dict(root: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state dict of the sharded `root` on rank 0, on the CPU (gathered unit by unit; empty on
-    the other ranks). Every rank must call it."""
+def full_state_dict(root: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The whole state dict of the sharded `root` (its trained parameters only, with `trainable_only`) on
+    rank 0, on the CPU (gathered unit by unit; empty on the other ranks). Every rank must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    return get_model_state_dict(root, options=options)
 
 
 class ShardedWeights(ModelWeights):
