@@ -561,8 +561,6 @@ def _sharding_checks(cfg: Config) -> list[tuple[bool, str]]:
         (cfg.task == "causal_lm" and t.method in ("full", "lora"),
          f"train.sharding=fsdp trains causal_lm with train.method full or lora (got {cfg.task}, {t.method})"),
         (not t.compile, "train.compile is not combined with train.sharding=fsdp yet"),
-        (not (cfg.lora.use_dora or cfg.lora.modules_to_save) or t.method != "lora",
-         "lora.use_dora and lora.modules_to_save are not combined with train.sharding=fsdp yet"),
     ]  # fmt: skip
 
 

@@ -28,9 +28,9 @@ def _yaml(model_dir, out, tmp_path, method: str):
     return path
 
 
-def _one_process(model_dir, out, method: str):
+def _one_process(model_dir, out, method: str, *extra: str):
     train(tiny_config(model_dir, out, f"data.eval=[{FIXTURES / 'train_small.jsonl'}]", f"train.method={method}",
-                      "train.batch_size=4", "train.grad_accum=2", "train.max_steps=3"),
+                      "train.batch_size=4", "train.grad_accum=2", "train.max_steps=3", *extra),
           say=lambda *a, **k: None)  # fmt: skip
 
 
@@ -44,15 +44,20 @@ def two_rank_lora(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, weights", [("full", "model.safetensors"), ("lora", "adapter_model.safetensors")])
-def test_two_sharded_ranks_train_as_one_process_and_save_one_model(tiny_model_dir, tmp_path, method, weights, request):
+@pytest.mark.parametrize("method, extra, weights", [
+    ("full", [], "model.safetensors"), ("lora", [], "adapter_model.safetensors"),
+    ("lora", ["lora.use_dora=true", "lora.modules_to_save=[lm_head]"], "adapter_model.safetensors")],
+    ids=["full", "lora", "dora-with-head"])  # fmt: skip
+def test_two_sharded_ranks_train_as_one_process_and_save_one_model(tiny_model_dir, tmp_path, method, extra, weights,
+                                                                   request):  # fmt: skip
+    """Full fine-tuning, LoRA, and DoRA with a fully trained (untied) head copy."""
     one = tmp_path / "one"
-    _one_process(tiny_model_dir, one, method)
-    if method == "lora":
+    _one_process(tiny_model_dir, one, method, *extra)
+    if method == "lora" and not extra:
         _, two, out = request.getfixturevalue("two_rank_lora")
     else:
         two = tmp_path / "two"
-        out = torchrun(_yaml(tiny_model_dir, two, tmp_path, method))
+        out = torchrun(_yaml(tiny_model_dir, two, tmp_path, method), *extra)
     assert "FSDP2 over 2 blocks" in out
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)  # 2 ranks x 2 x 2 = 1 x 4 x 2 examples a step
     assert losses(two, "eval_loss") == pytest.approx(losses(one, "eval_loss"), rel=1e-5)
