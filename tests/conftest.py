@@ -90,6 +90,19 @@ def lively_model_dir(tmp_path_factory, tiny_model_dir):
     return redrawn_model(tiny_model_dir, tmp_path_factory.mktemp("lively"), std=0.3)
 
 
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """The README's main job (examples/quickstart.yaml: LoRA on the embedded model, a few minutes): (its run
+    directory, alone in its parent, and the training summary). Tests may add eval/ and a report to it."""
+    from sftlab.config import load_config
+    from sftlab.loop.train import train
+
+    out = tmp_path_factory.mktemp("quickstart") / "qs"
+    summary = train(load_config(ROOT / "examples" / "quickstart.yaml", [f"train.output_dir={out}"]),
+                    say=lambda *a, **k: None)  # fmt: skip
+    return out, summary
+
+
 @pytest.fixture(scope="module")
 def lora_run(tiny_model_dir, tmp_path_factory):
     """A LoRA run of the tiny model (for merge and generate)."""

@@ -125,20 +125,30 @@ def launcher_env() -> dict:
 
 def launch_together(*commands: list[str], timeout: int = 300) -> list[str]:
     """Start every command at once (the launchers of one run, e.g. one per node), wait for all; asserts each
-    succeeded and that the run's rank 0 alone reported. Returns their stdouts."""
+    succeeded and that the run's rank 0 alone reported. Returns their stdouts. Output goes to files, not
+    pipes: a launcher blocked on a full pipe would stall the others in their collectives."""
     import subprocess
+    import tempfile
 
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launcher_env())
-             for cmd in commands]  # fmt: skip
-    try:
-        outs = [proc.communicate(timeout=timeout) for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill() if proc.poll() is None else None
-    for proc, (_, err) in zip(procs, outs):
-        assert proc.returncode == 0, err[-3000:]
-    assert sum(out.count("trainable of") for out, _ in outs) == 1  # rank 0 alone reports
-    return [out for out, _ in outs]
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [(open(f"{tmp}/{i}.out", "w+"), open(f"{tmp}/{i}.err", "w+")) for i in range(len(commands))]
+        procs = [subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=launcher_env())
+                 for cmd, (out, err) in zip(commands, files)]  # fmt: skip
+        try:
+            for proc in procs:
+                proc.wait(timeout=timeout)
+        finally:
+            for proc in procs:
+                proc.kill() if proc.poll() is None else None
+        outs = []
+        for proc, (out, err) in zip(procs, files):
+            out.seek(0), err.seek(0)
+            text, error = out.read(), err.read()
+            out.close(), err.close()
+            assert proc.returncode == 0, error[-3000:]
+            outs.append(text)
+    assert sum(out.count("trainable of") for out in outs) == 1  # rank 0 alone reports
+    return outs
 
 
 def torchrun(config, *extra: str, nproc: int = 2) -> str:

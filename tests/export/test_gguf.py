@@ -8,6 +8,7 @@ from conftest import tiny_config
 
 from sftlab.cli import main
 from sftlab.export import gguf, llama_cpp
+from sftlab.export.gguf_kv import read_metadata
 from sftlab.export.merge import ExportError
 
 PROBE = torch.tensor([[1, 9690, 198, 2683, 2, 198, 1, 520, 9531, 198]])
@@ -28,24 +29,23 @@ def _tuned_logits(run):
         return load_run(str(run)).model.float()(PROBE).logits
 
 
-@pytest.mark.parametrize("quant, atol", [("f16", 2e-3), ("q8_0", 2e-2)])
-def test_gguf_export_reads_back_as_the_tuned_model(lora_run, tmp_path, capsys, quant, atol):
-    from gguf import GGUFReader
+def _reads_back_as_the_tuned_model(run, path, out: str, atol: float) -> None:
     from transformers import AutoTokenizer
 
-    assert main(["export", str(lora_run), "--format", "gguf", "--quant", quant, "--output", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    path = tmp_path / f"{lora_run.name}-{quant}.gguf"
     assert path.is_file() and "transformers GGUF loader: same greedy answer on 6/6" in out
-    tuned = _tuned_logits(lora_run)
+    tuned = _tuned_logits(run)
     assert (_gguf_logits(path) - tuned).abs().max() <= atol * tuned.abs().max()
-    fields = GGUFReader(path).fields
-    template = gguf._field_str(fields["tokenizer.chat_template"])
-    assert template == AutoTokenizer.from_pretrained(lora_run).chat_template  # the training template
-    tok = AutoTokenizer.from_pretrained(lora_run)
-    assert gguf._field_int(fields["tokenizer.ggml.eos_token_id"]) == tok.convert_tokens_to_ids("<|im_end|>")
-    report = json.loads((tmp_path / f"{path.stem}.export.json").read_text())
+    meta = read_metadata(path)
+    tok = AutoTokenizer.from_pretrained(run)
+    assert meta["tokenizer.chat_template"] == tok.chat_template  # the training template
+    assert meta["tokenizer.ggml.eos_token_id"] == tok.convert_tokens_to_ids("<|im_end|>")
+    report = json.loads((path.parent / f"{path.stem}.export.json").read_text())
     assert report["checks"][0]["agreement"] >= 0.99
+
+
+def test_gguf_export_reads_back_as_the_tuned_model(lora_run, tmp_path, capsys):
+    assert main(["export", str(lora_run), "--format", "gguf", "--quant", "f16", "--output", str(tmp_path)]) == 0
+    _reads_back_as_the_tuned_model(lora_run, tmp_path / f"{lora_run.name}-f16.gguf", capsys.readouterr().out, 2e-3)
 
 
 def test_an_unsupported_architecture_is_refused_naming_the_supported(tmp_path, smol_tok):
@@ -83,9 +83,10 @@ def test_a_wrong_end_of_turn_is_caught_and_the_export_deleted(lora_run, tmp_path
     assert not list(tmp_path.glob("*.gguf"))
 
 
-def test_ollama_export_writes_a_modelfile_beside_the_gguf(lora_run, tmp_path, capsys):
+def test_ollama_export_writes_a_modelfile_beside_the_q8_0_gguf_which_reads_back(lora_run, tmp_path, capsys):
     assert main(["export", str(lora_run), "--format", "ollama", "--quant", "q8_0", "--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
+    _reads_back_as_the_tuned_model(lora_run, tmp_path / f"{lora_run.name}-q8_0.gguf", out, 2e-2)
     modelfile = (tmp_path / "Modelfile").read_text()
     assert modelfile.startswith(f"FROM ./{lora_run.name}-q8_0.gguf\n")
     assert 'PARAMETER stop "<|im_end|>"' in modelfile and "TEMPLATE" in modelfile  # chatml is a built-in
@@ -123,26 +124,21 @@ def test_k_quant_export_through_llama_cpps_quantizer(lora_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_embedded_model_q8_0_export_answers_like_sftlab_generate(tmp_path):
+def test_embedded_model_q8_0_export_answers_like_sftlab_generate(quickstart_run, tmp_path):
     """The quickstart's LoRA run of the embedded model -> q8_0 GGUF -> llama.cpp (where installed, else transformers'
     GGUF reader) gives `sftlab generate`'s greedy answers on the bundled prompts (all but one of six)."""
     from pathlib import Path
 
-    from sftlab.config import load_config
     from sftlab.data.templates import stop_ids
     from sftlab.export.check import LlamaCppLM, TorchLM
     from sftlab.generate import Sampling, generate_answers, prompt_ids, read_prompts
-    from sftlab.loop.train import train
     from sftlab.rundir import load_run
 
     root = Path(__file__).parents[2]
-    # the quickstart's whole epoch: a 12-step run leaves near-ties that llama.cpp's 8-bit activations flip
-    cfg = load_config(root / "examples" / "quickstart.yaml", [f"train.output_dir={tmp_path / 'run'}",
-                                                               "train.report_to=[]"])  # fmt: skip
-    train(cfg, say=lambda *a, **k: None)
+    run, _ = quickstart_run  # the quickstart's whole epoch: a 12-step run leaves near-ties llama.cpp's 8-bit flips
     convs, _ = read_prompts(str(root / "examples" / "prompts.jsonl"))
-    result = gguf.export_gguf(str(tmp_path / "run"), str(tmp_path / "gguf"), "q8_0", prompts=convs, say=print)
-    loaded = load_run(str(tmp_path / "run"))
+    result = gguf.export_gguf(str(run), str(tmp_path / "gguf"), "q8_0", prompts=convs, say=print)
+    loaded = load_run(str(run))
     generated = generate_answers(loaded.model, loaded.tokenizer, convs, Sampling(max_new_tokens=48))
     stop = stop_ids(loaded.tokenizer, loaded.tokenizer.chat_template)
     if llama_cpp.have_llama_cpp():

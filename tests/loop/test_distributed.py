@@ -90,7 +90,7 @@ def test_a_gathered_state_saves_tied_weights_once_as_the_live_model_does(tiny_mo
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert lm.config.tie_word_embeddings
     gathered = {f"lm.{k}": v.clone() for k, v in lm.state_dict().items()}  # as get_state_dict returns them
-    accelerator = SimpleNamespace(get_state_dict=lambda model: gathered)
+    accelerator = SimpleNamespace(get_state_dict=lambda model: gathered, is_main_process=True)
     monkeypatch.setattr(train_mod, "sharding_engine", lambda acc: "deepspeed")
     run = SimpleNamespace(accelerator=accelerator, model=None, lm=lm, out=tmp_path / "sharded", template_source=None,
                           speed=SimpleNamespace(sharded=0),  # accelerate's DeepSpeed, not train.sharding

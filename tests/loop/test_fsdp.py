@@ -306,32 +306,66 @@ def test_an_accelerate_fsdp_config_maps_to_train_settings_or_is_refused_by_key()
           "FSDP_ACTIVATION_CHECKPOINTING": "false", "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD": "None",
           "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_SHARDING_STRATEGY": "FULL_SHARD"}  # fmt: skip
     assert from_accelerate({}) is None and from_accelerate({**v2, "ACCELERATE_USE_FSDP": "false"}) is None
-    assert from_accelerate(v2) == {"sharding": "fsdp", "fsdp_reshard_after_forward": True, "fsdp_blocks": []}
-    mapped = from_accelerate({**v2, "FSDP_RESHARD_AFTER_FORWARD": "False", "FSDP_ACTIVATION_CHECKPOINTING": "true",
+    assert from_accelerate(v2) == {"sharding": "fsdp"}  # accelerate's defaults leave the run YAML's settings be
+    mapped = from_accelerate({**v2, "FSDP_RESHARD_AFTER_FORWARD": "False", "FSDP_ACTIVATION_CHECKPOINTING": "True",
                               "FSDP_TRANSFORMER_CLS_TO_WRAP": "Qwen3DecoderLayer, Qwen3MoeDecoderLayer"})  # fmt: skip
     assert mapped == {"sharding": "fsdp", "fsdp_reshard_after_forward": False, "gradient_checkpointing": True,
                       "fsdp_blocks": ["Qwen3DecoderLayer", "Qwen3MoeDecoderLayer"]}  # fmt: skip
     for change, key in (({"FSDP_VERSION": "1"}, "fsdp_version 1"), ({"FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params"),
                         ({"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, "fsdp_auto_wrap_policy SIZE_BASED_WRAP"),
+                        ({"FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}, "fsdp_auto_wrap_policy NO_WRAP"),
                         ({"FSDP_RESHARD_AFTER_FORWARD": "SHARD_GRAD_OP"}, "fsdp_reshard_after_forward SHARD_GRAD_OP"),
                         ({"FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD": "true"}, "checkpointing_offload"),
                         ({"FSDP_IGNORED_MODULES": "vision"}, "fsdp_ignored_modules")):  # fmt: skip
         with pytest.raises(ConfigError, match=f"fsdp_config asks for .*{key}.*torchrun"):
             from_accelerate({**v2, **change})
+    parallel = {"ACCELERATE_USE_PARALLELISM_CONFIG": "true", "PARALLELISM_CONFIG_DP_REPLICATE_SIZE": "2",
+                "PARALLELISM_CONFIG_TP_SIZE": "1", "PARALLELISM_CONFIG_CP_SIZE": "4"}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"parallelism_config sets dp_replicate_size \(HSDP\), cp_size"):
+        from_accelerate({**v2, **parallel})
+    assert from_accelerate({**v2, **parallel, "PARALLELISM_CONFIG_DP_REPLICATE_SIZE": "1",
+                            "PARALLELISM_CONFIG_CP_SIZE": "1"}) == {"sharding": "fsdp"}  # fmt: skip
 
 
 def test_an_adopted_fsdp_config_is_validated_and_kept_from_accelerate(tmp_path):
-    from sftlab.loop.train import adopt_accelerate_fsdp
+    from sftlab.loop.train import TrainError, adopt_accelerate_fsdp
 
-    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
-    said = []
-    cfg = adopt_accelerate_fsdp(tiny_config("m", tmp_path, "train.method=lora"), env, said.append)
-    assert cfg.train.sharding == "fsdp" and "ACCELERATE_USE_FSDP" not in env and len(said) == 1
-    with pytest.raises(ConfigError, match="full or lora"):  # what train.sharding=fsdp refuses, refused here too
-        adopt_accelerate_fsdp(tiny_config("m", tmp_path, "train.method=qlora"), {"ACCELERATE_USE_FSDP": "true",
-                                                                                 "FSDP_VERSION": "2"}, said.append)  # fmt: skip
+    def env(**more):
+        return {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "WORLD_SIZE": "2", **more}
+
+    said, launched = [], env()
+    cfg = adopt_accelerate_fsdp(tiny_config("m", tmp_path, "train.method=lora"), launched, said.append)
+    assert cfg.train.sharding == "fsdp" and "ACCELERATE_USE_FSDP" not in launched and len(said) == 1
+    yaml_set = tiny_config("m", tmp_path, "train.fsdp_blocks=[LlamaMLP]", "train.fsdp_reshard_after_forward=false")
+    kept = adopt_accelerate_fsdp(yaml_set, env(FSDP_RESHARD_AFTER_FORWARD="true"), said.append).train
+    assert (kept.fsdp_blocks, kept.fsdp_reshard_after_forward) == (["LlamaMLP"], False)
+    with pytest.raises(TrainError, match="fsdp_config trains on sftlab's FSDP2.*full or lora.*ddp.yaml"):
+        adopt_accelerate_fsdp(tiny_config("m", tmp_path, "train.method=qlora"), env(), said.append)
+    with pytest.raises(TrainError, match="2 processes or more.*started one.*--num_processes"):
+        adopt_accelerate_fsdp(tiny_config("m", tmp_path), env(WORLD_SIZE="1"), said.append)
     unsharded = tiny_config("m", tmp_path)
     assert adopt_accelerate_fsdp(unsharded, {}, said.append) is unsharded
+
+
+def test_shard_hands_fully_shard_the_units_innermost_first_with_the_reshard_setting(tiny_model_dir, monkeypatch):
+    """What sftlab.speed.sharding.shard asks of FSDP2 (recorded in place of fully_shard, one process)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint.state_dict as dcp_state
+    import torch.distributed.fsdp as fsdp
+    from transformers import AutoModelForCausalLM
+
+    from sftlab.speed.sharding import shard
+
+    calls = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: calls.append((type(module).__name__, kw)))
+    monkeypatch.setattr(dcp_state, "set_model_state_dict", lambda *a, **k: None)
+    for name, value in (("is_initialized", lambda: True), ("get_world_size", lambda: 2), ("get_rank", lambda: 0),
+                        ("broadcast", lambda *a, **k: None)):  # fmt: skip
+        monkeypatch.setattr(dist, name, value)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert shard(lm, lm, "fp32", "cpu", False, ["LlamaDecoderLayer", "LlamaMLP"]) == 4
+    assert [name for name, _ in calls] == ["LlamaMLP", "LlamaDecoderLayer"] * 2 + ["LlamaForCausalLM"]
+    assert all(kw["reshard_after_forward"] is False for _, kw in calls)
 
 
 def test_named_fsdp_units_must_exist_in_the_model(tiny_model_dir):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sftlab.export import check, llama_cpp
+from sftlab.export.gguf_kv import read_metadata
 from sftlab.export.merge import ExportError, merge
 
 # Llama-shaped decoders: what llama.cpp's converter maps and transformers' GGUF loader reads back.
@@ -165,20 +166,16 @@ def _write(staging: Path, path: Path, quant: str, tmp: Path) -> None:
 
 def _check_metadata(path: Path, tokenizer, eos: str) -> None:
     """The file says what training used: its template, its end of turn, its vocabulary."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
-    fields = {k: f for k, f in reader.fields.items()}
-    template = _field_str(fields.get("tokenizer.chat_template"))
-    if template != tokenizer.chat_template:
+    meta = read_metadata(path)
+    if meta.get("tokenizer.chat_template") != tokenizer.chat_template:
         raise ExportError(f"{path}: the embedded tokenizer.chat_template is not the training template; export removed")
-    eos_id = _field_int(fields.get("tokenizer.ggml.eos_token_id"))
+    eos_id = meta.get("tokenizer.ggml.eos_token_id")
     if eos_id != tokenizer.convert_tokens_to_ids(eos):
         raise ExportError(f"{path}: EOS is token {eos_id}, not the end of turn {eos!r}; export removed")
-    tokens = fields.get("tokenizer.ggml.tokens")
-    if tokens is None or len(tokens.data) < len(tokenizer):
-        raise ExportError(f"{path}: the vocabulary has {0 if tokens is None else len(tokens.data)} tokens, "
-                          f"the tokenizer {len(tokenizer)}; export removed")  # fmt: skip
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    if len(tokens) < len(tokenizer):
+        raise ExportError(f"{path}: the vocabulary has {len(tokens)} tokens, the tokenizer {len(tokenizer)}; "
+                          "export removed")  # fmt: skip
 
 
 def _check_lora(adapter: Path, run_dir: Path) -> None:
@@ -191,24 +188,12 @@ def _check_lora(adapter: Path, run_dir: Path) -> None:
     written = sorted(float(torch.from_numpy(t.data.astype("float32")).norm()) for t in reader.tensors)
     tensors = load_file(run_dir / "adapter_model.safetensors")
     trained = sorted(float(t.float().norm()) for name, t in tensors.items() if ".lora_" in name)
-    alpha = _field_float(reader.fields.get("adapter.lora.alpha"))
+    alpha = read_metadata(adapter).get("adapter.lora.alpha")
     want = json.loads((run_dir / "adapter_config.json").read_text()).get("lora_alpha")
     same = len(written) == len(trained) and all(abs(a - b) <= 1e-3 * max(b, 1e-6) for a, b in zip(written, trained))
     if not same or alpha is None or abs(alpha - float(want)) > 1e-6:
         raise ExportError(f"{adapter}: the GGUF LoRA does not hold the run's adapter ({len(written)} tensors for "
                           f"{len(trained)}, alpha {alpha} for {want}); export removed")  # fmt: skip
-
-
-def _field_float(f) -> float | None:
-    return None if f is None else float(f.parts[f.data[0]][0])
-
-
-def _field_str(f) -> str | None:
-    return None if f is None else bytes(f.parts[f.data[0]]).decode("utf-8")
-
-
-def _field_int(f) -> int | None:
-    return None if f is None else int(f.parts[f.data[0]][0])
 
 
 def _check_answers(loaded, path: Path, quant: str, prompts, max_new: int, say) -> list[check.Comparison]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from sftlab import rundir
-from sftlab.config import Config, validate
+from sftlab.config import Config, build, validate
 from sftlab.data.batching import example_lengths, plan_epoch, rows, without_weights
 from sftlab.errors import SftlabError
 from sftlab.evaluate.runner import reference_items
@@ -43,10 +43,12 @@ from sftlab.speed import Speed, configure, sharding
 from sftlab.task import Task, get_task
 from sftlab.task.base import score_eval
 
-# Keys that may change between a run and its resume without changing what was computed so far.
+# Keys that may change between a run and its resume without changing what was computed so far (train.fsdp_*
+# lay out FSDP2's units; Distributed Checkpoint keys the shards by parameter name, whatever the units).
 RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.output_dir", "train.save_steps", "train.save_total_limit",
                      "train.eval_steps", "train.logging_steps", "train.report_to",
-                     "train.early_stopping_patience"}  # fmt: skip
+                     "train.early_stopping_patience",
+                     "train.fsdp_reshard_after_forward", "train.fsdp_blocks"}  # fmt: skip
 RESUMABLE_PREFIXES = ("eval.",)  # evaluation settings never change the weights (in-run generation is greedy)
 
 
@@ -210,8 +212,16 @@ def adopt_accelerate_fsdp(cfg: Config, env, say) -> Config:
     settings = sharding.from_accelerate(env)
     if settings is None:
         return cfg
+    why = "accelerate's fsdp_config trains on sftlab's FSDP2 (train.sharding=fsdp)"
+    if int(env.get("WORLD_SIZE", "1")) < 2:
+        raise TrainError(f"{why}, which shards over 2 processes or more, and this launch started one: pass "
+                         "--num_processes N (N >= 2), or train one process without the fsdp_config (plain `sftlab "
+                         "train`, or examples/accelerate/ddp.yaml with --num_processes 1)")  # fmt: skip
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **settings))
-    validate(cfg)
+    try:
+        validate(cfg)
+    except SftlabError as e:
+        raise TrainError(f"{why}: {e}. To train unsharded, launch with examples/accelerate/ddp.yaml") from None
     env.pop("ACCELERATE_USE_FSDP")
     if _global_rank() == 0:
         say("accelerate's FSDP config: training on sftlab's FSDP2 with "
@@ -225,7 +235,7 @@ def _configure_engine(accelerator, cfg: Config, env=os.environ) -> None:
             raise TrainError("accelerate's DeepSpeed config was not applied: accelerate runs DeepSpeed on GPUs only, "
                              "and here the run would train unsharded (as DDP). On CPUs shard with FSDP2: `torchrun "
                              "--nproc_per_node N -m sftlab train CONFIG train.sharding=fsdp`, or `accelerate launch "
-                             "--config_file examples/accelerate/fsdp.yaml ...`")  # fmt: skip
+                             "--config_file examples/accelerate/fsdp.yaml --num_processes N -m sftlab train CONFIG`")  # fmt: skip
         return
     if cfg.train.sharding != "none":
         raise TrainError(f"train.sharding={cfg.train.sharding} and accelerate's DeepSpeed config both shard the model: "
@@ -519,7 +529,7 @@ def _trainable_weights(run: Run) -> dict[str, torch.Tensor]:
     if run.speed.sharded:
         from sftlab.speed.sharding import full_state_dict
 
-        state = {k.removeprefix("lm."): v for k, v in full_state_dict(run.model, trainable_only=True).items()}
+        state = _model_names(full_state_dict(run.model, trainable_only=True))
         names = {name for name, _ in run.lm.named_parameters()}  # a tied weight once, as trainable_state has it
         return {k: v for k, v in state.items() if k in names}
     return checkpoint.trainable_state(run.weights) if run.accelerator.is_main_process else {}
@@ -558,14 +568,19 @@ def finish(run: Run, state: RunState, outcome: str, say) -> dict:
     """Write the final model (HF format), summary.json and loss.png; print the summary."""
     acc = run.accelerator
     acc.wait_for_everyone()
-    best = run.cfg.train.save_best and (run.out / rundir.BEST).is_dir()
-    restored = _best_weights(run) if best and outcome != "interrupted" and acc.is_main_process else None
-    whole = _gathered_state(run, restored) if outcome != "interrupted" else None  # a collective: every rank joins
+    whole = _gathered_state(run) if outcome != "interrupted" else None  # a collective: every rank joins
     if not acc.is_main_process:
         return {}
     run.weights.release()  # the saved model carries the fp32 weights that were trained, not their bf16 rounding
-    if restored is not None and whole is None:
-        checkpoint.load_trainable(run.lm, restored)
+    best = run.cfg.train.save_best and (run.out / rundir.BEST).is_dir()
+    if best and outcome != "interrupted":
+        from safetensors.torch import load_file
+
+        restored = load_file(run.out / rundir.BEST / "trainable.safetensors")
+        if whole is None:
+            checkpoint.load_trainable(run.lm, restored)
+        else:
+            whole = _tied_again(run, _overlaid(run, whole, restored))
     if outcome != "interrupted":
         save_model(run, whole)
         if run.task.final_eval_file and run.eval_data is not None:
@@ -578,35 +593,36 @@ def finish(run: Run, state: RunState, outcome: str, say) -> dict:
     return summary
 
 
-def _best_weights(run: Run) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(run.out / rundir.BEST / "trainable.safetensors")
-
-
-def _gathered_state(run: Run, overlay: dict[str, torch.Tensor] | None = None) -> dict | None:
-    """The whole model's state dict gathered from FSDP/DeepSpeed shards (on rank 0), else None; `overlay`
-    (the best trained weights, by the model's names) replaces the gathered ones it names."""
+def _gathered_state(run: Run) -> dict | None:
+    """The whole model's state dict gathered from FSDP/DeepSpeed shards (on rank 0), else None."""
     if run.speed.sharded:
         from sftlab.speed.sharding import full_state_dict
 
         state = full_state_dict(run.model)  # every rank joins; rank 0 gets the tensors
-        if not run.accelerator.is_main_process:
-            return None
-        whole = {k.removeprefix("lm."): v for k, v in state.items()}
     elif sharding_engine(run.accelerator) is None:
         return None
     else:
-        state = run.accelerator.get_state_dict(run.model)  # keys of the SupervisedLoss wrapper: "lm.<name>"
-        if state is None:
-            return None
-        whole = {k.removeprefix("lm."): v for k, v in state.items()}
-    unknown = sorted(set(overlay or {}) - set(whole))
+        state = run.accelerator.get_state_dict(run.model)
+    if not run.accelerator.is_main_process or state is None:
+        return None
+    return _tied_again(run, _model_names(state))
+
+
+def _model_names(state: dict) -> dict:
+    """A state dict of the loss module (SupervisedLoss: "lm.<name>") by the model's own names."""
+    return {k.removeprefix("lm."): v for k, v in state.items()}
+
+
+def _overlaid(run: Run, whole: dict, weights: dict) -> dict:
+    unknown = sorted(set(weights) - set(whole))
     if unknown:
         raise TrainError(f"{run.out / rundir.BEST}: weights the model does not have ({unknown[:3]}); the run's "
                          "last weights are in its checkpoints")  # fmt: skip
-    whole |= overlay or {}
-    # Gathering copies tied weights apart; aliased again, save_pretrained drops them as it does the live model's.
+    return whole | weights
+
+
+def _tied_again(run: Run, whole: dict) -> dict:
+    """Gathering copies tied weights apart; aliased again, save_pretrained drops them as it does the live model's."""
     for target, source in (getattr(run.lm, "all_tied_weights_keys", None) or {}).items():
         if target in whole and source in whole:
             whole[target] = whole[source]
@@ -730,7 +746,7 @@ def _remove_stale(out: Path, say) -> None:
 def _check_resumable(ckpt: Path, cfg: Config) -> None:
     import yaml
 
-    saved, now = _flatten(yaml.safe_load((ckpt / rundir.CONFIG).read_text())), _flatten(cfg.to_dict())
+    saved, now = _saved_config(yaml.safe_load((ckpt / rundir.CONFIG).read_text())), _flatten(cfg.to_dict())
     changed = sorted(
         k
         for k in saved.keys() | now.keys()
@@ -740,6 +756,14 @@ def _check_resumable(ckpt: Path, cfg: Config) -> None:
     if changed:
         raise TrainError(f"--resume: the config differs from the checkpoint's in {', '.join(changed)}; "
                          "resuming would not continue the same run. Restore those keys or start a new run.")  # fmt: skip
+
+
+def _saved_config(raw: dict) -> dict:
+    """A checkpoint's config, flat, keys added since it was written at their defaults (what it ran with)."""
+    try:
+        return _flatten(build(Config, raw, "").to_dict())
+    except SftlabError:  # a key since removed: compared as written, so it shows as a change
+        return _flatten(raw)
 
 
 RANK_SHAPED = ("train.batch_size", "train.grad_accum", "train.sharding")

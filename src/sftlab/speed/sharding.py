@@ -57,7 +57,7 @@ def shard(root: torch.nn.Module, lm: torch.nn.Module, precision: str, device, re
     # device, so no rank ever holds the whole model there.
     whole = root.state_dict() if dist.get_rank() == 0 else {}
     blocks = transformer_blocks(lm, block_names)
-    for block in blocks:
+    for block in reversed(blocks):  # inner units first, as fully_shard requires, where named classes nest
         fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(root, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     if dist.get_rank() != 0:  # rank 0's shards and buffers fully_shard moved to the device already
@@ -119,32 +119,34 @@ class ShardedWeights(ModelWeights):
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
-_TRUE, _FALSE = ("true", "1", "yes", "y", "t", "on"), ("false", "0", "no", "n", "f", "off")
+# accelerate's ParallelismConfig sizes (accelerate/utils/launch.py): other parallelisms than data parallel.
+_PARALLELISMS = {"DP_REPLICATE_SIZE": "dp_replicate_size (HSDP)", "TP_SIZE": "tp_size", "CP_SIZE": "cp_size",
+                 "SP_SIZE": "sp_size"}  # fmt: skip
 
 
 def from_accelerate(env) -> dict | None:
     """The train settings an accelerate FSDP config asks for, read from what `accelerate launch --config_file
     fsdp.yaml` puts in the environment (accelerate/utils/launch.py), so that it trains on sftlab's FSDP2: one
     engine, with resumable sharded checkpoints, on CPUs as on GPUs. None where no FSDP was asked for; what
-    this FSDP does not do is refused, never dropped."""
-    if env.get("ACCELERATE_USE_FSDP", "").strip().lower() != "true":
+    this FSDP does not do is refused, never dropped. Only what differs from sftlab's defaults is taken (accelerate
+    writes every option, set or not), so a run YAML's train.fsdp_* keys stand unless the config changes them."""
+    parallel = [name for key, name in _PARALLELISMS.items() if _size(env.get(f"PARALLELISM_CONFIG_{key}")) > 1]
+    if parallel and env.get("ACCELERATE_USE_PARALLELISM_CONFIG", "").strip().lower() == "true":
+        raise ConfigError(f"the accelerate config's parallelism_config sets {', '.join(parallel)}: sftlab trains data "
+                          "parallel only (DDP, or FSDP2 with train.sharding=fsdp); remove it")  # fmt: skip
+    if _flag(env, "ACCELERATE_USE_FSDP") is not True:
         return None
-
-    def flag(name: str, default: str = "false") -> bool | None:  # None: not a boolean
-        value = env.get(name, "").strip().lower()
-        value = default if value in ("", "none") else value  # accelerate writes an unset option as "None"
-        return True if value in _TRUE else False if value in _FALSE else None
-
-    reshard, policy = flag("FSDP_RESHARD_AFTER_FORWARD", "true"), env.get("FSDP_AUTO_WRAP_POLICY", "").upper()
+    reshard, policy = _flag(env, "FSDP_RESHARD_AFTER_FORWARD", True), env.get("FSDP_AUTO_WRAP_POLICY", "").upper()
     refused = [why for bad, why in (
         (env.get("FSDP_VERSION", "1").strip() != "2", f"fsdp_version {env.get('FSDP_VERSION', '1')} (FSDP1): set "
                                                       "fsdp_version: 2"),
         (reshard is None, f"fsdp_reshard_after_forward {env.get('FSDP_RESHARD_AFTER_FORWARD')}: FSDP2 takes true "
                           "or false"),
-        (policy not in ("", "TRANSFORMER_BASED_WRAP"), f"fsdp_auto_wrap_policy {policy}: sftlab shards per "
-                                                         "transformer block (TRANSFORMER_BASED_WRAP)"),
-        (flag("FSDP_OFFLOAD_PARAMS") is not False, "fsdp_offload_params: no CPU offload here"),
-        (flag("FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD") is not False, "fsdp_activation_checkpointing_offload"),
+        (policy not in ("", "NONE", "TRANSFORMER_BASED_WRAP"), f"fsdp_auto_wrap_policy {policy}: sftlab shards per "
+                                                                 "transformer block (TRANSFORMER_BASED_WRAP)"),
+        (_flag(env, "FSDP_OFFLOAD_PARAMS") is not False, "fsdp_offload_params: no CPU offload here"),
+        (_flag(env, "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD") is not False, "fsdp_activation_checkpointing_offload"),
+        (_flag(env, "FSDP_ACTIVATION_CHECKPOINTING") is None, "fsdp_activation_checkpointing: true or false"),
         (bool(env.get("FSDP_IGNORED_MODULES", "").strip()), "fsdp_ignored_modules"),
     ) if bad]  # fmt: skip
     if refused:
@@ -152,7 +154,25 @@ def from_accelerate(env) -> dict | None:
                           f"does not do: {'; '.join(refused)}. Change those keys, or launch with `torchrun "
                           "--nproc_per_node N -m sftlab train CONFIG train.sharding=fsdp`")  # fmt: skip
     blocks = [name.strip() for name in env.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if name.strip()]
-    settings = {"sharding": "fsdp", "fsdp_reshard_after_forward": reshard, "fsdp_blocks": blocks}
-    if flag("FSDP_ACTIVATION_CHECKPOINTING"):
-        settings["gradient_checkpointing"] = True
+    settings = {"sharding": "fsdp"}
+    settings |= {"fsdp_reshard_after_forward": False} if reshard is False else {}
+    settings |= {"fsdp_blocks": blocks} if blocks else {}
+    settings |= {"gradient_checkpointing": True} if _flag(env, "FSDP_ACTIVATION_CHECKPOINTING") else {}
     return settings
+
+
+def _flag(env, name: str, default: bool = False) -> bool | None:
+    """A boolean accelerate wrote (it writes an unset option as "None"); None where the value is not one."""
+    from accelerate.utils import str_to_bool
+
+    value = env.get(name, "").strip()
+    if value in ("", "None"):
+        return default
+    try:
+        return str_to_bool(value, to_bool=True)
+    except ValueError:
+        return None
+
+
+def _size(value: str | None) -> int:
+    return int(value) if value and value.strip().lstrip("-").isdigit() else 1
