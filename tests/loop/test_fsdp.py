@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 from conftest import FIXTURES, tiny_config
-from helpers import free_port, launch_together, launcher, launcher_env, losses, torchrun
+from helpers import free_port, interrupt_during_step, launch_together, launcher, launcher_env, losses, torchrun
 from safetensors.torch import load_file
 
 from sftlab.config import load_config
@@ -341,8 +341,6 @@ def test_an_adopted_fsdp_config_is_validated_and_kept_from_accelerate(tmp_path):
     assert (kept.fsdp_blocks, kept.fsdp_reshard_after_forward) == (["LlamaMLP"], False)
     with pytest.raises(TrainError, match="fsdp_config trains on sftlab's FSDP2.*full or lora.*ddp.yaml"):
         adopt_accelerate_fsdp(tiny_config("m", tmp_path, "train.method=qlora"), env(), said.append)
-    with pytest.raises(TrainError, match="2 processes or more.*started one.*--num_processes"):
-        adopt_accelerate_fsdp(tiny_config("m", tmp_path), env(WORLD_SIZE="1"), said.append)
     unsharded = tiny_config("m", tmp_path)
     assert adopt_accelerate_fsdp(unsharded, {}, said.append) is unsharded
 
@@ -420,3 +418,28 @@ def test_a_sharded_model_generates_on_every_rank_the_answers_of_one_process(live
     assert [r["step"] for r in rows] == [2] * 3 + [3] * 3 and any(r["answer"] for r in rows)
     assert mine == theirs
     assert losses(tmp_path / "two", "gen_chrf") == losses(tmp_path / "one", "gen_chrf")
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_one_process_shards_over_a_group_of_one_as_the_plain_run_and_resumes(tiny_model_dir, tmp_path, monkeypatch,
+                                                                            method):  # fmt: skip
+    """train.sharding=fsdp in a process no launcher started (python -m sftlab train, one GPU): sftlab makes a
+    1-rank process group, so the sharded code path runs whole and gives the plain run's losses bit for bit;
+    its sharded checkpoint resumes the run exactly, and the group is gone after."""
+    import torch.distributed as dist
+
+    def run(out, *extra):
+        return tiny_config(tiny_model_dir, tmp_path / out, f"train.method={method}", "train.max_steps=4",
+                           f"data.eval=[{FIXTURES / 'train_small.jsonl'}]", "train.eval_steps=2", *extra)  # fmt: skip
+
+    train(run("plain"), say=lambda *a, **k: None)
+    summary = train(run("sharded", "train.sharding=fsdp"), say=lambda *a, **k: None)
+    assert summary["sharding"]["ranks"] == 1 and not dist.is_initialized()
+    for key in ("loss", "eval_loss", "grad_norm"):
+        assert losses(tmp_path / "sharded", key) == losses(tmp_path / "plain", key)
+    interrupt_during_step(monkeypatch, 2)
+    assert train(run("cut", "train.sharding=fsdp"), say=lambda *a, **k: None)["outcome"] == "interrupted"
+    monkeypatch.undo()
+    assert (tmp_path / "cut" / "checkpoints" / "step-0000002" / "rng-0.pt").is_file()  # sharded: one rank's RNG
+    train(run("cut", "train.sharding=fsdp"), resume=True, say=lambda *a, **k: None)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "plain") and not dist.is_initialized()

@@ -100,6 +100,11 @@ class Run:
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print) -> dict:
     """Run (or resume) training; returns the summary that is also written to summary.json."""
     cfg = adopt_accelerate_fsdp(cfg, os.environ, say)
+    with sharding.one_rank_group(cfg.train.sharding == "fsdp", torch.cuda.is_available()):
+        return _train(cfg, resume, overwrite, say)
+
+
+def _train(cfg: Config, resume: bool, overwrite: bool, say) -> dict:
     out = Path(cfg.train.output_dir)
     resume_from = _prepare_output_dir(out, resume, overwrite, cfg, say)
     status = RunStatus(out, enabled=_global_rank() == 0)
@@ -213,10 +218,6 @@ def adopt_accelerate_fsdp(cfg: Config, env, say) -> Config:
     if settings is None:
         return cfg
     why = "accelerate's fsdp_config trains on sftlab's FSDP2 (train.sharding=fsdp)"
-    if int(env.get("WORLD_SIZE", "1")) < 2:
-        raise TrainError(f"{why}, which shards over 2 processes or more, and this launch started one: pass "
-                         "--num_processes N (N >= 2), or train one process without the fsdp_config (plain `sftlab "
-                         "train`, or examples/accelerate/ddp.yaml with --num_processes 1)")  # fmt: skip
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **settings))
     try:
         validate(cfg)

@@ -50,9 +50,9 @@ def shard(root: torch.nn.Module, lm: torch.nn.Module, precision: str, device, re
 
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        raise ConfigError("train.sharding=fsdp shards over several processes: launch with `torchrun "
-                          "--nproc_per_node N -m sftlab train CONFIG` (N >= 2), or use train.sharding=none")  # fmt: skip
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError("train.sharding=fsdp needs a process group: train through sftlab.loop.train.train, "
+                          "or launch with `torchrun --nproc_per_node N -m sftlab train CONFIG`")  # fmt: skip
     # Rank 0's tensors, kept (on the CPU) until they are scattered; fully_shard moves one unit at a time to the
     # device, so no rank ever holds the whole model there.
     whole = root.state_dict() if dist.get_rank() == 0 else {}
@@ -67,6 +67,25 @@ def shard(root: torch.nn.Module, lm: torch.nn.Module, precision: str, device, re
     for buffer in root.buffers():  # non-persistent ones too (rotary frequencies), which no state dict holds
         dist.broadcast(buffer.data, src=0)
     return len(blocks)
+
+
+@contextlib.contextmanager
+def one_rank_group(needed: bool, cuda: bool):
+    """A process group of one rank for a sharded run no launcher started (FSDP2 and Distributed Checkpoint
+    work on a group: one process then runs the very code path of N, its shards whole); removed after. A
+    launcher's own group, or accelerate's, is left alone."""
+    import os
+
+    import torch.distributed as dist
+
+    if not needed or not dist.is_available() or dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield
+        return
+    dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager
