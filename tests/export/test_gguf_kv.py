@@ -46,3 +46,10 @@ def test_a_bad_file_is_named_not_a_traceback(tmp_path):
     (tmp_path / "v9.gguf").write_bytes(good[:4] + (9).to_bytes(4, "little") + good[8:])
     with pytest.raises(GGUFFormatError, match="GGUF version 9"):
         read_metadata(tmp_path / "v9.gguf")
+
+
+@pytest.mark.parametrize("content", [b"", b"GGUF", b"GGUF" + bytes(19)])
+def test_an_empty_or_headless_file_is_named(tmp_path, content):
+    (tmp_path / "short.gguf").write_bytes(content)
+    with pytest.raises(GGUFFormatError, match=rf"short\.gguf: not a GGUF file \({len(content)} bytes"):
+        read_metadata(tmp_path / "short.gguf")

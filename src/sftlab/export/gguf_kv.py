@@ -21,6 +21,8 @@ class GGUFFormatError(ExportError):
 
 def read_metadata(path: str | Path) -> dict:
     """{key: value} of the file's metadata: numbers, bools, strings, and lists of them."""
+    if Path(path).stat().st_size < 24:  # magic, version, tensor and key counts
+        raise GGUFFormatError(f"{path}: not a GGUF file ({Path(path).stat().st_size} bytes, shorter than its header)")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         if data[:4] != b"GGUF":
             raise GGUFFormatError(f"{path}: not a GGUF file (it starts with {data[:4]!r})")

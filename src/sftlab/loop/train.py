@@ -100,7 +100,8 @@ class Run:
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, say=print) -> dict:
     """Run (or resume) training; returns the summary that is also written to summary.json."""
     cfg = adopt_accelerate_fsdp(cfg, os.environ, say)
-    with sharding.one_rank_group(cfg.train.sharding == "fsdp", torch.cuda.is_available()):
+    launched = any(v in os.environ for v in (*WORLD_SIZE_VARS, "LOCAL_RANK"))  # then accelerate makes the group
+    with sharding.one_rank_group(cfg.train.sharding == "fsdp" and not launched, torch.cuda.is_available()):
         return _train(cfg, resume, overwrite, say)
 
 

@@ -72,16 +72,19 @@ def shard(root: torch.nn.Module, lm: torch.nn.Module, precision: str, device, re
 @contextlib.contextmanager
 def one_rank_group(needed: bool, cuda: bool):
     """A process group of one rank for a sharded run no launcher started (FSDP2 and Distributed Checkpoint
-    work on a group: one process then runs the very code path of N, its shards whole); removed after. A
-    launcher's own group, or accelerate's, is left alone."""
-    import os
-
+    work on a group: one process then runs the very code path of N, its shards whole); removed after. Under
+    a launcher, even of one process, accelerate makes (and keeps) the group."""
     import torch.distributed as dist
 
-    if not needed or not dist.is_available() or dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if not needed or not dist.is_available() or dist.is_initialized():
         yield
         return
-    dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    backend = "nccl" if cuda and dist.is_nccl_available() else "gloo"
+    try:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"train.sharding=fsdp: could not make a one-rank {backend} process group ({e}); launch "
+                          "with `torchrun --nproc_per_node 1 -m sftlab train CONFIG`") from None  # fmt: skip
     try:
         yield
     finally:
