@@ -159,7 +159,7 @@ class TrainConfig:
                      "(gloo on CPU, NCCL on GPUs); none: every rank holds the whole model (DDP)")  # fmt: skip
     fsdp_reshard_after_forward: bool = _f(
         True, help="fsdp: free each block's gathered weights after its forward; false keeps them for the "
-                   "backward (one all-gather a step instead of two, more memory: ZeRO-2 style)")  # fmt: skip
+                   "backward (one all-gather per micro-batch instead of two, more memory: ZeRO-2 style)")  # fmt: skip
     fsdp_blocks: list[str] = _f(factory=list, help="fsdp: class names of the modules sharded as units (default: "
                                                    "the model's _no_split_modules, its decoder layers)")  # fmt: skip
 

@@ -28,6 +28,12 @@ def _yaml(model_dir, out, tmp_path, method: str):
     return path
 
 
+def _same_run_in_one_process(path, out) -> None:
+    """The run of the 2-rank YAML at `path` trained by one unsharded process at the same global batch."""
+    train(load_config(path, [f"train.output_dir={out}", "train.sharding=none", "train.batch_size=4"]),
+          say=lambda *a, **k: None)  # fmt: skip
+
+
 def _one_process(model_dir, out, method: str, *extra: str):
     train(tiny_config(model_dir, out, f"data.eval=[{FIXTURES / 'train_small.jsonl'}]", f"train.method={method}",
                       "train.batch_size=4", "train.grad_accum=2", "train.max_steps=3", *extra),
@@ -198,8 +204,7 @@ def test_bf16_shards_train_as_a_bf16_process_over_fp32_masters(tiny_model_dir, t
     cfg["train"]["precision"] = "bf16"
     path.write_text(yaml.safe_dump(cfg))
     torchrun(path)
-    one = load_config(path, [f"train.output_dir={tmp_path / 'one'}", "train.sharding=none", "train.batch_size=4"])
-    train(one, say=lambda *a, **k: None)
+    _same_run_in_one_process(path, tmp_path / "one")
     assert json.loads((tmp_path / "one" / "summary.json").read_text())["compute"]["masters"]
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
 
@@ -395,8 +400,7 @@ def test_the_best_weights_are_gathered_from_the_shards_and_saved_as_the_final_mo
     final = load_file(tmp_path / "two" / "model.safetensors")
     assert set(best) == set(final)  # the tied head once, as a one-process run saves it
     assert all(torch.equal(best[k], final[k]) for k in best)
-    one = load_config(path, [f"train.output_dir={tmp_path / 'one'}", "train.sharding=none", "train.batch_size=4"])
-    train(one, say=lambda *a, **k: None)
+    _same_run_in_one_process(path, tmp_path / "one")
     theirs = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert theirs["best_step"] == 1 and summary["best_eval_loss"] == pytest.approx(theirs["best_eval_loss"], rel=1e-4)
     assert set(load_file(tmp_path / "one" / "best" / "trainable.safetensors")) == set(best)
@@ -411,8 +415,7 @@ def test_a_sharded_model_generates_on_every_rank_the_answers_of_one_process(live
     cfg["eval"] = {"generate_every": 2, "generate_examples": 3, "max_new_tokens": 12}
     path.write_text(yaml.safe_dump(cfg))
     torchrun(path)
-    train(load_config(path, [f"train.output_dir={tmp_path / 'one'}", "train.sharding=none", "train.batch_size=4"]),
-          say=lambda *a, **k: None)  # fmt: skip
+    _same_run_in_one_process(path, tmp_path / "one")
     mine, theirs = ((tmp_path / run / "generations.jsonl").read_text().splitlines() for run in ("two", "one"))
     rows = [json.loads(line) for line in mine]
     assert [r["step"] for r in rows] == [2] * 3 + [3] * 3 and any(r["answer"] for r in rows)

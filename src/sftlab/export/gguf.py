@@ -188,7 +188,7 @@ def _check_lora(adapter: Path, run_dir: Path) -> None:
     written = sorted(float(torch.from_numpy(t.data.astype("float32")).norm()) for t in reader.tensors)
     tensors = load_file(run_dir / "adapter_model.safetensors")
     trained = sorted(float(t.float().norm()) for name, t in tensors.items() if ".lora_" in name)
-    alpha = read_metadata(adapter).get("adapter.lora.alpha")
+    alpha = reader.fields["adapter.lora.alpha"].contents() if "adapter.lora.alpha" in reader.fields else None
     want = json.loads((run_dir / "adapter_config.json").read_text()).get("lora_alpha")
     same = len(written) == len(trained) and all(abs(a - b) <= 1e-3 * max(b, 1e-6) for a, b in zip(written, trained))
     if not same or alpha is None or abs(alpha - float(want)) > 1e-6:

@@ -18,8 +18,7 @@ import os
 import shutil
 import signal
 import time
-import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -219,7 +218,7 @@ def adopt_accelerate_fsdp(cfg: Config, env, say) -> Config:
     if settings is None:
         return cfg
     why = "accelerate's fsdp_config trains on sftlab's FSDP2 (train.sharding=fsdp)"
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **settings))
+    cfg = replace(cfg, train=replace(cfg.train, **settings))
     try:
         validate(cfg)
     except SftlabError as e:
@@ -258,10 +257,9 @@ def _configure_engine(accelerator, cfg: Config, env=os.environ) -> None:
 
 def _single_process() -> bool:
     # From the launchers' environment: asking accelerate (PartialState) before the Accelerator exists
-    # would set up its process state without cpu=True.
-    engines = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+    # would set up its process state without cpu=True. (Its FSDP flag is gone by now: adopt_accelerate_fsdp.)
     alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
-    return alone and not any(os.environ.get(e, "").lower() == "true" for e in engines)
+    return alone and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true"
 
 
 # What accelerate reads a world size from (torchrun sets WORLD_SIZE, MPI launchers the others).

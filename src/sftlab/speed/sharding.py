@@ -40,7 +40,7 @@ def shard(root: torch.nn.Module, lm: torch.nn.Module, precision: str, device, re
     module: its forward calls the decoder and the head directly, so the root unit holding embeddings,
     final norm and head, tied weights as one parameter, must be the module called). Returns the number
     of blocks; the modules are changed in place. `reshard_after_forward` False keeps each block's gathered
-    weights from its forward to its backward (one all-gather a step instead of two, more memory).
+    weights from its forward to its backward (one all-gather per micro-batch instead of two, more memory).
 
     Only rank 0 holds the weights (read once); the other ranks built the model on the meta device and
     receive their shards, and every buffer, from it."""
