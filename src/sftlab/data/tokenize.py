@@ -67,13 +67,15 @@ class DatasetReport:
 
 
 def _agreeing_backend(tok, probe: list[str]):
-    """The fast tokenizer's Rust backend where it gives the very ids `tok(text)` gives on `probe`, else False
-    (a slow tokenizer, or a wrapper that changes the text before the backend sees it)."""
+    """The fast tokenizer's Rust batch encoder where it gives the very ids `tok(text)` gives on `probe`, else
+    False (a slow tokenizer, or a wrapper that changes the text before the backend sees it). Its offset-free
+    variant where the tokenizers release has it: the offsets are never read here."""
     backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None or not hasattr(backend, "encode_batch"):
+    encode = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
+    if encode is None:
         return False
     own = tok(probe, add_special_tokens=False)["input_ids"]
-    return backend if [e.ids for e in backend.encode_batch(probe, add_special_tokens=False)] == own else False
+    return encode if [e.ids for e in encode(probe, add_special_tokens=False)] == own else False
 
 
 class Encoder:
@@ -88,7 +90,7 @@ class Encoder:
         self.train_on = train_on
         self.eot_ids = eot_ids
         self.reasoning = reasoning  # data.reasoning: train | drop
-        self.backend = None  # tokenizers.Tokenizer once the probe agrees; False where it does not
+        self.backend = None  # the backend's batch encoder once the probe agrees; False where it does not
         self._tails: dict[tuple[int, ...], bool] = {}
         self.reset_counts()
 
@@ -155,7 +157,7 @@ class Encoder:
         if self.backend is None:
             self.backend = _agreeing_backend(self.tok, texts[:16])
         if self.backend:
-            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+            return [e.ids for e in self.backend(texts, add_special_tokens=False)]
         return self.tok(texts, add_special_tokens=False)["input_ids"]
 
     def _encode(self, segments, pieces: list[list[int]]) -> Encoded:
