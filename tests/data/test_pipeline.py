@@ -2,6 +2,7 @@
 writer (memory bounded by chunks), the batched tokenizer gives the tokenizer's own ids, and a record's id,
 metadata and loss_weight reach the tokenized dataset."""
 
+import gc
 import itertools
 import json
 import random
@@ -45,6 +46,7 @@ def test_workers_give_what_one_process_gives(smol_tok, tmp_cache, tmp_path, monk
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     one = load(path, smol_tok, num_proc=1, max_length=256, on_bad_record="skip")
     two = load(path, smol_tok, num_proc=2, max_length=256, on_bad_record="skip")
+    assert gc.get_freeze_count() == 0  # the heap frozen while the data streamed is handed back to the collector
     assert one.dataset.to_dict() == two.dataset.to_dict()
     assert one.reports[0].to_dict() == two.reports[0].to_dict()
     report = two.reports[0]

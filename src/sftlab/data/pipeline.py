@@ -65,7 +65,7 @@ def tokenize_to_file(conversations: Iterable[Conversation], encoder: Encoder, cf
 def _frozen_heap():
     """The objects alive now (torch, transformers, the tokenizer: millions) kept out of the garbage collector's
     passes while the data streams through: the records and encodings it makes are short-lived, and each full
-    pass would walk the whole heap again (measured: ~10% of a one-process run, ~20% of the reader's time)."""
+    pass would walk the whole heap again (figures: benchmarks/RESULTS.md, tokenizer pipeline)."""
     gc.freeze()
     try:
         yield
@@ -93,7 +93,7 @@ def _encode(chunk: list[Conversation], job: tuple | None = None):
 def _adopt(job: tuple) -> None:
     """Pool initializer: the worker's job (forked, so the encoder arrives as memory, not as a pickle). What the
     worker inherited is frozen out of the garbage collector (as in the parent, `_frozen_heap`): its passes would
-    also copy those objects' pages from the parent (measured: a worker's page faults halved, CPU ~12% lower)."""
+    also copy those objects' pages from the parent, one by one."""
     global _JOB
     gc.freeze()
     _JOB = job
