@@ -560,7 +560,6 @@ def _sharding_checks(cfg: Config) -> list[tuple[bool, str]]:
     return [
         (cfg.task == "causal_lm" and t.method in ("full", "lora"),
          f"train.sharding=fsdp trains causal_lm with train.method full or lora (got {cfg.task}, {t.method})"),
-        (not t.compile, "train.compile is not combined with train.sharding=fsdp yet"),
     ]  # fmt: skip
 
 

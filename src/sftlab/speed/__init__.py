@@ -60,7 +60,7 @@ class Speed:
             if cfg.method in FROZEN_BASE:
                 lm.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
             self.checkpointing = True
-        if cfg.compile:
+        if cfg.compile:  # before fully_shard, as torchtitan orders them: its hooks run around the compiled forward
             self.compiled = compile_blocks(lm)
         self.layout = batch_layout(self.cfg, fused, accelerator.device, self.precision, decoder)
         if cfg.sharding == "fsdp":  # last: the shards replace the parameters every path above set up
@@ -84,7 +84,8 @@ class Speed:
         sharded = " (fp32 shards)" if self.cfg.train.method == "full" else " (fp32 adapter shards, the base in its dtype)"
         path = " (fp32 master weights)" if self.masters else sharded if self.sharded else ""
         shards = f"; FSDP2 over {self.sharded} blocks" if self.sharded else ""
-        return f"precision {self.precision}{path}; attention {self.attention}; batches {self.layout}{shards}"
+        compiled = f"; {self.compiled} blocks compiled" if self.compiled else ""
+        return f"precision {self.precision}{path}; attention {self.attention}; batches {self.layout}{shards}{compiled}"
 
 
 def configure(cfg: Config, precision: str, single_process: bool) -> Speed:
