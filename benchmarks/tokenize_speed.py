@@ -5,7 +5,8 @@ Hugging Face way and TRL's SFTTrainer preparation, each in its own process, in o
     python benchmarks/tokenize_speed.py --chats 1000000   # long: run it in the background, never in CI
     python benchmarks/tokenize_speed.py --rounds 3        # each pipeline 3 times, interleaved: best of 3
 
-    sftlab   load_split (read, render with the chat template, tokenize, masks, report; cache off)
+    sftlab   load_split (read, render with the chat template, tokenize, masks, report; cache off;
+             data.num_proc = --procs)
     hf       datasets.load_dataset(json) + map(apply_chat_template(tokenize=True)), batched, --procs
              processes, no masks (the loss then covers every token)
     trl      SFTTrainer(...) building its train dataset (apply_chat_template + tokenize, --procs processes;
@@ -55,7 +56,8 @@ def run_sftlab(path: str, procs: int) -> int:
     from sftlab.data.dataset import load_split
     from sftlab.model.load import load_tokenizer
 
-    cfg = load_config(None, [f"data.train=[{path}]", "data.cache=false", "data.max_length=4096"])
+    cfg = load_config(None, [f"data.train=[{path}]", "data.cache=false", "data.max_length=4096",
+                             f"data.num_proc={procs}"])  # fmt: skip
     return len(load_split(cfg.data, load_tokenizer(cfg.model)).dataset)
 
 
@@ -90,8 +92,11 @@ def run_trl(path: str, procs: int) -> int:
 
 def _fresh_cache() -> str:
     """An empty datasets cache for this run, so a later round reads and maps the file again (a reused cache
-    would hand back the first round's Arrow files)."""
-    path = tempfile.mkdtemp(prefix="hf-datasets-")
+    would hand back the first round's Arrow files); on the disk sftlab's own scratch output goes to."""
+    from sftlab.files import cache_root
+
+    (cache_root() / "scratch").mkdir(parents=True, exist_ok=True)
+    path = tempfile.mkdtemp(prefix="hf-datasets-", dir=cache_root() / "scratch")
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
 
@@ -128,7 +133,7 @@ def _measure(name: str, path: Path, procs: int) -> dict | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--chats", type=int, default=100_000)
-    p.add_argument("--procs", type=int, default=2, help="processes for the hf and trl maps")
+    p.add_argument("--procs", type=int, default=2, help="processes of each pipeline (sftlab's data.num_proc)")
     p.add_argument("--only", nargs="*", choices=list(RUNNERS), default=list(RUNNERS))
     p.add_argument("--rounds", type=int, default=1, help="run the pipelines in turn this many times; best time counts")
     p.add_argument("--child", nargs=2, metavar=("RUNNER", "PATH"), help=argparse.SUPPRESS)
@@ -140,6 +145,7 @@ def main() -> None:
         write_chats(path, args.chats)
         print(f"{args.chats:,} chats ({path.stat().st_size / 2**20:.0f} MiB), {args.procs} processes for hf/trl")
         results: dict[str, dict] = {}
+        peaks: dict[str, float] = {}  # the highest peak RSS of any round
         for round_ in range(args.rounds):
             for name in args.only:
                 r = _measure(name, path, args.procs)
@@ -147,13 +153,15 @@ def main() -> None:
                     continue
                 best = results.setdefault(name, r)
                 if r["seconds"] < best["seconds"]:
-                    results[name] = {**r, "peak_rss_mb": max(r["peak_rss_mb"], best["peak_rss_mb"])}
+                    results[name] = r
+                peaks[name] = max(peaks.get(name, 0), r["peak_rss_mb"])
                 print(f"{name:7} {r['seconds']:8.1f} s  {args.chats / r['seconds']:9,.0f} chats/s  "
                       f"peak RSS {r['peak_rss_mb']:7,.0f} MiB  ({r['rows']:,} rows)"
                       + (f"  round {round_ + 1}" if args.rounds > 1 else ""))
         if args.rounds > 1:
             for name, r in results.items():
-                print(f"best    {name:7} {r['seconds']:8.1f} s  {args.chats / r['seconds']:9,.0f} chats/s")
+                print(f"best    {name:7} {r['seconds']:8.1f} s  {args.chats / r['seconds']:9,.0f} chats/s  "
+                      f"peak RSS of any round {peaks[name]:7,.0f} MiB")
         if "sftlab" in results:
             for peer in ("hf", "trl"):
                 if peer in results:

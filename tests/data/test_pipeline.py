@@ -47,6 +47,12 @@ def test_workers_give_what_one_process_gives(smol_tok, tmp_cache, tmp_path, monk
     one = load(path, smol_tok, num_proc=1, max_length=256, on_bad_record="skip")
     two = load(path, smol_tok, num_proc=2, max_length=256, on_bad_record="skip")
     assert gc.get_freeze_count() == 0  # the heap frozen while the data streamed is handed back to the collector
+    gc.freeze()  # a caller's own frozen heap stays frozen
+    try:
+        assert load(path, smol_tok, num_proc=1, max_length=256, on_bad_record="skip").dataset.to_dict() == \
+            one.dataset.to_dict() and gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
     assert one.dataset.to_dict() == two.dataset.to_dict()
     assert one.reports[0].to_dict() == two.reports[0].to_dict()
     report = two.reports[0]
@@ -63,6 +69,7 @@ def test_a_bad_record_in_a_worker_is_reported_with_its_line(smol_tok, tmp_cache,
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(DataError, match=r"d.jsonl:41: template 'custom' renders assistant message 3"):
         load(path, smol_tok, num_proc=2, template=moves)
+    assert gc.get_freeze_count() == 0  # handed back to the collector on the error's way out too
 
 
 def test_the_reader_stays_a_few_chunks_ahead_of_the_writer(smol_tok, monkeypatch):

@@ -85,22 +85,30 @@ def test_gradient_checkpointing_keeps_fewer_activations(tiny_model_dir):
 
 def test_compiled_blocks_give_the_same_run_plain_and_under_fsdp(tiny_model_dir, tmp_path, monkeypatch):
     """train.compile alone and with train.sharding=fsdp (one process: a 1-rank group, sftlab/speed/sharding.py):
-    the eager run's losses; under FSDP2 each compiled block is the sharded unit."""
+    the eager run's losses; under FSDP2 the blocks are compiled before they become sharded units, and the
+    compiled graphs run."""
+    import torch._dynamo.utils as dynamo_utils
+    from torch.distributed.fsdp import FSDPModule
+
     import sftlab.speed as speed
     from sftlab.errors import ModelError
     from sftlab.speed import compile_blocks
 
-    models, printed = [], []
-    monkeypatch.setattr(speed, "compile_blocks", lambda lm: models.append(lm) or compile_blocks(lm))
-    runs = []
+    def compile_unsharded(lm):
+        assert not any(isinstance(m, FSDPModule) for m in lm.modules())
+        return compile_blocks(lm)
+
+    monkeypatch.setattr(speed, "compile_blocks", compile_unsharded)
+    runs, printed, graphs = {}, [], {}
     for name, extra in (("eager", []), ("compiled", ["train.compile=true"]),
                         ("sharded", ["train.compile=true", "train.sharding=fsdp"])):  # fmt: skip
+        dynamo_utils.counters.clear()
         train(tiny_config(tiny_model_dir, tmp_path / name, "train.method=full", "train.max_steps=3", *extra),
               say=lambda *a, **k: printed.append(" ".join(map(str, a))))  # fmt: skip
-        runs.append(losses(tmp_path / name))
-    assert runs[1] == pytest.approx(runs[0], rel=1e-5) and runs[2] == pytest.approx(runs[0], rel=1e-5)
-    blocks = [m for m in models[1].modules() if type(m).__name__.startswith("FSDP") and m is not models[1]]
-    assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+        runs[name], graphs[name] = losses(tmp_path / name), dynamo_utils.counters["stats"]["unique_graphs"]
+    assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-5)
+    assert runs["sharded"] == pytest.approx(runs["eager"], rel=1e-5)
+    assert graphs["eager"] == 0 and graphs["compiled"] > 0 and graphs["sharded"] > 0
     assert any("FSDP2 over 2 blocks; 2 blocks compiled" in line for line in printed)
     with pytest.raises(ModelError, match="train.compile: no transformer block"):
         compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))

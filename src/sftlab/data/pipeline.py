@@ -63,9 +63,13 @@ def tokenize_to_file(conversations: Iterable[Conversation], encoder: Encoder, cf
 
 @contextlib.contextmanager
 def _frozen_heap():
-    """The objects alive now (torch, transformers, the tokenizer: millions) kept out of the garbage collector's
-    passes while the data streams through: the records and encodings it makes are short-lived, and each full
-    pass would walk the whole heap again (figures: benchmarks/RESULTS.md, tokenizer pipeline)."""
+    """The objects alive now (torch, transformers, the tokenizer) kept out of the garbage collector's passes
+    while the data streams through: the records and encodings it makes are short-lived, and each full pass
+    would walk the whole heap again; forked workers inherit the frozen heap, so their passes do not copy those
+    objects' pages from the parent either. Left as it is where the caller froze its own heap."""
+    if gc.get_freeze_count():
+        yield
+        return
     gc.freeze()
     try:
         yield
@@ -91,11 +95,8 @@ def _encode(chunk: list[Conversation], job: tuple | None = None):
 
 
 def _adopt(job: tuple) -> None:
-    """Pool initializer: the worker's job (forked, so the encoder arrives as memory, not as a pickle). What the
-    worker inherited is frozen out of the garbage collector (as in the parent, `_frozen_heap`): its passes would
-    also copy those objects' pages from the parent, one by one."""
+    """Pool initializer: the worker's job (forked, so the encoder arrives as memory, not as a pickle)."""
     global _JOB
-    gc.freeze()
     _JOB = job
 
 
