@@ -228,6 +228,16 @@ def label_kwargs(labels: list[str]) -> dict:
     return {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
 
 
+def _to_half(lm, half) -> None:
+    """The floating-point parameters in `half`, as from_pretrained(dtype=half) loads them: buffers (RoPE's
+    inv_freq) and the modules the model keeps in fp32 stay fp32, so training computes positions as every
+    runtime that loads the saved model does (a bf16 inv_freq moves the loss ~1e-4 on the tiny test model)."""
+    keep = getattr(lm, "_keep_in_fp32_modules", None) or []
+    for name, p in lm.named_parameters():
+        if p.is_floating_point() and p.dtype != half and not any(k in name.split(".") for k in keep):
+            p.data = p.data.to(half)
+
+
 def for_training(lm, cfg, precision: str, total_steps: int):
     """Wrap the base for cfg.train.method. Frozen base weights stay in the compute dtype (no cast in
     every op, half the memory); whatever trains keeps fp32 master weights."""
@@ -236,7 +246,7 @@ def for_training(lm, cfg, precision: str, total_steps: int):
 
     half = half_dtype(precision)
     if cfg.train.method in FROZEN_BASE and cfg.train.method != "qlora" and half is not None:
-        lm.to(half)  # a no-op when loaded by load_base_for; quantized weights must not be cast
+        _to_half(lm, half)  # a no-op when loaded by load_base_for; quantized weights must not be cast
     lm = wrap(lm, cfg, total_steps)
     for p in lm.parameters():
         if p.requires_grad and is_half(p.dtype):  # e.g. peft's modules_to_save

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from sftlab.model.precision import dtype_of, half_dtype
-from sftlab.speed import attention
+from sftlab.speed import attention, lora_fused, rmsnorm
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,9 @@ def weights_dtype(compute: Compute, adapter: bool) -> torch.dtype:
 @contextlib.contextmanager
 def computing(model: torch.nn.Module, compute: Compute, kernels: bool = True):
     """Autocast as in training; with kernels, also training's attention (a full-sequence kernel, so
-    only for scoring whole sequences: generation with a KV cache keeps the model's own)."""
+    only for scoring whole sequences: generation with a KV cache keeps the model's own) and the forwards
+    training switched to (the lean RMSNorm, LoRA's update inside the matmul): in bf16 their roundings
+    differ from the model's own, and the loss would not read as trained."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     previous = getattr(base.config, "_attn_implementation", None)
     switch = (kernels and compute.attention == attention.NAME and previous != attention.NAME
@@ -64,9 +66,20 @@ def computing(model: torch.nn.Module, compute: Compute, kernels: bool = True):
             else contextlib.nullcontext())  # fmt: skip
     if switch:
         attention.use_for_training(base)
+    switched = _training_forwards(model) if kernels else []
     try:
         with cast:
             yield
     finally:
+        for module in switched:
+            del module.forward  # back to the class's own forward
         if switch:
             base.set_attn_implementation(previous)
+
+
+def _training_forwards(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Switch the modules training runs on sftlab.speed's own forwards to them; returns those switched."""
+    own = {id(m) for m in model.modules() if "forward" in vars(m)}
+    rmsnorm.use_for_training(model)
+    lora_fused.use_for_training(model)
+    return [m for m in model.modules() if "forward" in vars(m) and id(m) not in own]
