@@ -75,3 +75,20 @@ def test_lora_in_bf16_keeps_frozen_weights_in_bf16_and_trainable_in_fp32(tiny_mo
     lm = for_training(lm, load_config(None, ["lora.modules_to_save=[lm_head]"]), "bf16", 10)
     dtypes = {(p.requires_grad, p.dtype) for p in lm.parameters()}
     assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+
+
+def test_a_frozen_base_goes_to_bf16_as_from_pretrained_loads_it():
+    """Parameters to bf16; RoPE's inv_freq buffer and what the model's dtype plan keeps in fp32 stay fp32 (a bf16
+    inv_freq computes positions unlike every runtime that loads the saved model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sftlab.model.load import _to_half
+
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2))  # fmt: skip
+    lm._keep_in_fp32_modules_strict = ["mlp.gate_proj"]
+    _to_half(lm, torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in lm.named_parameters()}
+    assert dtypes.pop("model.layers.0.mlp.gate_proj.weight") == torch.float32
+    assert set(dtypes.values()) == {torch.bfloat16}
+    assert {b.dtype for b in lm.buffers()} == {torch.float32}

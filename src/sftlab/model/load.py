@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 from sftlab.config import FROZEN_BASE, ModelConfig
@@ -230,11 +231,12 @@ def label_kwargs(labels: list[str]) -> dict:
 
 def _to_half(lm, half) -> None:
     """The floating-point parameters in `half`, as from_pretrained(dtype=half) loads them: buffers (RoPE's
-    inv_freq) and the modules the model keeps in fp32 stay fp32, so training computes positions as every
-    runtime that loads the saved model does (a bf16 inv_freq moves the loss ~1e-4 on the tiny test model)."""
-    keep = getattr(lm, "_keep_in_fp32_modules", None) or []
+    inv_freq) and the parameters transformers' dtype plan keeps in fp32 (MoE routers, attention sinks) stay
+    fp32, so training computes as every runtime that loads the saved model does."""
+    plan = lm._get_dtype_plan(half) if hasattr(lm, "_get_dtype_plan") else {}
+    kept = [re.compile(re.escape(key).replace(r"\*", ".*")) for key in plan]
     for name, p in lm.named_parameters():
-        if p.is_floating_point() and p.dtype != half and not any(k in name.split(".") for k in keep):
+        if p.is_floating_point() and p.dtype != half and not any(k.search(name) for k in kept):
             p.data = p.data.to(half)
 
 

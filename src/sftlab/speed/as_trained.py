@@ -64,22 +64,26 @@ def computing(model: torch.nn.Module, compute: Compute, kernels: bool = True):
     device = next(model.parameters()).device.type
     cast = (torch.autocast(device, dtype=dtype_of(compute.autocast)) if compute.autocast != "no"
             else contextlib.nullcontext())  # fmt: skip
-    if switch:
-        attention.use_for_training(base)
-    switched = _training_forwards(model) if kernels else []
+    switched: list[torch.nn.Module] = []
     try:
+        if switch:
+            attention.use_for_training(base)
+        if kernels:
+            _training_forwards(model, switched)
         with cast:
             yield
     finally:
         for module in switched:
-            del module.forward  # back to the class's own forward
+            vars(module).pop("forward", None)  # back to the class's own forward
         if switch:
             base.set_attn_implementation(previous)
 
 
-def _training_forwards(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Switch the modules training runs on sftlab.speed's own forwards to them; returns those switched."""
+def _training_forwards(model: torch.nn.Module, switched: list) -> None:
+    """Switch the modules training runs on sftlab.speed's own forwards to them, adding each to `switched`."""
     own = {id(m) for m in model.modules() if "forward" in vars(m)}
-    rmsnorm.use_for_training(model)
-    lora_fused.use_for_training(model)
-    return [m for m in model.modules() if "forward" in vars(m) and id(m) not in own]
+    try:
+        rmsnorm.use_for_training(model)
+        lora_fused.use_for_training(model)
+    finally:
+        switched += [m for m in model.modules() if "forward" in vars(m) and id(m) not in own]
