@@ -21,11 +21,9 @@ neighbour's load then slows a round of every pipeline, not one pipeline's only r
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import random
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -93,12 +91,9 @@ def run_trl(path: str, procs: int) -> int:
 def _fresh_cache() -> str:
     """An empty datasets cache for this run, so a later round reads and maps the file again (a reused cache
     would hand back the first round's Arrow files); on the disk sftlab's own scratch output goes to."""
-    from sftlab.files import cache_root
+    from sftlab.files import scratch_dir
 
-    (cache_root() / "scratch").mkdir(parents=True, exist_ok=True)
-    path = tempfile.mkdtemp(prefix="hf-datasets-", dir=cache_root() / "scratch")
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    return path
+    return str(scratch_dir("hf-datasets-"))
 
 
 def _tokenizer():

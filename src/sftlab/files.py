@@ -19,6 +19,17 @@ def cache_root() -> Path:
     return Path(xdg) / "sftlab"
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A new directory under the cache root (not /tmp, which may be a small tmpfs), removed when the process
+    ends: for data too large for memory that no later run reuses."""
+    import atexit
+
+    (cache_root() / "scratch").mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=cache_root() / "scratch"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -7,12 +7,9 @@ files and skips tokenization; any change re-tokenizes.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +18,7 @@ from sftlab.data.formats import expand_paths
 from sftlab.data.templates import ChatTemplate, end_of_turn_ids
 from sftlab.data.tokenize import DatasetReport, Encoder
 from sftlab.errors import DataError
-from sftlab.files import atomic_dir, cache_root, file_digest
+from sftlab.files import atomic_dir, cache_root, file_digest, scratch_dir
 
 CACHE_VERSION = 4  # bump when tokenization logic changes so old caches are not reused
 
@@ -96,9 +93,7 @@ def _tokenize_into(target: Path | None, spec: DatasetSpec, cfg: DataConfig, toke
     (None) into a scratch directory removed when the process ends, under the cache root (/tmp may be a
     small tmpfs); the dataset is the memory-mapped file inside it. Returns the directory and the report."""
     if target is None:
-        (cache_root() / "scratch").mkdir(parents=True, exist_ok=True)
-        target = Path(tempfile.mkdtemp(prefix="tokenized-", dir=cache_root() / "scratch"))
-        atexit.register(shutil.rmtree, target, ignore_errors=True)
+        target = scratch_dir("tokenized-")
         writing = contextlib.nullcontext(target)
     else:
         writing = atomic_dir(target)
