@@ -14,7 +14,8 @@ from tokenizers import AddedToken
 
 from sftlab.data.chat_templates import BUILTIN
 from sftlab.data.formats import Conversation, Message
-from sftlab.data.templates import ChatTemplate, end_of_turn_ids
+from sftlab.data.assistant import template_message
+from sftlab.data.templates import TEMPLATE_ERRORS, ChatTemplate, _merged, end_of_turn_ids
 from sftlab.data.tokenize import Encoder
 
 TEMPLATES = FIXTURES / "templates"
@@ -102,6 +103,25 @@ def check(name: str, tok, conv: Conversation) -> list:
 @pytest.mark.parametrize("name, case", CASES, ids=[f"{n}-{c}" for n, c in CASES])
 def test_examples_equal_the_templates_render_and_supervise_exactly_the_replies(tok, name, case):
     check(name, tok, CONVERSATIONS[case])
+
+
+@pytest.mark.parametrize("name, case", CASES, ids=[f"{n}-{c}" for n, c in CASES])
+def test_every_render_is_apply_chat_templates_text(tok, name, case):
+    # Training renders through transformers' compiled template directly; each prefix, with and without the
+    # generation prompt, must be the text apply_chat_template gives (what a server renders at inference).
+    conv, template = CONVERSATIONS[case], ChatTemplate(tok, spec(name))
+    mode = template.mode(conv)
+    for k in range(1, len(conv.messages) + 1):
+        chat = [template_message(m, template.reasoning_field, mode.parts) for m in _merged(conv.messages[:k], mode)]
+        for generation in (False, True):
+            try:
+                theirs = tok.apply_chat_template(chat, tools=list(conv.tools) or None, chat_template=template.source,
+                                                 tokenize=False, add_generation_prompt=generation)  # fmt: skip
+            except TEMPLATE_ERRORS:
+                continue  # a prefix the template refuses (a conversation ending in a tool call, say)
+            ours = template.render(conv.messages[:k], generation, conv.tools, mode)
+            assert ours == theirs
+    assert template._direct is True  # the direct path rendered these, not the transformers fallback
 
 
 @pytest.mark.parametrize("name, per_turn", [("chatml", False), ("mistral", True), ("phi3", True), ("deepseek", True),

@@ -131,6 +131,20 @@ def test_a_reply_that_does_not_follow_its_generation_prompt_is_refused(smol_tok)
         encoder(smol_tok, moves).encode(MULTI)
 
 
+def test_a_direct_render_that_differs_from_transformers_is_never_used(smol_tok, monkeypatch):
+    # The first render compares the direct path with transformers' render_jinja_template; on a difference
+    # every render goes through transformers from then on.
+    tpl = ChatTemplate(smol_tok, "chatml")
+    calls = []
+    monkeypatch.setattr(ChatTemplate, "_render_direct", lambda self, chats, *a: calls.append(1) or ["x"] * len(chats))
+    messages = MULTI.messages
+    assert tpl.render(messages) == smol_tok.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in messages], chat_template=tpl.source, tokenize=False)
+    assert tpl._direct is False and calls == [1]
+    assert tpl.render(messages[:2], add_generation_prompt=True).endswith("<|im_start|>assistant\n")
+    assert calls == [1]
+
+
 def test_template_errors_become_record_problems(smol_tok):
     strict = "{{ raise_exception('roles must alternate') }}"
     with pytest.raises(RecordProblem, match="roles must alternate"):

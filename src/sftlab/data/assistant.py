@@ -111,7 +111,7 @@ def template_message(m: Message, reasoning_field: bool, parts: bool = False) -> 
         content = inline_reasoning(m.reasoning, content)
     d["content"] = [{"type": "text", "text": content}] if parts else content
     if m.tool_calls:
-        d["tool_calls"] = [json.loads(json.dumps(c)) for c in m.tool_calls]  # a fresh copy per render
+        d["tool_calls"] = [json.loads(json.dumps(c)) for c in m.tool_calls]  # JSON types only
     if m.tool_call_id is not None:
         d["tool_call_id"] = m.tool_call_id
     if m.name is not None:

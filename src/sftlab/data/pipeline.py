@@ -121,7 +121,11 @@ def _results(chunks: Iterator[list[Conversation]], job: tuple, procs: int) -> It
 def _forked_pool(procs: int, job: tuple):
     """A pool of forked workers (they inherit the tokenizer and template; nothing is pickled but the chunks),
     each tokenizing in its one thread: the fast tokenizer's own threads would only contend with the workers,
-    and after a fork it would warn and turn them off anyway."""
+    and after a fork it would warn and turn them off anyway. What the workers import after the fork, each
+    imports again."""
+    import pyarrow as pa
+
+    pa.array([])  # pyarrow imports pandas at its first array (~0.5 s): once here, so the workers inherit it
     before = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:

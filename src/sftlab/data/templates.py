@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import jinja2
@@ -30,6 +31,11 @@ try:  # the renderer inside apply_chat_template (which adds only a per-call norm
     from transformers.utils.chat_template_utils import render_jinja_template as _render_jinja
 except ImportError:  # pragma: no cover - another transformers layout: apply_chat_template itself
     _render_jinja = None
+try:  # its compiled template and reasoning aliases: the same render without re-copying each prefix's messages
+    from transformers.utils.chat_template_utils import _alias_reasoning_fields, _compile_jinja_template
+    from transformers.utils.chat_template_utils import _plain_template_data
+except ImportError:  # pragma: no cover - another transformers layout: render_jinja_template for every call
+    _compile_jinja_template = None
 
 TEMPLATE_ERRORS = (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError)
 
@@ -69,22 +75,55 @@ class ChatTemplate:
         self.source = bake_kwargs(raw, self.kwargs)  # rendered in training and saved with the run
         self.reasoning_field = knows_reasoning(raw)
         self._context = {**tokenizer.special_tokens_map, **self.kwargs}  # apply_chat_template's, beside the messages
+        self._direct: bool | None = None if _compile_jinja_template else False  # see _render_direct
 
     def render(self, messages, add_generation_prompt: bool = False, tools=(), mode: Mode = Mode()) -> str:
         return self.render_many([messages], add_generation_prompt, tools, mode)[0]
 
     def render_many(self, conversations, add_generation_prompt: bool = False, tools=(), mode: Mode = Mode()) -> list[str]:
-        """Each message list rendered, in one call of the renderer `apply_chat_template` uses, with its arguments:
-        the same text, without its per-call cost (the prefixes of one conversation render together)."""
-        chats = [[template_message(m, self.reasoning_field, mode.parts) for m in _merged(msgs, mode)]
-                 for msgs in conversations]  # fmt: skip
+        """Each message list rendered by the renderer `apply_chat_template` uses, with its arguments: the same
+        text, without its per-call cost (the prefixes of one conversation share their converted messages)."""
+        merged = [_merged(msgs, mode) for msgs in conversations]  # held while the memo keyed by id() lives
+        memo: dict[int, dict] = {}
+
+        def converted(m: Message) -> dict:
+            if id(m) not in memo:
+                memo[id(m)] = template_message(m, self.reasoning_field, mode.parts)
+            return memo[id(m)]
+
+        chats = [[converted(m) for m in msgs] for msgs in merged]
+        tools = list(tools) or None
         if _render_jinja is None:
-            return [self.tokenizer.apply_chat_template(chat, tools=list(tools) or None, chat_template=self.source,
-                                                       tokenize=False, add_generation_prompt=add_generation_prompt,
+            return [self.tokenizer.apply_chat_template(chat, tools=tools, chat_template=self.source, tokenize=False,
+                                                       add_generation_prompt=add_generation_prompt,
                                                        **self.kwargs) for chat in chats]  # fmt: skip
-        rendered, _ = _render_jinja(conversations=chats, tools=list(tools) or None, chat_template=self.source,
+        if self._direct is not False:
+            direct = self._render_direct(chats, add_generation_prompt, tools)
+            if self._direct:
+                return direct
+        rendered, _ = _render_jinja(conversations=chats, tools=tools, chat_template=self.source,
                                     add_generation_prompt=add_generation_prompt, **self._context)  # fmt: skip
+        if self._direct is None:  # the first render decides: the direct path only where it gives this very text
+            self._direct = direct == rendered
         return rendered
+
+    def _render_direct(self, chats: list[list[dict]], add_generation_prompt: bool, tools) -> list[str]:
+        """What `render_jinja_template` renders, from transformers' own compiled template and reasoning aliases,
+        minus its copy of every message into plain JSON types on every render: these dicts are built here
+        from parsed text, so the copy changes nothing but the cost (the tools are copied once, as there)."""
+        template = self._compiled
+        tools = _plain_template_data(tools)
+        return [template.render(messages=_alias_reasoning_fields(chat), tools=tools, documents=None,
+                                add_generation_prompt=add_generation_prompt, **self._context) for chat in chats]
+
+    @cached_property
+    def _compiled(self) -> jinja2.Template:
+        """The template compiled in the environment transformers renders it in (its sandbox, filters and
+        extensions), with its globals in a dict: jinja copies them into every render's context, and copying
+        the ChainMap it keeps them in costs about a third of a short render."""
+        compiled = _compile_jinja_template(self.source).environment.from_string(self.source)
+        compiled.globals = dict(compiled.globals)
+        return compiled
 
     def mode(self, conv: Conversation) -> Mode:
         """The first form of the conversation this template renders (plain first)."""
