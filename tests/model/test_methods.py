@@ -171,3 +171,37 @@ def test_fused_lora_keeps_peft_forward_for_disabled_adapters_and_dora(tiny_model
     dora, dora_own, _ = _lora_pair(tiny_model_dir, "lora.dropout=0.0", "lora.use_dora=true")
     with torch.no_grad():
         assert torch.allclose(dora(input_ids=ids).logits, dora_own(input_ids=ids).logits, rtol=1e-12)
+
+
+def test_training_and_eval_switch_the_same_forwards_and_leave_an_instance_forward(tiny_model_dir):
+    # One function switches the lean RMSNorm and the fused LoRA update for training and for `sftlab eval`
+    # (speed.as_trained.computing), which switches back after; a module whose forward an accelerate hook
+    # replaced on the instance keeps that forward throughout.
+    from transformers import AutoModelForCausalLM
+
+    from sftlab.config import load_config
+    from sftlab.model.load import for_training
+    from sftlab.speed import training_forwards
+    from sftlab.speed.as_trained import FP32, computing
+
+    def fresh():
+        lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        lm = for_training(lm, load_config(None, ["train.method=lora"]), "fp32", 10)
+        norms = [m for m in lm.modules() if type(m).__name__.endswith("RMSNorm")]
+        loras = [m for m in lm.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+        hooked = [norms[0], loras[0]]
+        for m in hooked:
+            m.forward = hook = type(m).forward.__get__(m)
+            m._hook = hook
+        return lm, norms, loras, hooked
+
+    lm, norms, loras, hooked = fresh()
+    assert training_forwards(lm) == (len(norms) - 1, len(loras) - 1)
+    assert training_forwards(lm, decoder=False)[0] == 0
+    assert all(vars(m)["forward"] is m._hook for m in hooked)
+    lm, norms, loras, hooked = fresh()
+    with computing(lm, FP32):
+        switched = [m for m in norms + loras if "forward" in vars(m) and m not in hooked]
+        assert len(switched) == len(norms) + len(loras) - 2
+    assert [m for m in norms + loras if "forward" in vars(m)] == hooked
+    assert all(vars(m)["forward"] is m._hook for m in hooked)

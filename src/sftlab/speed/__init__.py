@@ -50,11 +50,9 @@ class Speed:
         # Virtual-token methods run the model's own forward and attention (their keys outnumber the queries).
         fused = decoder and cfg.attention == "auto" and cfg.method not in PROMPT_LEARNING and attention.use_for_training(base)
         self.attention = attention.NAME if fused else base.config._attn_implementation
-        self.rmsnorm = rmsnorm.use_for_training(lm) if decoder else 0
-        if cfg.method in FROZEN_BASE:
-            if half_dtype(self.precision) is not None:
-                _keep_adapter_inputs_in_compute_dtype(lm)
-            self.lora_fused = lora_fused.use_for_training(lm)
+        self.rmsnorm, self.lora_fused = training_forwards(lm, decoder)
+        if cfg.method in FROZEN_BASE and half_dtype(self.precision) is not None:
+            _keep_adapter_inputs_in_compute_dtype(lm)
         if cfg.gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if cfg.method in FROZEN_BASE:
@@ -86,6 +84,13 @@ class Speed:
         shards = f"; FSDP2 over {self.sharded} blocks" if self.sharded else ""
         compiled = f"; {self.compiled} blocks compiled" if self.compiled else ""
         return f"precision {self.precision}{path}; attention {self.attention}; batches {self.layout}{shards}{compiled}"
+
+
+def training_forwards(model: torch.nn.Module, decoder: bool = True) -> tuple[int, int]:
+    """Switch the modules training runs on sftlab.speed's own forwards to them: the lean RMSNorm (a decoder's
+    Llama-style norms) and LoRA's update inside the matmul (plain LoRA layers); returns how many of each.
+    Training and `sftlab eval` (speed.as_trained) both call this, so the eval loss runs the trained forwards."""
+    return (rmsnorm.use_for_training(model) if decoder else 0), lora_fused.use_for_training(model)
 
 
 def configure(cfg: Config, precision: str, single_process: bool) -> Speed:

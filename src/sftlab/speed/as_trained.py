@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from sftlab.model.precision import dtype_of, half_dtype
-from sftlab.speed import attention, lora_fused, rmsnorm
+from sftlab.speed import attention, training_forwards
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,6 @@ def _training_forwards(model: torch.nn.Module, switched: list) -> None:
     """Switch the modules training runs on sftlab.speed's own forwards to them, adding each to `switched`."""
     own = {id(m) for m in model.modules() if "forward" in vars(m)}
     try:
-        rmsnorm.use_for_training(model)
-        lora_fused.use_for_training(model)
+        training_forwards(model)
     finally:
         switched += [m for m in model.modules() if "forward" in vars(m) and id(m) not in own]

@@ -29,14 +29,16 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def use_for_training(model: torch.nn.Module) -> int:
-    """Switch every plain LoRA linear layer of a peft model to the fused update; returns how many."""
+    """Switch every plain LoRA linear layer of a peft model to the fused update; returns how many. A layer
+    whose forward is already replaced on the instance (an accelerate hook) keeps it."""
     try:
         from peft.tuners.lora.layer import Linear
     except ImportError:
         return 0
     count = 0
     for module in model.modules():
-        if type(module) is Linear and isinstance(module.base_layer, torch.nn.Linear) and not module.fan_in_fan_out:
+        plain = type(module) is Linear and isinstance(module.base_layer, torch.nn.Linear) and not module.fan_in_fan_out
+        if plain and "forward" not in vars(module):
             module.forward = _forward.__get__(module)
             count += 1
     return count

@@ -56,10 +56,12 @@ def _is_llama_norm(cls: type) -> bool:
 
 
 def use_for_training(model: torch.nn.Module) -> int:
-    """Switch every Llama-style RMSNorm of the model to the lean one; returns how many."""
+    """Switch every Llama-style RMSNorm of the model to the lean one; returns how many. A norm whose forward
+    is already replaced on the instance (an accelerate hook under a device_map) keeps it."""
     count = 0
     for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm") and _is_llama_norm(type(module)):
+        llama_norm = type(module).__name__.endswith("RMSNorm") and _is_llama_norm(type(module))
+        if llama_norm and "forward" not in vars(module):
             module.forward = _forward.__get__(module)
             count += 1
     return count
