@@ -107,8 +107,9 @@ def test_examples_equal_the_templates_render_and_supervise_exactly_the_replies(t
 
 @pytest.mark.parametrize("name, case", CASES, ids=[f"{n}-{c}" for n, c in CASES])
 def test_every_render_is_apply_chat_templates_text(tok, name, case):
-    # Training renders through transformers' compiled template directly; each prefix, with and without the
-    # generation prompt, must be the text apply_chat_template gives (what a server renders at inference).
+    # Training renders through transformers' compiled template directly once a call of the same shape has
+    # agreed with transformers' own render; each prefix, with and without the generation prompt, rendered
+    # twice (the second time directly), must be the text apply_chat_template gives at inference.
     conv, template = CONVERSATIONS[case], ChatTemplate(tok, spec(name))
     mode = template.mode(conv)
     for k in range(1, len(conv.messages) + 1):
@@ -117,11 +118,14 @@ def test_every_render_is_apply_chat_templates_text(tok, name, case):
             try:
                 theirs = tok.apply_chat_template(chat, tools=list(conv.tools) or None, chat_template=template.source,
                                                  tokenize=False, add_generation_prompt=generation)  # fmt: skip
-            except TEMPLATE_ERRORS:
-                continue  # a prefix the template refuses (a conversation ending in a tool call, say)
-            ours = template.render(conv.messages[:k], generation, conv.tools, mode)
-            assert ours == theirs
-    assert template._direct is True  # the direct path rendered these, not the transformers fallback
+            except TEMPLATE_ERRORS:  # a prefix the template refuses (one ending in a tool call, say): so do we
+                for _ in range(2):
+                    with pytest.raises(TEMPLATE_ERRORS):
+                        template.render(conv.messages[:k], generation, conv.tools, mode)
+                continue
+            for _ in range(2):
+                assert template.render(conv.messages[:k], generation, conv.tools, mode) == theirs
+    assert template._agreed  # the direct path agreed on every shape and served the second renders
 
 
 @pytest.mark.parametrize("name, per_turn", [("chatml", False), ("mistral", True), ("phi3", True), ("deepseek", True),

@@ -1,6 +1,7 @@
 """docs/correctness.md rules 1 and 2 for every template: response-only masks, and training text == inference text."""
 
 import types
+from dataclasses import replace
 
 import pytest
 from helpers import conv, decode, encoder, supervised_runs
@@ -131,18 +132,53 @@ def test_a_reply_that_does_not_follow_its_generation_prompt_is_refused(smol_tok)
         encoder(smol_tok, moves).encode(MULTI)
 
 
-def test_a_direct_render_that_differs_from_transformers_is_never_used(smol_tok, monkeypatch):
-    # The first render compares the direct path with transformers' render_jinja_template; on a difference
-    # every render goes through transformers from then on.
+def _plain(messages):
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+@pytest.mark.parametrize("direct", ["differs", "fails"])
+def test_a_direct_render_that_differs_from_transformers_is_never_used(smol_tok, monkeypatch, direct):
+    # The first call of each shape renders both ways; on a difference (or a failure of the direct path)
+    # every render goes through transformers' render_jinja_template from then on.
     tpl = ChatTemplate(smol_tok, "chatml")
     calls = []
-    monkeypatch.setattr(ChatTemplate, "_render_direct", lambda self, chats, *a: calls.append(1) or ["x"] * len(chats))
+
+    def wrong(self, chats, *args):
+        calls.append(1)
+        return ["x"] * len(chats) if direct == "differs" else 1 / 0
+
+    monkeypatch.setattr(ChatTemplate, "_render_direct", wrong)
     messages = MULTI.messages
-    assert tpl.render(messages) == smol_tok.apply_chat_template(
-        [{"role": m.role, "content": m.content} for m in messages], chat_template=tpl.source, tokenize=False)
-    assert tpl._direct is False and calls == [1]
+    theirs = smol_tok.apply_chat_template(_plain(messages), chat_template=tpl.source, tokenize=False)
+    assert tpl.render(messages) == theirs
+    assert tpl._agreed is None and calls == [1]
+    assert tpl.render(messages) == theirs
     assert tpl.render(messages[:2], add_generation_prompt=True).endswith("<|im_start|>assistant\n")
     assert calls == [1]
+
+
+def test_template_kwargs_named_like_the_renderers_own_arguments_reach_it_as_arguments(smol_tok):
+    # `documents` in data.template_kwargs is apply_chat_template's documents argument, as it always was.
+    source = "{% for d in documents %}[{{ d.title }}]{% endfor %}{% for m in messages %}{{ m.content }}|{% endfor %}"
+    docs = [{"title": "Paris", "text": "capital"}]
+    tpl = ChatTemplate(smol_tok, source, {"documents": docs})
+    messages = MULTI.messages[1:3]
+    assert tpl.render(messages) == smol_tok.apply_chat_template(_plain(messages), chat_template=source,
+                                                                documents=docs, tokenize=False)  # fmt: skip
+    assert tpl.render(messages).startswith("[Paris]") and tpl._agreed is None
+
+
+def test_a_direct_render_gives_reasoning_under_every_name_transformers_gives_it(smol_tok):
+    # A template that knows reasoning_content but reads `thinking` (gpt-oss style) gets it, as from transformers.
+    source = ("{% for m in messages %}{{ m.role }}:{% if m.thinking is defined %}({{ m.thinking }}){% endif %}"
+              "{{ m.content }}|{% endfor %}{# reasoning_content #}")  # fmt: skip
+    tpl = ChatTemplate(smol_tok, source)
+    c = conv(("user", "2+2?"), ("assistant", "4."))
+    c = replace(c, messages=(c.messages[0], replace(c.messages[1], reasoning="Two and two.")))
+    chat = [*_plain(c.messages[:1]), {"role": "assistant", "content": "4.", "reasoning_content": "Two and two."}]
+    theirs = smol_tok.apply_chat_template(chat, chat_template=source, tokenize=False)
+    assert [tpl.render(c.messages) for _ in range(2)] == [theirs, theirs]
+    assert "(Two and two.)4." in theirs and tpl._agreed
 
 
 def test_template_errors_become_record_problems(smol_tok):

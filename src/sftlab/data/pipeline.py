@@ -125,7 +125,7 @@ def _forked_pool(procs: int, job: tuple):
     imports again."""
     import pyarrow as pa
 
-    pa.array([])  # pyarrow imports pandas at its first array (~0.5 s): once here, so the workers inherit it
+    pa.array([])  # pyarrow imports pandas at its first array (0.5-0.7 s): once here; workers inherit it
     before = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:

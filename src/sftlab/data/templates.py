@@ -27,7 +27,7 @@ from sftlab.data.chat_templates import BUILTIN, END_OF_TURN_TOKENS
 from sftlab.data.conversation import Conversation, Message, RecordProblem
 from sftlab.errors import ConfigError
 
-try:  # the renderer inside apply_chat_template (which adds only a per-call normalization our dicts do not need)
+try:  # the renderer inside apply_chat_template
     from transformers.utils.chat_template_utils import render_jinja_template as _render_jinja
 except ImportError:  # pragma: no cover - another transformers layout: apply_chat_template itself
     _render_jinja = None
@@ -36,6 +36,9 @@ try:  # its compiled template and reasoning aliases: the same render without re-
     from transformers.utils.chat_template_utils import _plain_template_data
 except ImportError:  # pragma: no cover - another transformers layout: render_jinja_template for every call
     _compile_jinja_template = None
+# render_jinja_template's own parameters: a template kwarg of one of these names is an argument to it
+_RENDER_PARAMETERS = {"conversations", "tools", "documents", "chat_template", "return_assistant_tokens_mask",
+                      "continue_final_message", "add_generation_prompt"}  # fmt: skip
 
 TEMPLATE_ERRORS = (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError)
 
@@ -75,14 +78,16 @@ class ChatTemplate:
         self.source = bake_kwargs(raw, self.kwargs)  # rendered in training and saved with the run
         self.reasoning_field = knows_reasoning(raw)
         self._context = {**tokenizer.special_tokens_map, **self.kwargs}  # apply_chat_template's, beside the messages
-        self._direct: bool | None = None if _compile_jinja_template else False  # see _render_direct
+        direct = _compile_jinja_template is not None and not _RENDER_PARAMETERS & self._context.keys()
+        self._agreed: set[frozenset] | None = set() if direct else None  # see _check_direct; None: never direct
 
     def render(self, messages, add_generation_prompt: bool = False, tools=(), mode: Mode = Mode()) -> str:
         return self.render_many([messages], add_generation_prompt, tools, mode)[0]
 
     def render_many(self, conversations, add_generation_prompt: bool = False, tools=(), mode: Mode = Mode()) -> list[str]:
         """Each message list rendered by the renderer `apply_chat_template` uses, with its arguments: the same
-        text, without its per-call cost (the prefixes of one conversation share their converted messages)."""
+        text, without its per-call cost (the prefixes of one conversation share their converted messages:
+        the template cannot change them, its sandbox refuses every mutating call)."""
         merged = [_merged(msgs, mode) for msgs in conversations]  # held while the memo keyed by id() lives
         memo: dict[int, dict] = {}
 
@@ -97,20 +102,33 @@ class ChatTemplate:
             return [self.tokenizer.apply_chat_template(chat, tools=tools, chat_template=self.source, tokenize=False,
                                                        add_generation_prompt=add_generation_prompt,
                                                        **self.kwargs) for chat in chats]  # fmt: skip
-        if self._direct is not False:
-            direct = self._render_direct(chats, add_generation_prompt, tools)
-            if self._direct:
-                return direct
+        shape = _shape(chats, add_generation_prompt, tools) if self._agreed is not None else None
+        if self._agreed is not None and shape in self._agreed:
+            return self._render_direct(chats, add_generation_prompt, tools)
         rendered, _ = _render_jinja(conversations=chats, tools=tools, chat_template=self.source,
                                     add_generation_prompt=add_generation_prompt, **self._context)  # fmt: skip
-        if self._direct is None:  # the first render decides: the direct path only where it gives this very text
-            self._direct = direct == rendered
+        if self._agreed is not None:
+            self._check_direct(shape, chats, add_generation_prompt, tools, rendered)
         return rendered
+
+    def _check_direct(self, shape: frozenset, chats, add_generation_prompt: bool, tools, rendered: list[str]) -> None:
+        """The first call of each shape (message roles and fields, content form, generation prompt, tools: what
+        transformers' preparation branches on) also renders directly: from then on the direct path serves that
+        shape where it gave the very text transformers gave, and no call at all where it did not."""
+        try:
+            same = self._render_direct(chats, add_generation_prompt, tools) == rendered
+        except Exception:  # noqa: BLE001 -- a probe: whatever fails, the direct path is not used
+            same = False
+        if same:
+            self._agreed.add(shape)
+        else:
+            self._agreed = None
 
     def _render_direct(self, chats: list[list[dict]], add_generation_prompt: bool, tools) -> list[str]:
         """What `render_jinja_template` renders, from transformers' own compiled template and reasoning aliases,
-        minus its copy of every message into plain JSON types on every render: these dicts are built here
-        from parsed text, so the copy changes nothing but the cost (the tools are copied once, as there)."""
+        without its copy of every message into plain JSON types on every render: assistant.template_message
+        builds these dicts of text and JSON values only, never None, so that copy would change nothing (the
+        tools are copied once, as there)."""
         template = self._compiled
         tools = _plain_template_data(tools)
         return [template.render(messages=_alias_reasoning_fields(chat), tools=tools, documents=None,
@@ -215,6 +233,11 @@ class ChatTemplate:
                                 f"reasoning of assistant message {i}; set data.reasoning=drop to train without "
                                 "it, or use a template that renders reasoning_content")  # fmt: skip
         return reply
+
+
+def _shape(chats: list[list[dict]], add_generation_prompt: bool, tools) -> frozenset:
+    kinds = {(m["role"], type(m["content"]).__name__, *m) for chat in chats for m in chat}
+    return frozenset(kinds | {("generation prompt", add_generation_prompt), ("tools", tools is not None)})
 
 
 def _replies(conv: Conversation) -> list[int]:

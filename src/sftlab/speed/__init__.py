@@ -89,7 +89,7 @@ class Speed:
 def training_forwards(model: torch.nn.Module, decoder: bool = True) -> tuple[int, int]:
     """Switch the modules training runs on sftlab.speed's own forwards to them: the lean RMSNorm (a decoder's
     Llama-style norms) and LoRA's update inside the matmul (plain LoRA layers); returns how many of each.
-    Training and `sftlab eval` (speed.as_trained) both call this, so the eval loss runs the trained forwards."""
+    Training and `sftlab eval` (speed.as_trained, for a decoder's eval loss) both call this one function."""
     return (rmsnorm.use_for_training(model) if decoder else 0), lora_fused.use_for_training(model)
 
 
