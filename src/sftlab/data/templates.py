@@ -79,7 +79,7 @@ class ChatTemplate:
         self.reasoning_field = knows_reasoning(raw)
         self._context = {**tokenizer.special_tokens_map, **self.kwargs}  # apply_chat_template's, beside the messages
         direct = _compile_jinja_template is not None and not _RENDER_PARAMETERS & self._context.keys()
-        self._agreed: set[frozenset] | None = set() if direct else None  # see _check_direct; None: never direct
+        self._agreed: set[tuple] | None = set() if direct else None  # see _check_direct; None: never direct
 
     def render(self, messages, add_generation_prompt: bool = False, tools=(), mode: Mode = Mode()) -> str:
         return self.render_many([messages], add_generation_prompt, tools, mode)[0]
@@ -102,7 +102,7 @@ class ChatTemplate:
             return [self.tokenizer.apply_chat_template(chat, tools=tools, chat_template=self.source, tokenize=False,
                                                        add_generation_prompt=add_generation_prompt,
                                                        **self.kwargs) for chat in chats]  # fmt: skip
-        shape = _shape(chats, add_generation_prompt, tools) if self._agreed is not None else None
+        shape = _shape(chats, add_generation_prompt, tools, mode.parts) if self._agreed is not None else None
         if self._agreed is not None and shape in self._agreed:
             return self._render_direct(chats, add_generation_prompt, tools)
         rendered, _ = _render_jinja(conversations=chats, tools=tools, chat_template=self.source,
@@ -111,7 +111,7 @@ class ChatTemplate:
             self._check_direct(shape, chats, add_generation_prompt, tools, rendered)
         return rendered
 
-    def _check_direct(self, shape: frozenset, chats, add_generation_prompt: bool, tools, rendered: list[str]) -> None:
+    def _check_direct(self, shape: tuple, chats, add_generation_prompt: bool, tools, rendered: list[str]) -> None:
         """The first call of each shape (message roles and fields, content form, generation prompt, tools: what
         transformers' preparation branches on) also renders directly: from then on the direct path serves that
         shape where it gave the very text transformers gave, and no call at all where it did not."""
@@ -235,9 +235,9 @@ class ChatTemplate:
         return reply
 
 
-def _shape(chats: list[list[dict]], add_generation_prompt: bool, tools) -> frozenset:
-    kinds = {(m["role"], type(m["content"]).__name__, *m) for chat in chats for m in chat}
-    return frozenset(kinds | {("generation prompt", add_generation_prompt), ("tools", tools is not None)})
+def _shape(chats: list[list[dict]], add_generation_prompt: bool, tools, parts: bool) -> tuple:
+    kinds = frozenset({(m["role"], *m) for chat in chats for m in chat})  # each role with its fields
+    return add_generation_prompt, tools is not None, parts, kinds
 
 
 def _replies(conv: Conversation) -> list[int]:
