@@ -4,6 +4,7 @@ lengths, the Arrow batch), in CPU milliseconds a chat, and the renders against o
 
     python benchmarks/encode_cost.py                 # 6,144 generated chats (tokenize_speed.py's), best of 4
     python benchmarks/encode_cost.py --chats 20000 --rounds 2
+    python benchmarks/encode_cost.py --reply-words 200 600
 
 One process, one tokenizer thread (as in a forked worker of sftlab.data.pipeline), SmolLM2's tokenizer.
 """
@@ -46,12 +47,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--chats", type=int, default=6144)
     p.add_argument("--rounds", type=int, default=4, help="best of this many passes")
+    p.add_argument("--reply-words", type=int, nargs=2, default=(10, 60), metavar=("MIN", "MAX"),
+                   help="words in each assistant reply (tokenize_speed.py's option)")
     args = p.parse_args()
     cfg = load_config(None, ["data.max_length=4096"])
     tok = load_tokenizer(cfg.model)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "chats.jsonl"
-        write_chats(path, args.chats)
+        write_chats(path, args.chats, reply_words=tuple(args.reply_words))
         convs = [conv for conv, _ in iter_conversations(str(path))]
     encoder = Encoder(tok, ChatTemplate(tok), "assistant", end_of_turn_ids(tok))
     spent: Counter = Counter()

@@ -4,6 +4,7 @@ Hugging Face way and TRL's SFTTrainer preparation, each in its own process, in o
     python benchmarks/tokenize_speed.py                   # 100,000 generated chats, SmolLM2's tokenizer
     python benchmarks/tokenize_speed.py --chats 1000000   # long: run it in the background, never in CI
     python benchmarks/tokenize_speed.py --rounds 3        # each pipeline 3 times, interleaved: best of 3
+    python benchmarks/tokenize_speed.py --reply-words 200 600   # longer replies (10-60 words by default)
 
     sftlab   load_split (read, render with the chat template, tokenize, masks, report; cache off;
              data.num_proc = --procs)
@@ -34,7 +35,7 @@ WORDS = ["river", "stone", "garden", "light", "music", "cloud", "happy", "fast",
          "question", "city", "tree", "market", "window", "paper", "ocean", "mountain", "field"]  # fmt: skip
 
 
-def write_chats(path: Path, n: int, seed: int = 0) -> None:
+def write_chats(path: Path, n: int, seed: int = 0, reply_words: tuple[int, int] = (10, 60)) -> None:
     rng = random.Random(seed)
 
     def say(k: int) -> str:
@@ -45,7 +46,7 @@ def write_chats(path: Path, n: int, seed: int = 0) -> None:
             messages = [{"role": "system", "content": say(8)}] if rng.random() < 0.3 else []
             for _ in range(rng.randint(1, 3)):
                 messages += [{"role": "user", "content": say(rng.randint(5, 30)) + "?"},
-                             {"role": "assistant", "content": say(rng.randint(10, 60)) + "."}]  # fmt: skip
+                             {"role": "assistant", "content": say(rng.randint(*reply_words)) + "."}]  # fmt: skip
             f.write(json.dumps({"messages": messages}) + "\n")
 
 
@@ -128,6 +129,8 @@ def _measure(name: str, path: Path, procs: int) -> dict | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--chats", type=int, default=100_000)
+    p.add_argument("--reply-words", type=int, nargs=2, default=(10, 60), metavar=("MIN", "MAX"),
+                   help="words in each assistant reply, drawn between these")
     p.add_argument("--procs", type=int, default=2, help="processes of each pipeline (sftlab's data.num_proc)")
     p.add_argument("--only", nargs="*", choices=list(RUNNERS), default=list(RUNNERS))
     p.add_argument("--rounds", type=int, default=1, help="run the pipelines in turn this many times; best time counts")
@@ -137,7 +140,7 @@ def main() -> None:
         return child(args.child[0], args.child[1], args.procs)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "chats.jsonl"
-        write_chats(path, args.chats)
+        write_chats(path, args.chats, reply_words=tuple(args.reply_words))
         print(f"{args.chats:,} chats ({path.stat().st_size / 2**20:.0f} MiB), {args.procs} processes for hf/trl")
         results: dict[str, dict] = {}
         peaks: dict[str, float] = {}  # the highest peak RSS of any round

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 
 from sftlab.config import DataConfig
 from sftlab.data.conversation import Conversation, RecordProblem
@@ -20,9 +21,9 @@ IGNORE = -100
 @dataclass
 class Encoded:
     input_ids: list[int]
-    labels: list[int]
+    labels: list[int]  # never changed once made: `supervised` counts them once
 
-    @property
+    @cached_property
     def supervised(self) -> int:
         return len(self.labels) - self.labels.count(IGNORE)
 
