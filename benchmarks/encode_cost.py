@@ -22,7 +22,7 @@ from pathlib import Path
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a worker's setting (pipeline._forked_pool)
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tokenize_speed import write_chats  # noqa: E402
+from tokenize_speed import REPLY_WORDS, write_chats  # noqa: E402
 
 from sftlab.config import load_config  # noqa: E402
 from sftlab.data import pipeline  # noqa: E402
@@ -47,7 +47,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--chats", type=int, default=6144)
     p.add_argument("--rounds", type=int, default=4, help="best of this many passes")
-    p.add_argument("--reply-words", type=int, nargs=2, default=(10, 60), metavar=("MIN", "MAX"),
+    p.add_argument("--reply-words", type=int, nargs=2, default=REPLY_WORDS, metavar=("MIN", "MAX"),
                    help="words in each assistant reply (tokenize_speed.py's option)")
     args = p.parse_args()
     cfg = load_config(None, ["data.max_length=4096"])

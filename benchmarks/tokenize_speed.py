@@ -33,9 +33,10 @@ from pathlib import Path
 
 WORDS = ["river", "stone", "garden", "light", "music", "cloud", "happy", "fast", "water", "number", "answer",
          "question", "city", "tree", "market", "window", "paper", "ocean", "mountain", "field"]  # fmt: skip
+REPLY_WORDS = (10, 60)  # words in an assistant reply, drawn between these by default
 
 
-def write_chats(path: Path, n: int, seed: int = 0, reply_words: tuple[int, int] = (10, 60)) -> None:
+def write_chats(path: Path, n: int, seed: int = 0, reply_words: tuple[int, int] = REPLY_WORDS) -> None:
     rng = random.Random(seed)
 
     def say(k: int) -> str:
@@ -129,7 +130,7 @@ def _measure(name: str, path: Path, procs: int) -> dict | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--chats", type=int, default=100_000)
-    p.add_argument("--reply-words", type=int, nargs=2, default=(10, 60), metavar=("MIN", "MAX"),
+    p.add_argument("--reply-words", type=int, nargs=2, default=REPLY_WORDS, metavar=("MIN", "MAX"),
                    help="words in each assistant reply, drawn between these")
     p.add_argument("--procs", type=int, default=2, help="processes of each pipeline (sftlab's data.num_proc)")
     p.add_argument("--only", nargs="*", choices=list(RUNNERS), default=list(RUNNERS))
