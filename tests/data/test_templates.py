@@ -181,6 +181,30 @@ def test_a_direct_render_gives_reasoning_under_every_name_transformers_gives_it(
     assert "(Two and two.)4." in theirs and tpl._agreed
 
 
+def test_the_direct_renders_sandbox_refuses_what_transformers_sandbox_refuses(smol_tok):
+    # The direct path answers the sandbox's attribute check once per (type, attribute): once it serves a shape,
+    # a template reaching a list's mutating method or an internal attribute is still refused at every render.
+    import jinja2
+
+    source = ("{% for m in messages %}{% if loop.first %}>{% endif %}{{ m.content }}{% endfor %}"
+              "[{{ messages.append }}{{ raise_exception.__globals__ }}]"
+              "{% if messages|length > 2 %}{{ messages.pop() }}{% endif %}")  # fmt: skip
+    tpl = ChatTemplate(smol_tok, source)
+    short, long = MULTI.messages[1:3], MULTI.messages[1:5]  # one shape: the same roles and fields
+    theirs = smol_tok.apply_chat_template(_plain(short), chat_template=tpl.source, tokenize=False)
+    assert [tpl.render(short) for _ in range(2)] == [theirs, theirs] and theirs.endswith("[]")
+    assert tpl._agreed  # the second render was the direct one
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        smol_tok.apply_chat_template(_plain(long), chat_template=tpl.source, tokenize=False)
+    for _ in range(2):
+        with pytest.raises(jinja2.exceptions.SecurityError):
+            tpl.render(long)
+    check = tpl._compiled.environment.is_safe_attribute
+    for obj, attr, safe in ([[], "append", False], [[], "index", True], [{}, "update", False], [{}, "keys", True],
+                            ["", "upper", True], [len, "__self__", False], [str, "mro", False]):  # fmt: skip
+        assert [check(obj, attr, getattr(obj, attr)) for _ in range(2)] == [safe, safe], (obj, attr)
+
+
 def test_template_errors_become_record_problems(smol_tok):
     strict = "{{ raise_exception('roles must alternate') }}"
     with pytest.raises(RecordProblem, match="roles must alternate"):

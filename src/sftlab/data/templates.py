@@ -68,6 +68,31 @@ class Mode:
     parts: bool = False  # content as a list of text parts (templates that index content[0]['text'])
 
 
+class TemplateDicts:
+    """The messages of one conversation as template data, built once for all its renders (the template cannot
+    change them: its sandbox refuses every mutating call). Keyed by id(): each entry holds its message, so no
+    id is reused while the memo lives."""
+
+    @dataclass(frozen=True)
+    class Built:
+        message: Message
+        data: dict  # what render_jinja_template gets
+        aliased: dict  # with its reasoning aliases, as it renders them
+        kind: tuple  # the role and fields: part of a render's shape
+
+    def __init__(self, reasoning_field: str | None):
+        self.reasoning_field = reasoning_field
+        self._built: dict[tuple[int, bool], TemplateDicts.Built] = {}
+
+    def get(self, m: Message, parts: bool) -> Built:
+        key = (id(m), parts)
+        if key not in self._built:
+            data = template_message(m, self.reasoning_field, parts)
+            aliased = _alias_reasoning_fields([data])[0] if _compile_jinja_template else data
+            self._built[key] = TemplateDicts.Built(m, data, aliased, (data["role"], *data))
+        return self._built[key]
+
+
 class ChatTemplate:
     """One Jinja chat template bound to a tokenizer, with the arguments every render gets."""
 
@@ -84,31 +109,29 @@ class ChatTemplate:
     def render(self, messages, add_generation_prompt: bool = False, tools=(), mode: Mode = Mode()) -> str:
         return self.render_many([messages], add_generation_prompt, tools, mode)[0]
 
-    def render_many(self, conversations, add_generation_prompt: bool = False, tools=(), mode: Mode = Mode()) -> list[str]:
+    def render_many(self, conversations, add_generation_prompt: bool = False, tools=(), mode: Mode = Mode(),
+                    dicts: TemplateDicts | None = None) -> list[str]:  # fmt: skip
         """Each message list rendered by the renderer `apply_chat_template` uses, with its arguments: the same
-        text, without its per-call cost (the prefixes of one conversation share their converted messages:
-        the template cannot change them, its sandbox refuses every mutating call)."""
-        merged = [_merged(msgs, mode) for msgs in conversations]  # held while the memo keyed by id() lives
-        memo: dict[int, dict] = {}
-
-        def converted(m: Message) -> dict:
-            if id(m) not in memo:
-                memo[id(m)] = template_message(m, self.reasoning_field, mode.parts)
-            return memo[id(m)]
-
-        chats = [[converted(m) for m in msgs] for msgs in merged]
+        text, without its per-call cost. `dicts`: the messages' template data, shared by the renders of one
+        conversation."""
+        dicts = dicts or TemplateDicts(self.reasoning_field)
+        built = [[dicts.get(m, mode.parts) for m in _merged(msgs, mode)] for msgs in conversations]
+        chats = [[b.data for b in chat] for chat in built]
         tools = list(tools) or None
         if _render_jinja is None:
             return [self.tokenizer.apply_chat_template(chat, tools=tools, chat_template=self.source, tokenize=False,
                                                        add_generation_prompt=add_generation_prompt,
                                                        **self.kwargs) for chat in chats]  # fmt: skip
-        shape = _shape(chats, add_generation_prompt, tools, mode.parts) if self._agreed is not None else None
-        if self._agreed is not None and shape in self._agreed:
-            return self._render_direct(chats, add_generation_prompt, tools)
+        shape = None
+        if self._agreed is not None:  # what transformers' preparation branches on
+            shape = (add_generation_prompt, tools is not None, mode.parts, frozenset(b.kind for c in built for b in c))
+        if shape in (self._agreed or ()):
+            return self._render_direct([[b.aliased for b in chat] for chat in built], add_generation_prompt, tools)
         rendered, _ = _render_jinja(conversations=chats, tools=tools, chat_template=self.source,
                                     add_generation_prompt=add_generation_prompt, **self._context)  # fmt: skip
         if self._agreed is not None:
-            self._check_direct(shape, chats, add_generation_prompt, tools, rendered)
+            self._check_direct(shape, [[b.aliased for b in chat] for chat in built], add_generation_prompt, tools,
+                               rendered)  # fmt: skip
         return rendered
 
     def _check_direct(self, shape: tuple, chats, add_generation_prompt: bool, tools, rendered: list[str]) -> None:
@@ -125,35 +148,37 @@ class ChatTemplate:
             self._agreed = None
 
     def _render_direct(self, chats: list[list[dict]], add_generation_prompt: bool, tools) -> list[str]:
-        """What `render_jinja_template` renders, from transformers' own compiled template and reasoning aliases,
-        without its copy of every message into plain JSON types on every render: assistant.template_message
-        builds these dicts of text and JSON values only, never None, so that copy would change nothing (the
-        tools are copied once, as there)."""
+        """What `render_jinja_template` renders, from transformers' own compiled template, on messages with its
+        reasoning aliases, without its copy of every message into plain JSON types on every render:
+        assistant.template_message builds these dicts of text and JSON values only, never None, so that copy
+        would change nothing (the tools are copied once, as there)."""
         template = self._compiled
         tools = _plain_template_data(tools)
-        return [template.render(messages=_alias_reasoning_fields(chat), tools=tools, documents=None,
+        return [template.render(messages=chat, tools=tools, documents=None,
                                 add_generation_prompt=add_generation_prompt, **self._context) for chat in chats]
 
     @cached_property
     def _compiled(self) -> jinja2.Template:
-        """The template compiled in the environment transformers renders it in (its sandbox, filters and
-        extensions), with its globals in a dict: jinja copies them into every render's context, and copying
-        the ChainMap it keeps them in costs about a third of a short render."""
-        compiled = _compile_jinja_template(self.source).environment.from_string(self.source)
+        """The template compiled in an overlay of the environment transformers renders it in (its sandbox,
+        filters and extensions), with its globals in a dict: jinja copies them into every render's context, and
+        copying the ChainMap it keeps them in costs about a third of a short render."""
+        environment = _compile_jinja_template(self.source).environment.overlay()
+        environment.is_safe_attribute = _memoized_safety(environment.is_safe_attribute)
+        compiled = environment.from_string(self.source)
         compiled.globals = dict(compiled.globals)
         return compiled
 
     def mode(self, conv: Conversation) -> Mode:
         """The first form of the conversation this template renders (plain first)."""
-        return self._first_render(conv)[0]
+        return self._first_render(conv, TemplateDicts(self.reasoning_field))[0]
 
-    def _first_render(self, conv: Conversation) -> tuple[Mode, str]:
+    def _first_render(self, conv: Conversation, dicts: TemplateDicts) -> tuple[Mode, str]:
         """(mode, the whole conversation rendered in it) for the first form the template takes."""
         first_error = None
         merge = (False, True) if conv.messages and conv.messages[0].role == "system" else (False,)
         for mode in (Mode(m, p) for m in merge for p in (False, True)):
             try:
-                return mode, self.render(conv.messages, tools=conv.tools, mode=mode)
+                return mode, self.render_many([conv.messages], tools=conv.tools, mode=mode, dicts=dicts)[0]
             except TEMPLATE_ERRORS as e:
                 first_error = first_error or e
         raise RecordProblem("template error", f"template '{self.name}' cannot render this conversation: "
@@ -162,29 +187,30 @@ class ChatTemplate:
     def examples(self, conv: Conversation, train_on: str) -> Rendering:
         """The conversation as examples of prompt/response segments: one when the full render holds every
         turn as inference renders it, else one per assistant turn. `train_on: all` keeps the full render."""
-        mode, full = self._first_render(conv)
+        dicts = TemplateDicts(self.reasoning_field)
+        mode, full = self._first_render(conv, dicts)
         try:
             lost = lost_parts(conv, full)
             if lost:
                 raise RecordProblem("template drops tool calls", f"template '{self.name}' does not render "
                                     f"{', '.join(lost)}; use a template with tool support (e.g. data.template=qwen "
                                     "or llama3) or the model's own")  # fmt: skip
-            whole = self._split(conv, full, mode)
+            whole = self._split(conv, full, mode, dicts)
             if whole is not None:
                 return Rendering(mode, [whole])
             if train_on == "all":  # every token trains: the full render as it is
                 return Rendering(mode, [[Segment(full, response=False)]])
-            return Rendering(mode, self._per_turn(conv, mode, train_on), per_turn=True)
+            return Rendering(mode, self._per_turn(conv, mode, train_on, dicts), per_turn=True)
         except TEMPLATE_ERRORS as e:
             raise RecordProblem("template error", f"template '{self.name}' failed: {e}") from None
 
-    def _split(self, conv: Conversation, full: str, mode: Mode) -> list[Segment] | None:
+    def _split(self, conv: Conversation, full: str, mode: Mode, dicts: TemplateDicts) -> list[Segment] | None:
         """Alternating prompt and response pieces of the full render, or None where a turn inside it
         differs from that turn rendered last after its own prompt."""
         msgs, replies = conv.messages, _replies(conv)
-        starts = self.render_many([msgs[:i] for i in replies], add_generation_prompt=True, tools=conv.tools, mode=mode)
+        starts = self.render_many([msgs[:i] for i in replies], True, conv.tools, mode, dicts)
         inner = [i for i in replies if i + 1 < len(msgs)]  # a reply that ends the conversation ends at `full`
-        ends = dict(zip(inner, self.render_many([msgs[: i + 1] for i in inner], tools=conv.tools, mode=mode)))
+        ends = dict(zip(inner, self.render_many([msgs[: i + 1] for i in inner], False, conv.tools, mode, dicts)))
         pieces, pos = [], 0
         for k, (i, start) in enumerate(zip(replies, starts)):
             end = ends.get(i, full)
@@ -200,27 +226,27 @@ class ChatTemplate:
             pieces.append(Segment(full[pos:], response=False))
         return [p for p in pieces if p.text]
 
-    def _per_turn(self, conv: Conversation, mode: Mode, train_on: str) -> list[list[Segment]]:
+    def _per_turn(self, conv: Conversation, mode: Mode, train_on: str, dicts: TemplateDicts) -> list[list[Segment]]:
         replies = _replies(conv)
         wanted = replies[-1:] if train_on == "last" else replies
         examples = []
         for i in wanted:
             if not conv.messages[i].train:
                 continue
-            prompt = self.render(conv.messages[:i], add_generation_prompt=True, tools=conv.tools, mode=mode)
-            reply = self._reply_as_last(conv, i, prompt, mode)
+            [prompt] = self.render_many([conv.messages[:i]], True, conv.tools, mode, dicts)
+            reply = self._reply_as_last(conv, i, prompt, mode, dicts)
             examples.append([Segment(prompt, response=False), Segment(reply, True, last=i == replies[-1])])
         return examples
 
-    def _reply_as_last(self, conv: Conversation, i: int, prompt: str, mode: Mode) -> str:
+    def _reply_as_last(self, conv: Conversation, i: int, prompt: str, mode: Mode, dicts: TemplateDicts) -> str:
         """What inference must generate after `prompt` for assistant turn i: that turn as the template
         renders it when it is the conversation's last."""
         msgs, message = conv.messages, conv.messages[i]
-        as_last = self.render(msgs[: i + 1], tools=conv.tools, mode=mode)
+        [as_last] = self.render_many([msgs[: i + 1]], False, conv.tools, mode, dicts)
         if as_last.startswith(prompt):
             reply = as_last[len(prompt) :]
         else:
-            before = self.render(msgs[:i], tools=conv.tools, mode=mode)
+            [before] = self.render_many([msgs[:i]], False, conv.tools, mode, dicts)
             if not prompt.startswith(before):
                 raise _mismatch(self.name, i, message)
             start = _turn_start(before, as_last, message.content)
@@ -235,9 +261,20 @@ class ChatTemplate:
         return reply
 
 
-def _shape(chats: list[list[dict]], add_generation_prompt: bool, tools, parts: bool) -> tuple:
-    kinds = frozenset({(m["role"], *m) for chat in chats for m in chat})  # each role with its fields
-    return add_generation_prompt, tools is not None, parts, kinds
+def _memoized_safety(is_safe_attribute):
+    """The sandbox's attribute check, answered once per (type, attribute): the immutable sandbox decides from
+    the name and the object's type alone (private names, a function's or frame's internals, a list's or
+    dict's mutating methods), and its isinstance tests against abstract types were a quarter of a render
+    (`loop.first` in every turn)."""
+    known: dict[tuple[type, str], bool] = {}
+
+    def check(obj, attr: str, value) -> bool:
+        key = (type(obj), attr)
+        if key not in known:
+            known[key] = is_safe_attribute(obj, attr, value)
+        return known[key]
+
+    return check
 
 
 def _replies(conv: Conversation) -> list[int]:
