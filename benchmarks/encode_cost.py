@@ -1,6 +1,7 @@
-"""Where one worker's time goes when it encodes chats: the renders, the tokenizer and the rest (labels,
-lengths, the Arrow batch), in CPU milliseconds a chat, and the renders against one plain
-`apply_chat_template` render of each whole chat (what the plain HF way renders), in one run.
+"""Where one worker's time goes when it encodes chats: the records (parsing the JSONL lines the reader hands
+on, making conversations), the renders, the tokenizer and the rest (labels, lengths, the Arrow batch), in CPU
+milliseconds a chat, and the renders against one plain `apply_chat_template` render of each whole chat (what
+the plain HF way renders), in one run.
 
     python benchmarks/encode_cost.py                 # 6,144 generated chats (tokenize_speed.py's), best of 4
     python benchmarks/encode_cost.py --chats 20000 --rounds 2
@@ -24,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tokenize_speed import REPLY_WORDS, write_chats  # noqa: E402
 
-from sftlab.config import load_config  # noqa: E402
-from sftlab.data import pipeline  # noqa: E402
-from sftlab.data.formats import iter_conversations  # noqa: E402
+from sftlab.config import DatasetSpec, load_config  # noqa: E402
+from sftlab.data import pipeline, sources  # noqa: E402
+from sftlab.data.formats import LoadResult, iter_conversations  # noqa: E402
 from sftlab.data.templates import ChatTemplate, end_of_turn_ids  # noqa: E402
 from sftlab.data.tokenize import Encoder  # noqa: E402
 from sftlab.model.load import load_tokenizer  # noqa: E402
@@ -56,19 +57,22 @@ def main() -> None:
         path = Path(tmp) / "chats.jsonl"
         write_chats(path, args.chats, reply_words=tuple(args.reply_words))
         convs = [conv for conv, _ in iter_conversations(str(path))]
+        conversion, records = sources.spec_records(DatasetSpec(path=str(path)), LoadResult())
+        records = list(records)
     encoder = Encoder(tok, ChatTemplate(tok), "assistant", end_of_turn_ids(tok))
     spent: Counter = Counter()
     encoder.template.examples = _timed(spent, "renders", encoder.template.examples)
     encoder.ids = _timed(spent, "tokenizer", encoder.ids)
-    job, chunk = (encoder, cfg.data, 1.0), pipeline.CHUNK
+    pipeline._conversations = _timed(spent, "records", pipeline._conversations)
+    job, chunk = (encoder, cfg.data, 1.0, conversion), pipeline.CHUNK
     plain = [[{"role": m.role, "content": m.content} for m in c.messages] for c in convs]
-    pipeline._encode(convs[:chunk], job)  # compiled template, tokenizer probe
+    pipeline._encode(records[:chunk], job)  # compiled template, tokenizer probe
     best: dict = {}
     for _ in range(args.rounds):
         spent.clear()
         start = time.process_time()
         for i in range(0, len(convs), chunk):
-            pipeline._encode(convs[i : i + chunk], job)
+            pipeline._encode(records[i : i + chunk], job)
         spent["total"] = time.process_time() - start
         start = time.process_time()
         for chat in plain:
@@ -76,10 +80,10 @@ def main() -> None:
         spent["one render"] = time.process_time() - start
         if not best or spent["total"] < best["total"]:
             best = dict(spent)
-    best["rest"] = best["total"] - best["renders"] - best["tokenizer"]
+    best["rest"] = best["total"] - best["records"] - best["renders"] - best["tokenizer"]
     ms = {k: v / len(convs) * 1e3 for k, v in best.items()}
     print(f"{len(convs):,} chats, CPU ms a chat (best of {args.rounds}):")
-    for name in ("total", "renders", "tokenizer", "rest"):
+    for name in ("total", "records", "renders", "tokenizer", "rest"):
         print(f"  {name:10} {ms[name]:.4f}  ({ms[name] / ms['total']:.0%})")
     print(f"  apply_chat_template once a chat: {ms['one render']:.4f}; sftlab's renders / that: "
           f"{ms['renders'] / ms['one render']:.2f}x")

@@ -13,7 +13,8 @@ from conftest import write_jsonl
 import sftlab.data.dataset as dataset
 import sftlab.data.pipeline as pipeline
 from sftlab.config import DataConfig, DatasetSpec
-from sftlab.data.conversation import Conversation, Message
+from sftlab.data.conversation import Message
+from sftlab.data.formats import Conversion
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.tokenize import Encoder
 from sftlab.errors import DataError
@@ -72,6 +73,41 @@ def test_a_bad_record_in_a_worker_is_reported_with_its_line(smol_tok, tmp_cache,
     assert gc.get_freeze_count() == 0  # handed back to the collector on the error's way out too
 
 
+def test_workers_parse_the_lines_and_name_the_first_bad_record_of_the_file(smol_tok, tmp_cache, tmp_path,
+                                                                            monkeypatch):  # fmt: skip
+    # The reader hands JSONL lines on unparsed; a worker parses and converts them, and under
+    # on_bad_record=error the earliest bad record is named, whether the JSON, the conversion or the template fails.
+    monkeypatch.setattr(pipeline, "CHUNK", 8)
+    from sftlab.data import sources
+    from sftlab.data.formats import LoadResult
+
+    rows = [json.dumps(r) for r in chats(60)]
+    spec = DatasetSpec(path=str(tmp_path / "d.jsonl"))
+    (tmp_path / "d.jsonl").write_text("\n".join(rows) + "\n")
+    conversion, records = sources.spec_records(spec, LoadResult())
+    assert {type(raw) for _, raw, _ in records} == {bytes}
+    lone = json.dumps({"messages": [{"role": "user", "content": "only a question"}]})
+    moves = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ 'assistant: ' if messages | length < 3 else 'model: ' }}{% endif %}")
+    two_turns = next(r for r in rows if len(json.loads(r)["messages"]) == 4)  # moves renders it unlike its prefix
+    one_turn = [json.dumps(r) for r in chats(300) if len(r["messages"]) < 4][:50]
+    for bad, line, expect in ((("{oops",), 21, "d.jsonl:21: malformed JSON"),
+                              ((lone,), 33, "d.jsonl:33: the conversation has no assistant turn"),
+                              ((two_turns, "{oops"), 44, "d.jsonl:44: template 'custom' renders"),
+                              (("{oops", two_turns), 44, "d.jsonl:44: malformed JSON")):  # fmt: skip
+        lines = list(one_turn)
+        lines[line - 1 : line - 1] = bad
+        (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+        with pytest.raises(DataError, match=expect):
+            load(tmp_path / "d.jsonl", smol_tok, num_proc=2, template=moves)
+    (tmp_path / "d.jsonl").write_text("\n".join(rows[:30] + ["{oops", lone, "[1]"] + rows[30:]) + "\n")
+    one, two = (load(tmp_path / "d.jsonl", smol_tok, num_proc=n, on_bad_record="skip") for n in (1, 2))
+    assert one.dataset.to_dict() == two.dataset.to_dict() and len(one.dataset) == 60
+    assert one.reports[0].to_dict() == two.reports[0].to_dict()
+    assert two.reports[0].read == 63 and two.reports[0].dropped == {
+        "bad record: malformed JSON": 1, "bad record: no assistant turn": 1, "bad record: not an object": 1}
+
+
 def test_the_reader_stays_a_few_chunks_ahead_of_the_writer(smol_tok, monkeypatch):
     monkeypatch.setattr(pipeline, "CHUNK", 4)
     pulled = []
@@ -79,10 +115,10 @@ def test_the_reader_stays_a_few_chunks_ahead_of_the_writer(smol_tok, monkeypatch
     def stream():
         for i, row in enumerate(chats(200)):
             pulled.append(i)
-            msgs = tuple(Message(m["role"], m["content"]) for m in row["messages"])
-            yield Conversation(messages=msgs, origin=f"gen:{i}")
+            yield f"gen:{i}", json.dumps(row).encode(), "messages"  # a JSONL line, as the reader hands it on
 
-    job = (Encoder(smol_tok, ChatTemplate(smol_tok), "assistant", {smol_tok.eos_token_id}), DataConfig(), 1.0)
+    encoder = Encoder(smol_tok, ChatTemplate(smol_tok), "assistant", {smol_tok.eos_token_id})
+    job = (encoder, DataConfig(), 1.0, Conversion())
     ahead = [len(pulled) for _ in pipeline._results(pipeline._chunks(stream()), job, procs=2)]
     assert len(pulled) == 200 and len(ahead) == 50
     assert ahead[0] <= (pipeline.IN_FLIGHT * 2 + 1) * 4  # not the whole stream before the first result

@@ -158,12 +158,11 @@ def _tokenize_spec(spec: DatasetSpec, cfg: DataConfig, tokenizer, template: Chat
     from sftlab.data.pipeline import tokenize_to_file
 
     loaded = LoadResult()
-    conversations = sources.iter_spec(spec, loaded, cfg.on_bad_record, cfg.system_prompt)
+    conversion, records = sources.spec_records(spec, loaded, cfg.system_prompt)
     report = DatasetReport(name=spec.label)
     encoder = Encoder(tokenizer, template, cfg.train_on, end_of_turn_ids(tokenizer), cfg.reasoning)
-    tokenize_to_file(conversations, encoder, cfg, report, path, spec.loss_weight)
+    tokenize_to_file(records, conversion, encoder, cfg, report, path, spec.loss_weight)
     report.format, report.read = loaded.format, loaded.read
-    report.dropped.update({f"bad record: {k}": n for k, n in loaded.skipped.items()})
     return report
 
 

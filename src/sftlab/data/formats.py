@@ -73,21 +73,26 @@ def expand_paths(path: str) -> list[Path]:
     raise DataError(f"{path}: no such file or directory")
 
 
-def read_records(path: Path) -> Iterator[tuple[str, dict | RecordProblem]]:
-    """Yield (origin, record) pairs; a record that cannot be parsed comes as a RecordProblem."""
-    reader = {".jsonl": read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
+def read_records(path: Path, raw: bool = False) -> Iterator[tuple[str, Any]]:
+    """Yield (origin, record) pairs; a record that cannot be parsed comes as a RecordProblem. `raw`: a JSONL
+    file's lines as bytes, parsed later by `Conversion.record` (in the worker that encodes them)."""
+    if path.suffix == ".jsonl":
+        yield from read_jsonl(path, raw)
+        return
+    reader = {".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
     yield from reader[path.suffix](path)
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[str, dict | RecordProblem]]:
+def read_jsonl(path: Path, raw: bool = False) -> Iterator[tuple[str, Any]]:
     """One JSON value per line, with "file:line" origins; blank lines skipped, bad lines as RecordProblem.
-    A .gz file is read through gzip (benchmark data ships compressed, e.g. HumanEval.jsonl.gz)."""
+    A .gz file is read through gzip (benchmark data ships compressed, e.g. HumanEval.jsonl.gz). `raw`: each
+    line as bytes, unparsed (`json_value` parses it)."""
     with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
-        for lineno, raw in _lines(f):
+        for lineno, line in _lines(f):
             if lineno == 1:
-                raw = raw.removeprefix(codecs.BOM_UTF8)  # Notepad and PowerShell write one; it is no JSON
-            if raw.strip():
-                yield f"{path}:{lineno}", _jsonl_value(raw)
+                line = line.removeprefix(codecs.BOM_UTF8)  # Notepad and PowerShell write one; it is no JSON
+            if line.strip():
+                yield f"{path}:{lineno}", line if raw else json_value(line)
 
 
 def _lines(f) -> Iterator[tuple[int, bytes]]:
@@ -100,7 +105,7 @@ def _lines(f) -> Iterator[tuple[int, bytes]]:
             yield lineno, line
 
 
-def _jsonl_value(raw: bytes) -> Any:
+def json_value(raw: bytes) -> Any:
     """One line's JSON value, or a RecordProblem saying what is wrong with it."""
     try:
         line = raw.decode("utf-8")
@@ -680,6 +685,52 @@ def load_conversations(
     return result
 
 
+@dataclass(frozen=True)
+class Conversion:
+    """How the records of one dataset become conversations: with its records, what a pipeline worker needs."""
+
+    rename: dict[str, str] = field(default_factory=dict)  # a column's name in the file -> sftlab's
+    system_prompt: str | None = None
+    tools: tuple[dict, ...] = ()  # the dataset's tools: every record without its own gets them
+    tags: dict[str, str] | None = None  # ShareGPT key and role names
+
+    @classmethod
+    def of(cls, path: str, columns: dict[str, str] | None = None, system_prompt: str | None = None, tools=None,
+           tags: dict[str, str] | None = None) -> "Conversion":  # fmt: skip
+        try:
+            dataset_tools = parse_tools(tools, "tools")
+        except RecordProblem as e:
+            raise DataError(f"{path}: the dataset's {e}") from None
+        return cls({src: dst for dst, src in (columns or {}).items()}, system_prompt, dataset_tools, tags)
+
+    def record(self, raw: Any) -> Any:
+        """The record the converters read: parsed (a JSONL line read raw), its columns renamed; a record that
+        could not be read raises its RecordProblem."""
+        if isinstance(raw, bytes):
+            raw = json_value(raw)
+        if isinstance(raw, RecordProblem):
+            raise raw
+        return _renamed(raw, self.rename) if isinstance(raw, dict) else raw
+
+    def conversation(self, record: Any, fmt: str | None, origin: str) -> Conversation:
+        return _converted(record, fmt, origin, self.system_prompt, self.tools, self.tags)
+
+
+def iter_records(path: str, fmt: str, conversion: Conversion, records: Iterable[tuple[str, Any]] | None,
+                 result: LoadResult, raw: bool = False) -> Iterator[tuple[str, Any, str | None]]:  # fmt: skip
+    """(origin, record as read, its file's format) of each record of one dataset spec, read as it goes and
+    counted in `result`; `raw`: JSONL lines unparsed (see read_records)."""
+    for file, pairs in _record_streams(path, records, raw):
+        file_fmt, pairs = _file_format(pairs, fmt, conversion, file)
+        if file_fmt:
+            result.format = file_fmt if result.format in ("", file_fmt) else "mixed"
+        for origin, record in pairs:
+            result.read += 1
+            yield origin, record, file_fmt
+    if result.read == 0:
+        raise DataError(f"{path}: the dataset is empty (no records)")
+
+
 def iter_conversations(
     path: str, fmt: str = "auto", columns: dict[str, str] | None = None,
     on_bad_record: str = "error", system_prompt: str | None = None, tools=None, tags: dict[str, str] | None = None,
@@ -690,38 +741,35 @@ def iter_conversations(
     `tools`: function schemas for every record without its own; `tags`: ShareGPT key and role names;
     `records`: (origin, record) pairs of a dataset that is no file, read instead (`path` then names it)."""
     result = LoadResult() if result is None else result
-    try:
-        dataset_tools = parse_tools(tools, "tools")
-    except RecordProblem as e:
-        raise DataError(f"{path}: the dataset's {e}") from None
-    rename = {src: dst for dst, src in (columns or {}).items()}
-    for file, pairs in _record_streams(path, records):
-        file_fmt, pairs = _file_format(pairs, fmt, rename, file)
-        if file_fmt:
-            result.format = file_fmt if result.format in ("", file_fmt) else "mixed"
-        for origin, record in pairs:
-            result.read += 1
-            try:
-                if isinstance(record, RecordProblem):
-                    raise record
-                record = _renamed(record, rename) if isinstance(record, dict) else record
-                yield _converted(record, file_fmt, origin, system_prompt, dataset_tools, tags), record
-            except RecordProblem as e:
-                _bad_record(result, origin, e, on_bad_record, f" (format {file_fmt})" if file_fmt else "")
-    if result.read == 0:
-        raise DataError(f"{path}: the dataset is empty (no records)")
+    conversion = Conversion.of(path, columns, system_prompt, tools, tags)
+    for origin, record, file_fmt in iter_records(path, fmt, conversion, records, result):
+        try:
+            record = conversion.record(record)
+            yield conversion.conversation(record, file_fmt, origin), record
+        except RecordProblem as e:
+            if on_bad_record == "error":
+                raise bad_record_error(origin, e, file_fmt) from None
+            result.skipped[e.kind] += 1
 
 
-def _record_streams(path: str, records: Iterable[tuple[str, Any]] | None) -> Iterator[tuple[str, Iterator]]:
+def bad_record_error(origin: str, problem: RecordProblem, fmt: str | None = None) -> DataError:
+    """What data.on_bad_record=error raises for a record that cannot be read or converted."""
+    note = f" (format {fmt})" if fmt else ""
+    return DataError(f"{origin}: {problem}{note}. Fix the record, or set data.on_bad_record=skip to skip and "
+                     "count such records.")  # fmt: skip
+
+
+def _record_streams(path: str, records: Iterable[tuple[str, Any]] | None,
+                    raw: bool = False) -> Iterator[tuple[str, Iterator]]:  # fmt: skip
     """(name, its (origin, record) pairs, read lazily) for each file of `path`, or once for the given records."""
     if records is not None:
         yield path, iter(records)
         return
     for file in expand_paths(path):
-        yield str(file), read_records(file)
+        yield str(file), read_records(file, raw)
 
 
-def _file_format(pairs: Iterator, fmt: str, rename: dict[str, str], file: str) -> tuple[str | None, Iterator]:
+def _file_format(pairs: Iterator, fmt: str, conversion: Conversion, file: str) -> tuple[str | None, Iterator]:
     """(the layout of one file, its pairs from the start): `fmt`, or detected from its first 20 objects; None
     when it has no object at all, so that its first bad record is reported (or every one counted) rather than
     its empty field list. Only the pairs up to the 20th object are held to look at."""
@@ -730,8 +778,12 @@ def _file_format(pairs: Iterator, fmt: str, rename: dict[str, str], file: str) -
     head, sample = [], []
     for pair in pairs:
         head.append(pair)
-        if isinstance(pair[1], dict):
-            sample.append(_renamed(pair[1], rename))
+        try:
+            record = conversion.record(pair[1])
+        except RecordProblem:
+            continue
+        if isinstance(record, dict):
+            sample.append(record)
             if len(sample) == 20:
                 break
     rest = itertools.chain(head, pairs)
@@ -747,11 +799,10 @@ def _converted(record: Any, fmt: str | None, origin: str, system_prompt: str | N
                             "nested deeper than the JSON reader can follow; flatten it") from None  # fmt: skip
 
 
-def _bad_record(result: LoadResult, origin: str, problem: RecordProblem, on_bad_record: str, note: str = "") -> None:
+def _bad_record(result: LoadResult, origin: str, problem: RecordProblem, on_bad_record: str) -> None:
     """Raise the problem with where it is, or (data.on_bad_record: skip) count it under its kind."""
     if on_bad_record == "error":
-        raise DataError(f"{origin}: {problem}{note}. Fix the record, or set data.on_bad_record=skip to skip and "
-                        "count such records.") from None  # fmt: skip
+        raise bad_record_error(origin, problem) from None
     result.skipped[problem.kind] += 1
 
 

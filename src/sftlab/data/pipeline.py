@@ -1,8 +1,9 @@
-"""A stream of conversations -> one tokenized Arrow file, in parallel, in bounded memory.
+"""A stream of records -> one tokenized Arrow file, in parallel, in bounded memory.
 
-The conversations are read lazily and cut into chunks; `data.num_proc` forked workers encode the chunks
-(render, tokenize in batches, masks, length policy) while the reader goes on; the results are written to
-the file in the input's order as they come back, so the output is the same for any number of processes.
+The records are read lazily (a JSONL file's lines unparsed) and cut into chunks; `data.num_proc` forked
+workers turn each chunk into conversations and encode them (parse, convert, render, tokenize in batches,
+masks, length policy) while the reader goes on; the results are written to the file in the input's order
+as they come back, so the output is the same for any number of processes.
 At most a few chunks per worker are in flight: memory is bounded by a chunk, not by the dataset, and the
 dataset itself is the memory-mapped file (`datasets.Dataset.from_file`).
 """
@@ -15,17 +16,20 @@ import itertools
 import multiprocessing
 import os
 from array import array
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from sftlab.config import DataConfig
-from sftlab.data.conversation import Conversation
+from sftlab.data.conversation import Conversation, RecordProblem
+from sftlab.data.formats import Conversion, bad_record_error
 from sftlab.data.tokenize import Chunk, DatasetReport, Encoder, encode_chunk, finish_report
 
-CHUNK = 512  # conversations per task: large enough to batch the tokenizer, small enough to keep memory flat
+CHUNK = 512  # records per task: large enough to batch the tokenizer, small enough to keep memory flat
 IN_FLIGHT = 3  # chunks per worker queued or being encoded
-_JOB: tuple | None = None  # a worker's (encoder, cfg, weight), set by its pool initializer
+_JOB: tuple | None = None  # a worker's (encoder, cfg, weight, conversion), set by its pool initializer
+Record = tuple[str, Any, "str | None"]  # (origin, the record as read, its file's format): formats.iter_records
 
 
 def schema():
@@ -44,15 +48,17 @@ def worker_count(num_proc: int | None) -> int:
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def tokenize_to_file(conversations: Iterable[Conversation], encoder: Encoder, cfg: DataConfig, report: DatasetReport,
-                     path: Path, weight: float = 1.0) -> None:  # fmt: skip
-    """Encode every conversation into the Arrow stream file `path` and count them all in `report`."""
+def tokenize_to_file(records: Iterable[Record], conversion: Conversion, encoder: Encoder, cfg: DataConfig,
+                     report: DatasetReport, path: Path, weight: float = 1.0) -> None:  # fmt: skip
+    """Encode every record into the Arrow stream file `path` and count them all in `report`; a bad record
+    raises or is counted under its kind (data.on_bad_record)."""
     import pyarrow as pa
 
     lengths = array("l")
     missing_eot = eot_inside = 0
     with _frozen_heap(), pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema()) as writer:
-        for batch, chunk in _results(_chunks(conversations), (encoder, cfg, weight), worker_count(cfg.num_proc)):
+        job = (encoder, cfg, weight, conversion)
+        for batch, chunk in _results(_chunks(records), job, worker_count(cfg.num_proc)):
             writer.write_batch(batch)
             lengths.extend(batch.column("length").to_pylist())
             report.absorb(chunk.report)
@@ -77,21 +83,40 @@ def _frozen_heap():
         gc.unfreeze()
 
 
-def _chunks(conversations: Iterable[Conversation]) -> Iterator[list[Conversation]]:
-    it = iter(conversations)
+def _chunks(records: Iterable[Record]) -> Iterator[list[Record]]:
+    it = iter(records)
     while chunk := list(itertools.islice(it, CHUNK)):
         yield chunk
 
 
-def _encode(chunk: list[Conversation], job: tuple | None = None):
+def _encode(chunk: list[Record], job: tuple | None = None):
     """One task: a chunk's Arrow batch (built in the worker, so the parent only writes it) and its counts."""
     import pyarrow as pa
 
-    encoder, cfg, weight = job or _JOB
-    done: Chunk = encode_chunk(encoder, chunk, cfg, weight)
+    encoder, cfg, weight, conversion = job or _JOB
+    conversations, skipped = _conversations(chunk, conversion, encoder, cfg, weight)
+    done: Chunk = encode_chunk(encoder, conversations, cfg, weight)
+    done.report.dropped.update(skipped)
     batch = pa.RecordBatch.from_pydict(done.columns, schema=schema())
     done.columns = {}
     return batch, done
+
+
+def _conversations(chunk: list[Record], conversion: Conversion, encoder: Encoder, cfg: DataConfig,
+                   weight: float) -> tuple[list[Conversation], Counter]:  # fmt: skip
+    """The chunk's records as conversations, and the count of bad ones by kind (data.on_bad_record: skip).
+    Under `error` the first bad record of the file is the one named: a template problem in the records
+    before it raises first."""
+    conversations, skipped = [], Counter()
+    for origin, raw, fmt in chunk:
+        try:
+            conversations.append(conversion.conversation(conversion.record(raw), fmt, origin))
+        except RecordProblem as e:
+            if cfg.on_bad_record == "error":
+                encode_chunk(encoder, conversations, cfg, weight)
+                raise bad_record_error(origin, e, fmt) from None
+            skipped[f"bad record: {e.kind}"] += 1
+    return conversations, skipped
 
 
 def _adopt(job: tuple) -> None:
@@ -100,7 +125,7 @@ def _adopt(job: tuple) -> None:
     _JOB = job
 
 
-def _results(chunks: Iterator[list[Conversation]], job: tuple, procs: int) -> Iterator:
+def _results(chunks: Iterator[list[Record]], job: tuple, procs: int) -> Iterator:
     """The chunks' results in order: in this process for a single chunk or num_proc 1, else from a pool."""
     head = list(itertools.islice(chunks, 2))
     chunks = itertools.chain(head, chunks)

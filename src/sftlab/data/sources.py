@@ -12,10 +12,10 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from sftlab.config import DatasetSpec
-from sftlab.data.conversation import Conversation
-from sftlab.data.formats import LoadResult, iter_conversations, load_conversations
+from sftlab.data.formats import Conversion, LoadResult, iter_records, load_conversations
 from sftlab.errors import DataError
 
 SAVED_MARKERS = ("state.json", "dataset_info.json")  # what save_to_disk writes beside the Arrow files
@@ -29,13 +29,14 @@ def load_spec(spec: DatasetSpec, on_bad_record: str = "error", system_prompt: st
                               rows)  # fmt: skip
 
 
-def iter_spec(spec: DatasetSpec, result: LoadResult, on_bad_record: str = "error",
-              system_prompt: str | None = None) -> Iterator[Conversation]:  # fmt: skip
-    """`load_spec` as a stream of conversations, counted in `result` as they are read."""
+def spec_records(spec: DatasetSpec, result: LoadResult,
+                 system_prompt: str | None = None) -> tuple[Conversion, Iterator[tuple[str, Any, str | None]]]:  # fmt: skip
+    """The records of one entry as read (a JSONL file's lines unparsed), counted in `result` as they stream,
+    and the Conversion that turns each into a conversation: what the tokenizing pipeline's workers get, so
+    the parsing is theirs and no conversation is pickled on its way to them."""
     name, rows = _reading(spec)
-    pairs = iter_conversations(name, spec.format, spec.columns, on_bad_record, system_prompt, spec.tools, spec.tags,
-                               rows, result)  # fmt: skip
-    return (conv for conv, _ in pairs)
+    conversion = Conversion.of(name, spec.columns, system_prompt, spec.tools, spec.tags)
+    return conversion, iter_records(name, spec.format, conversion, rows, result, raw=True)
 
 
 def _reading(spec: DatasetSpec) -> tuple[str, Iterator | None]:

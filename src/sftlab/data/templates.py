@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 import jinja2
 
@@ -73,8 +74,7 @@ class TemplateDicts:
     change them: its sandbox refuses every mutating call). Keyed by id(): each entry holds its message, so no
     id is reused while the memo lives."""
 
-    @dataclass(frozen=True)
-    class Built:
+    class Built(NamedTuple):  # a tuple: made for every message of every conversation
         message: Message
         data: dict  # what render_jinja_template gets
         aliased: dict  # with its reasoning aliases, as it renders them
@@ -86,11 +86,12 @@ class TemplateDicts:
 
     def get(self, m: Message, parts: bool) -> Built:
         key = (id(m), parts)
-        if key not in self._built:
+        built = self._built.get(key)
+        if built is None:
             data = template_message(m, self.reasoning_field, parts)
             aliased = _alias_reasoning_fields([data])[0] if _compile_jinja_template else data
-            self._built[key] = TemplateDicts.Built(m, data, aliased, (data["role"], *data))
-        return self._built[key]
+            built = self._built[key] = TemplateDicts.Built(m, data, aliased, (data["role"], *data))
+        return built
 
 
 class ChatTemplate:
