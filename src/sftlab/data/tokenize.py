@@ -177,7 +177,8 @@ class Encoder:
     def _reply_labels(self, ids: list[int]) -> list[int]:
         """Supervise the reply through the end-of-turn token that closes it; what the template writes after
         it (a separator, an EOS after the final turn) is template text."""
-        eot = next((j for j, t in enumerate(ids) if t in self.eot_ids), None)
+        found = [ids.index(t) for t in self.eot_ids if t in ids]  # a scan in C per end-of-turn id (1-3 of them)
+        eot = min(found) if found else None
         if eot is None:
             self.missing_eot += 1
             return list(ids)
