@@ -108,6 +108,34 @@ def test_workers_parse_the_lines_and_name_the_first_bad_record_of_the_file(smol_
         "bad record: malformed JSON": 1, "bad record: no assistant turn": 1, "bad record: not an object": 1}
 
 
+@pytest.mark.parametrize("procs", [1, 2])
+def test_bad_rows_read_in_the_parent_reach_the_workers_and_a_later_files_fault_waits_its_turn(
+        smol_tok, tmp_cache, tmp_path, monkeypatch, procs):  # fmt: skip
+    # A CSV reader hands a bad row on as a RecordProblem, which must survive the trip to a worker (a task that
+    # cannot be unpickled kills its worker and the pool waits forever). A fault found while reading a later
+    # file (a malformed .json array) raises only after the chunks before it: their bad record is named first.
+    import csv
+
+    monkeypatch.setattr(pipeline, "CHUNK", 8)
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "a.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["prompt", "completion"])
+        for i in range(40):
+            writer.writerow([f"question {i}", f"answer {i}"] + (["extra"] if i == 25 else []))
+    one = load(data / "a.csv", smol_tok, num_proc=procs, on_bad_record="skip")
+    assert len(one.dataset) == 39 and one.reports[0].dropped == {"bad record: extra fields": 1}
+    with pytest.raises(DataError, match=r"a.csv:27: "):
+        load(data / "a.csv", smol_tok, num_proc=procs)
+    (data / "b.json").write_text('[{"prompt": "q", "completion": "a"},\n  oops]')
+    with pytest.raises(DataError, match=r"a.csv:27: "):
+        load(data, smol_tok, num_proc=procs)
+    (data / "a.csv").write_text("prompt,completion\n" + "".join(f"q{i},a{i}\n" for i in range(40)))
+    with pytest.raises(DataError, match=r"b.json:2: malformed JSON"):
+        load(data, smol_tok, num_proc=procs)
+
+
 def test_the_reader_stays_a_few_chunks_ahead_of_the_writer(smol_tok, monkeypatch):
     monkeypatch.setattr(pipeline, "CHUNK", 4)
     pulled = []

@@ -35,3 +35,6 @@ class RecordProblem(Exception):
     def __init__(self, kind: str, detail: str):
         super().__init__(detail)
         self.kind = kind
+
+    def __reduce__(self):  # a bad record read in the parent travels to the pipeline's workers as one
+        return type(self), (self.kind, str(self))

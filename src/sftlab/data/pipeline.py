@@ -83,9 +83,22 @@ def _frozen_heap():
         gc.unfreeze()
 
 
-def _chunks(records: Iterable[Record]) -> Iterator[list[Record]]:
-    it = iter(records)
-    while chunk := list(itertools.islice(it, CHUNK)):
+def _chunks(records: Iterable[Record]) -> Iterator[list[Record] | Exception]:
+    """The records in chunks; where reading fails (a later file's bad header, a damaged file), the records
+    read before it, then the error itself, in its place in the stream: a bad record before it is named first."""
+    chunk: list[Record] = []
+    try:
+        for record in records:
+            chunk.append(record)
+            if len(chunk) == CHUNK:
+                yield chunk
+                chunk = []
+    except Exception as error:  # noqa: BLE001 -- raised by _results after the chunks before it
+        if chunk:
+            yield chunk
+        yield error
+        return
+    if chunk:
         yield chunk
 
 
@@ -125,16 +138,24 @@ def _adopt(job: tuple) -> None:
     _JOB = job
 
 
-def _results(chunks: Iterator[list[Record]], job: tuple, procs: int) -> Iterator:
-    """The chunks' results in order: in this process for a single chunk or num_proc 1, else from a pool."""
+def _results(chunks: Iterator[list[Record] | Exception], job: tuple, procs: int) -> Iterator:
+    """The chunks' results in order: in this process for a single chunk or num_proc 1, else from a pool. A
+    reading error raises once the chunks before it are done (one of them may hold an earlier bad record)."""
     head = list(itertools.islice(chunks, 2))
     chunks = itertools.chain(head, chunks)
     if procs == 1 or len(head) < 2 or multiprocessing.current_process().daemon:  # a daemon may not fork workers
-        yield from (_encode(chunk, job) for chunk in chunks)
+        for chunk in chunks:
+            if isinstance(chunk, Exception):
+                raise chunk
+            yield _encode(chunk, job)
         return
     with _forked_pool(procs, job) as pool:
         pending: deque = deque()
         for chunk in chunks:
+            if isinstance(chunk, Exception):
+                while pending:
+                    yield pending.popleft().get()
+                raise chunk
             pending.append(pool.apply_async(_encode, (chunk,)))
             if len(pending) >= IN_FLIGHT * procs:  # the reader waits: memory stays bounded
                 yield pending.popleft().get()

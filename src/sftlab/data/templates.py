@@ -71,8 +71,9 @@ class Mode:
 
 class TemplateDicts:
     """The messages of one conversation as template data, built once for all its renders (the template cannot
-    change them: its sandbox refuses every mutating call). Keyed by id(): each entry holds its message, so no
-    id is reused while the memo lives."""
+    change them: its sandbox refuses every mutating call); a first user turn with the system text merged in
+    is a new message in each call, built again. Keyed by id(): each entry holds its message, so no id is
+    reused while the memo lives."""
 
     class Built(NamedTuple):  # a tuple: made for every message of every conversation
         message: Message
