@@ -716,8 +716,11 @@ class Conversion:
         return _converted(record, fmt, origin, self.system_prompt, self.tools, self.tags)
 
 
+Record = tuple[str, Any, "str | None"]  # (origin, the record as read, its file's format): what iter_records yields
+
+
 def iter_records(path: str, fmt: str, conversion: Conversion, records: Iterable[tuple[str, Any]] | None,
-                 result: LoadResult, raw: bool = False) -> Iterator[tuple[str, Any, str | None]]:  # fmt: skip
+                 result: LoadResult, raw: bool = False) -> Iterator[Record]:  # fmt: skip
     """(origin, record as read, its file's format) of each record of one dataset spec, read as it goes and
     counted in `result`; `raw`: JSONL lines unparsed (see read_records)."""
     for file, pairs in _record_streams(path, records, raw):

@@ -19,17 +19,15 @@ from array import array
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 from sftlab.config import DataConfig
 from sftlab.data.conversation import Conversation, RecordProblem
-from sftlab.data.formats import Conversion, bad_record_error
+from sftlab.data.formats import Conversion, Record, bad_record_error
 from sftlab.data.tokenize import Chunk, DatasetReport, Encoder, encode_chunk, finish_report
 
 CHUNK = 512  # records per task: large enough to batch the tokenizer, small enough to keep memory flat
 IN_FLIGHT = 3  # chunks per worker queued or being encoded
 _JOB: tuple | None = None  # a worker's (encoder, cfg, weight, conversion), set by its pool initializer
-Record = tuple[str, Any, "str | None"]  # (origin, the record as read, its file's format): formats.iter_records
 
 
 def schema():

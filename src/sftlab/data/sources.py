@@ -12,10 +12,9 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from sftlab.config import DatasetSpec
-from sftlab.data.formats import Conversion, LoadResult, iter_records, load_conversations
+from sftlab.data.formats import Conversion, LoadResult, Record, iter_records, load_conversations
 from sftlab.errors import DataError
 
 SAVED_MARKERS = ("state.json", "dataset_info.json")  # what save_to_disk writes beside the Arrow files
@@ -30,7 +29,7 @@ def load_spec(spec: DatasetSpec, on_bad_record: str = "error", system_prompt: st
 
 
 def spec_records(spec: DatasetSpec, result: LoadResult,
-                 system_prompt: str | None = None) -> tuple[Conversion, Iterator[tuple[str, Any, str | None]]]:  # fmt: skip
+                 system_prompt: str | None = None) -> tuple[Conversion, Iterator[Record]]:  # fmt: skip
     """The records of one entry as read (a JSONL file's lines unparsed), counted in `result` as they stream,
     and the Conversion that turns each into a conversation: what the tokenizing pipeline's workers get, so
     the parsing is theirs and no conversation is pickled on its way to them."""
