@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jinja2
+from jinja2.runtime import LoopContext
 
 from sftlab.data.assistant import THINK_CLOSE, THINK_OPEN, knows_reasoning, lost_parts, template_message
 from sftlab.data.chat_templates import BUILTIN, END_OF_TURN_TOKENS
@@ -69,30 +70,34 @@ class Mode:
     parts: bool = False  # content as a list of text parts (templates that index content[0]['text'])
 
 
+class Built(NamedTuple):  # a tuple: made for every message of every conversation
+    data: dict  # what render_jinja_template gets
+    aliased: dict  # with its reasoning aliases, as it renders them
+    kind: tuple  # the role and fields: part of a render's shape
+
+
 class TemplateDicts:
-    """The messages of one conversation as template data, built once for all its renders (the template cannot
-    change them: its sandbox refuses every mutating call); a first user turn with the system text merged in
-    is a new message in each call, built again. Keyed by id(): each entry holds its message, so no id is
-    reused while the memo lives."""
+    """One conversation's messages as template data, built once per mode for all the renders of its prefixes
+    (the template cannot change them: its sandbox refuses every mutating call)."""
 
-    class Built(NamedTuple):  # a tuple: made for every message of every conversation
-        message: Message
-        data: dict  # what render_jinja_template gets
-        aliased: dict  # with its reasoning aliases, as it renders them
-        kind: tuple  # the role and fields: part of a render's shape
-
-    def __init__(self, reasoning_field: str | None):
+    def __init__(self, reasoning_field: str | None, messages):
         self.reasoning_field = reasoning_field
-        self._built: dict[tuple[int, bool], TemplateDicts.Built] = {}
+        self.messages = tuple(messages)
+        self._built: dict[Mode, list[Built]] = {}
 
-    def get(self, m: Message, parts: bool) -> Built:
-        key = (id(m), parts)
-        built = self._built.get(key)
+    def prefix(self, n: int, mode: Mode) -> list[Built]:
+        """messages[:n] as the template gets them in `mode`: with the system text merged into the first user
+        turn, the prefix of n messages is the merged list's first n - 1."""
+        built = self._built.get(mode)
         if built is None:
-            data = template_message(m, self.reasoning_field, parts)
-            aliased = _alias_reasoning_fields([data])[0] if _compile_jinja_template else data
-            built = self._built[key] = TemplateDicts.Built(m, data, aliased, (data["role"], *data))
-        return built
+            built = self._built[mode] = [self._build(m, mode.parts) for m in _merged(self.messages, mode)]
+        folded = mode.merge_system and self.messages and self.messages[0].role == "system"
+        return built[: max(n - 1, 0)] if folded else built[:n]
+
+    def _build(self, m: Message, parts: bool) -> Built:
+        data = template_message(m, self.reasoning_field, parts)
+        aliased = _alias_reasoning_fields([data])[0] if _compile_jinja_template else data
+        return Built(data, aliased, (data["role"], *data))
 
 
 class ChatTemplate:
@@ -111,24 +116,29 @@ class ChatTemplate:
     def render(self, messages, add_generation_prompt: bool = False, tools=(), mode: Mode = Mode()) -> str:
         return self.render_many([messages], add_generation_prompt, tools, mode)[0]
 
-    def render_many(self, conversations, add_generation_prompt: bool = False, tools=(), mode: Mode = Mode(),
-                    dicts: TemplateDicts | None = None) -> list[str]:  # fmt: skip
+    def render_many(self, conversations, add_generation_prompt: bool = False, tools=(),
+                    mode: Mode = Mode()) -> list[str]:  # fmt: skip
         """Each message list rendered by the renderer `apply_chat_template` uses, with its arguments: the same
-        text, without its per-call cost. `dicts`: the messages' template data, shared by the renders of one
-        conversation."""
-        dicts = dicts or TemplateDicts(self.reasoning_field)
-        built = [[dicts.get(m, mode.parts) for m in _merged(msgs, mode)] for msgs in conversations]
-        chats = [[b.data for b in chat] for chat in built]
+        text, without its per-call cost."""
+        built = [TemplateDicts(self.reasoning_field, msgs).prefix(len(msgs), mode) for msgs in conversations]
+        return self._render_built(built, add_generation_prompt, tools, mode)
+
+    def _prefixes(self, dicts: TemplateDicts, counts, add_generation_prompt: bool, tools, mode: Mode) -> list[str]:
+        """The conversation's first n messages rendered, for each n in `counts`, from its dicts built once."""
+        return self._render_built([dicts.prefix(n, mode) for n in counts], add_generation_prompt, tools, mode)
+
+    def _render_built(self, built: list[list[Built]], add_generation_prompt: bool, tools, mode: Mode) -> list[str]:
         tools = list(tools) or None
         if _render_jinja is None:
-            return [self.tokenizer.apply_chat_template(chat, tools=tools, chat_template=self.source, tokenize=False,
-                                                       add_generation_prompt=add_generation_prompt,
-                                                       **self.kwargs) for chat in chats]  # fmt: skip
+            return [self.tokenizer.apply_chat_template([b.data for b in chat], tools=tools, chat_template=self.source,
+                                                       tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                       **self.kwargs) for chat in built]  # fmt: skip
         shape = None
         if self._agreed is not None:  # what transformers' preparation branches on
             shape = (add_generation_prompt, tools is not None, mode.parts, frozenset(b.kind for c in built for b in c))
         if shape in (self._agreed or ()):
             return self._render_direct([[b.aliased for b in chat] for chat in built], add_generation_prompt, tools)
+        chats = [[b.data for b in chat] for chat in built]
         rendered, _ = _render_jinja(conversations=chats, tools=tools, chat_template=self.source,
                                     add_generation_prompt=add_generation_prompt, **self._context)  # fmt: skip
         if self._agreed is not None:
@@ -166,13 +176,14 @@ class ChatTemplate:
         copying the ChainMap it keeps them in costs about a third of a short render."""
         environment = _compile_jinja_template(self.source).environment.overlay()
         environment.is_safe_attribute = _memoized_safety(environment.is_safe_attribute)
+        environment.getattr = _direct_loop_counters(environment.getattr)
         compiled = environment.from_string(self.source)
         compiled.globals = dict(compiled.globals)
         return compiled
 
     def mode(self, conv: Conversation) -> Mode:
         """The first form of the conversation this template renders (plain first)."""
-        return self._first_render(conv, TemplateDicts(self.reasoning_field))[0]
+        return self._first_render(conv, TemplateDicts(self.reasoning_field, conv.messages))[0]
 
     def _first_render(self, conv: Conversation, dicts: TemplateDicts) -> tuple[Mode, str]:
         """(mode, the whole conversation rendered in it) for the first form the template takes."""
@@ -180,7 +191,7 @@ class ChatTemplate:
         merge = (False, True) if conv.messages and conv.messages[0].role == "system" else (False,)
         for mode in (Mode(m, p) for m in merge for p in (False, True)):
             try:
-                return mode, self.render_many([conv.messages], tools=conv.tools, mode=mode, dicts=dicts)[0]
+                return mode, self._prefixes(dicts, [len(conv.messages)], False, conv.tools, mode)[0]
             except TEMPLATE_ERRORS as e:
                 first_error = first_error or e
         raise RecordProblem("template error", f"template '{self.name}' cannot render this conversation: "
@@ -189,7 +200,7 @@ class ChatTemplate:
     def examples(self, conv: Conversation, train_on: str) -> Rendering:
         """The conversation as examples of prompt/response segments: one when the full render holds every
         turn as inference renders it, else one per assistant turn. `train_on: all` keeps the full render."""
-        dicts = TemplateDicts(self.reasoning_field)
+        dicts = TemplateDicts(self.reasoning_field, conv.messages)
         mode, full = self._first_render(conv, dicts)
         try:
             lost = lost_parts(conv, full)
@@ -210,9 +221,9 @@ class ChatTemplate:
         """Alternating prompt and response pieces of the full render, or None where a turn inside it
         differs from that turn rendered last after its own prompt."""
         msgs, replies = conv.messages, _replies(conv)
-        starts = self.render_many([msgs[:i] for i in replies], True, conv.tools, mode, dicts)
+        starts = self._prefixes(dicts, replies, True, conv.tools, mode)
         inner = [i for i in replies if i + 1 < len(msgs)]  # a reply that ends the conversation ends at `full`
-        ends = dict(zip(inner, self.render_many([msgs[: i + 1] for i in inner], False, conv.tools, mode, dicts)))
+        ends = dict(zip(inner, self._prefixes(dicts, [i + 1 for i in inner], False, conv.tools, mode)))
         pieces, pos = [], 0
         for k, (i, start) in enumerate(zip(replies, starts)):
             end = ends.get(i, full)
@@ -235,7 +246,7 @@ class ChatTemplate:
         for i in wanted:
             if not conv.messages[i].train:
                 continue
-            [prompt] = self.render_many([conv.messages[:i]], True, conv.tools, mode, dicts)
+            [prompt] = self._prefixes(dicts, [i], True, conv.tools, mode)
             reply = self._reply_as_last(conv, i, prompt, mode, dicts)
             examples.append([Segment(prompt, response=False), Segment(reply, True, last=i == replies[-1])])
         return examples
@@ -243,12 +254,12 @@ class ChatTemplate:
     def _reply_as_last(self, conv: Conversation, i: int, prompt: str, mode: Mode, dicts: TemplateDicts) -> str:
         """What inference must generate after `prompt` for assistant turn i: that turn as the template
         renders it when it is the conversation's last."""
-        msgs, message = conv.messages, conv.messages[i]
-        [as_last] = self.render_many([msgs[: i + 1]], False, conv.tools, mode, dicts)
+        message = conv.messages[i]
+        [as_last] = self._prefixes(dicts, [i + 1], False, conv.tools, mode)
         if as_last.startswith(prompt):
             reply = as_last[len(prompt) :]
         else:
-            [before] = self.render_many([msgs[:i]], False, conv.tools, mode, dicts)
+            [before] = self._prefixes(dicts, [i], False, conv.tools, mode)
             if not prompt.startswith(before):
                 raise _mismatch(self.name, i, message)
             start = _turn_start(before, as_last, message.content)
@@ -277,6 +288,22 @@ def _memoized_safety(is_safe_attribute):
         return known[key]
 
     return check
+
+
+# A for-loop's counters: bools and ints, public names, never str.format (what the sandbox's getattr screens for).
+_LOOP_COUNTERS = frozenset({"first", "last", "index", "index0", "length", "revindex", "revindex0", "depth", "depth0"})
+
+
+def _direct_loop_counters(sandboxed_getattr):
+    """`loop.first` (read in every turn of every render) and the loop's other counters read directly, the value
+    the sandbox would let through; every other attribute goes through the sandbox."""
+
+    def get(obj, attribute: str):
+        if type(obj) is LoopContext and attribute in _LOOP_COUNTERS:
+            return getattr(obj, attribute)
+        return sandboxed_getattr(obj, attribute)
+
+    return get
 
 
 def _replies(conv: Conversation) -> list[int]:
