@@ -182,17 +182,20 @@ def test_a_direct_render_gives_reasoning_under_every_name_transformers_gives_it(
 
 
 def test_the_direct_renders_sandbox_refuses_what_transformers_sandbox_refuses(smol_tok):
-    # The direct path answers the sandbox's attribute check once per (type, attribute): once it serves a shape,
-    # a template reaching a list's mutating method or an internal attribute is still refused at every render.
+    # The direct path answers the sandbox's attribute check once per (type, attribute) and reads a loop's counters
+    # directly: once it serves a shape, a template reaching a list's mutating method or an internal attribute
+    # (of the loop too) is still refused at every render.
     import jinja2
 
-    source = ("{% for m in messages %}{% if loop.first %}>{% endif %}{{ m.content }}{% endfor %}"
+    source = ("{% for m in messages %}{% if loop.first %}>{% endif %}{{ loop.index }}/{{ loop.revindex0 }}"
+              "{{ loop._iterator }}{{ loop.cycle.__globals__ }}{{ m.content }}{% endfor %}"
               "[{{ messages.append }}{{ raise_exception.__globals__ }}]"
               "{% if messages|length > 2 %}{{ messages.pop() }}{% endif %}")  # fmt: skip
     tpl = ChatTemplate(smol_tok, source)
     short, long = MULTI.messages[1:3], MULTI.messages[1:5]  # one shape: the same roles and fields
     theirs = smol_tok.apply_chat_template(_plain(short), chat_template=tpl.source, tokenize=False)
     assert [tpl.render(short) for _ in range(2)] == [theirs, theirs] and theirs.endswith("[]")
+    assert theirs.startswith(">1/1") and "2/0" in theirs
     assert tpl._agreed  # the second render was the direct one
     with pytest.raises(jinja2.exceptions.SecurityError):
         smol_tok.apply_chat_template(_plain(long), chat_template=tpl.source, tokenize=False)
