@@ -136,6 +136,39 @@ def test_bad_rows_read_in_the_parent_reach_the_workers_and_a_later_files_fault_w
         load(data, smol_tok, num_proc=procs)
 
 
+def test_a_worker_that_dies_fails_the_run_instead_of_leaving_it_waiting(smol_tok, tmp_cache, tmp_path, monkeypatch):
+    # multiprocessing's Pool replaces a killed worker (the out-of-memory killer's SIGKILL) and waits for its
+    # chunk forever; the pipeline's pool breaks instead, and the run fails saying what happened.
+    import os
+    import signal
+
+    def stuck(*_):
+        raise TimeoutError("the pipeline still waits for the dead worker's chunk")
+
+    monkeypatch.setattr(pipeline, "CHUNK", 8)
+    real = pipeline._conversations
+
+    def dying(chunk, *args):  # runs in a worker: the parent hands every chunk on
+        if any(origin.endswith(":30") for origin, _, _ in chunk):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(chunk, *args)
+
+    monkeypatch.setattr(pipeline, "_conversations", dying)
+    path = write_jsonl(tmp_path / "d.jsonl", chats(80))
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(120)
+    try:
+        died = (r"worker process died \(killed by SIGKILL, which the out-of-memory killer sends\) with its chunk of 8 "
+                "records; free memory or lower data.num_proc")
+        with pytest.raises(DataError, match=died):
+            load(path, smol_tok, num_proc=2)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    monkeypatch.setattr(pipeline, "_conversations", real)
+    assert len(load(path, smol_tok, num_proc=2).dataset) == 80  # a fresh pool for the next run
+
+
 def test_the_reader_stays_a_few_chunks_ahead_of_the_writer(smol_tok, monkeypatch):
     monkeypatch.setattr(pipeline, "CHUNK", 4)
     pulled = []

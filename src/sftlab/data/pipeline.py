@@ -15,6 +15,7 @@ import gc
 import itertools
 import multiprocessing
 import os
+import signal
 from array import array
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
@@ -24,9 +25,11 @@ from sftlab.config import DataConfig
 from sftlab.data.conversation import Conversation, RecordProblem
 from sftlab.data.formats import Conversion, Record, bad_record_error
 from sftlab.data.tokenize import Chunk, DatasetReport, Encoder, encode_chunk, finish_report
+from sftlab.errors import DataError
 
 CHUNK = 512  # records per task: large enough to batch the tokenizer, small enough to keep memory flat
 IN_FLIGHT = 3  # chunks per worker queued or being encoded
+WORKER_CHECK_S = 1.0  # how often a wait for a result checks that no worker died
 _JOB: tuple | None = None  # a worker's (encoder, cfg, weight, conversion), set by its pool initializer
 
 
@@ -131,9 +134,11 @@ def _conversations(chunk: list[Record], conversion: Conversion, encoder: Encoder
 
 
 def _adopt(job: tuple) -> None:
-    """Pool initializer: the worker's job (forked, so the encoder arrives as memory, not as a pickle)."""
+    """Pool initializer: the worker's job (forked, so the encoder arrives as memory, not as a pickle). Ctrl-C
+    reaches the whole process group: the parent stops the pool, so a worker leaves it to the parent."""
     global _JOB
     _JOB = job
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _results(chunks: Iterator[list[Record] | Exception], job: tuple, procs: int) -> Iterator:
@@ -147,18 +152,38 @@ def _results(chunks: Iterator[list[Record] | Exception], job: tuple, procs: int)
                 raise chunk
             yield _encode(chunk, job)
         return
-    with _forked_pool(procs, job) as pool:
+    with _forked_pool(procs, job) as (pool, workers):
         pending: deque = deque()
         for chunk in chunks:
             if isinstance(chunk, Exception):
                 while pending:
-                    yield pending.popleft().get()
+                    yield _result(pending.popleft(), workers)
                 raise chunk
             pending.append(pool.apply_async(_encode, (chunk,)))
             if len(pending) >= IN_FLIGHT * procs:  # the reader waits: memory stays bounded
-                yield pending.popleft().get()
+                yield _result(pending.popleft(), workers)
         while pending:
-            yield pending.popleft().get()
+            yield _result(pending.popleft(), workers)
+
+
+def _result(pending, workers: list):
+    """A chunk's result. The pool replaces a worker that died (the out-of-memory killer, a signal) and would
+    wait for its chunk forever: while a result is awaited the workers are checked, and a dead one fails the run."""
+    while True:
+        try:
+            return pending.get(timeout=WORKER_CHECK_S)
+        except multiprocessing.TimeoutError:
+            dead = next((w for w in workers if not w.is_alive()), None)
+            if dead is not None:
+                raise DataError(f"a tokenizing worker process died ({_exit_reason(dead.exitcode)}) with its chunk of "
+                                f"{CHUNK} records; free memory or lower data.num_proc, and run again") from None
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        return f"killed by {name}" + (", which the out-of-memory killer sends" if -code == signal.SIGKILL else "")
+    return f"exit code {code}"
 
 
 @contextlib.contextmanager
@@ -172,15 +197,17 @@ def _forked_pool(procs: int, job: tuple):
     pa.array([])  # pyarrow imports pandas at its first array (0.5-0.7 s): once here; workers inherit it
     before = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    others = {p.pid for p in multiprocessing.active_children()}
     try:
         pool = multiprocessing.get_context("fork").Pool(procs, initializer=_adopt, initargs=(job,))
+        workers = [p for p in multiprocessing.active_children() if p.pid not in others]  # the pool's, as started
     finally:
         if before is None:
             os.environ.pop("TOKENIZERS_PARALLELISM")
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = before
     try:
-        yield pool
+        yield pool, workers
     finally:
         pool.terminate()
         pool.join()
