@@ -158,8 +158,8 @@ def test_a_worker_that_dies_fails_the_run_instead_of_leaving_it_waiting(smol_tok
     previous = signal.signal(signal.SIGALRM, stuck)
     signal.alarm(120)
     try:
-        died = (r"worker process died \(killed by SIGKILL, which the out-of-memory killer sends\) with its chunk of 8 "
-                "records; free memory or lower data.num_proc")
+        died = (r"worker process died \(killed by a signal: the out-of-memory killer sends SIGKILL\) with chunks of 8 "
+                r"records in flight; free memory or lower data.num_proc \(now 2\)")
         with pytest.raises(DataError, match=died):
             load(path, smol_tok, num_proc=2)
     finally:

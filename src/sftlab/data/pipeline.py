@@ -29,7 +29,6 @@ from sftlab.errors import DataError
 
 CHUNK = 512  # records per task: large enough to batch the tokenizer, small enough to keep memory flat
 IN_FLIGHT = 3  # chunks per worker queued or being encoded
-WORKER_CHECK_S = 1.0  # how often a wait for a result checks that no worker died
 _JOB: tuple | None = None  # a worker's (encoder, cfg, weight, conversion), set by its pool initializer
 
 
@@ -152,38 +151,31 @@ def _results(chunks: Iterator[list[Record] | Exception], job: tuple, procs: int)
                 raise chunk
             yield _encode(chunk, job)
         return
-    with _forked_pool(procs, job) as (pool, workers):
+    with _forked_pool(procs, job) as pool:
         pending: deque = deque()
         for chunk in chunks:
             if isinstance(chunk, Exception):
                 while pending:
-                    yield _result(pending.popleft(), workers)
+                    yield _result(pending.popleft(), procs)
                 raise chunk
-            pending.append(pool.apply_async(_encode, (chunk,)))
+            pending.append(pool.submit(_encode, chunk))
             if len(pending) >= IN_FLIGHT * procs:  # the reader waits: memory stays bounded
-                yield _result(pending.popleft(), workers)
+                yield _result(pending.popleft(), procs)
         while pending:
-            yield _result(pending.popleft(), workers)
+            yield _result(pending.popleft(), procs)
 
 
-def _result(pending, workers: list):
-    """A chunk's result. The pool replaces a worker that died (the out-of-memory killer, a signal) and would
-    wait for its chunk forever: while a result is awaited the workers are checked, and a dead one fails the run."""
-    while True:
-        try:
-            return pending.get(timeout=WORKER_CHECK_S)
-        except multiprocessing.TimeoutError:
-            dead = next((w for w in workers if not w.is_alive()), None)
-            if dead is not None:
-                raise DataError(f"a tokenizing worker process died ({_exit_reason(dead.exitcode)}) with its chunk of "
-                                f"{CHUNK} records; free memory or lower data.num_proc, and run again") from None
+def _result(future, procs: int):
+    """A chunk's result; a worker that died fails the run instead of leaving it waiting for a chunk that will
+    never come back."""
+    from concurrent.futures.process import BrokenProcessPool
 
-
-def _exit_reason(code: int | None) -> str:
-    if code is not None and code < 0:
-        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
-        return f"killed by {name}" + (", which the out-of-memory killer sends" if -code == signal.SIGKILL else "")
-    return f"exit code {code}"
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise DataError(f"a tokenizing worker process died (killed by a signal: the out-of-memory killer sends "
+                        f"SIGKILL) with chunks of {CHUNK} records in flight; free memory or lower data.num_proc "
+                        f"(now {procs}), and run again") from None
 
 
 @contextlib.contextmanager
@@ -191,23 +183,24 @@ def _forked_pool(procs: int, job: tuple):
     """A pool of forked workers (they inherit the tokenizer and template; nothing is pickled but the chunks),
     each tokenizing in its one thread: the fast tokenizer's own threads would only contend with the workers,
     and after a fork it would warn and turn them off anyway. What the workers import after the fork, each
-    imports again."""
+    imports again. concurrent.futures' pool, not multiprocessing's: a worker that dies breaks it (every
+    pending result raises, the other workers are stopped), where multiprocessing's replaces the worker and
+    waits for the lost chunk forever, and its terminate() can hang on a queue lock the dead worker held. On the
+    way out the chunks being encoded finish (a fraction of a second) and the queued ones are dropped."""
+    from concurrent.futures import ProcessPoolExecutor
+
     import pyarrow as pa
 
     pa.array([])  # pyarrow imports pandas at its first array (0.5-0.7 s): once here; workers inherit it
     before = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    others = {p.pid for p in multiprocessing.active_children()}
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers fork at the first submit: set while the pool lives
+    pool = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork"), initializer=_adopt,
+                               initargs=(job,))  # fmt: skip
     try:
-        pool = multiprocessing.get_context("fork").Pool(procs, initializer=_adopt, initargs=(job,))
-        workers = [p for p in multiprocessing.active_children() if p.pid not in others]  # the pool's, as started
+        yield pool
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         if before is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM")
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = before
-    try:
-        yield pool, workers
-    finally:
-        pool.terminate()
-        pool.join()
