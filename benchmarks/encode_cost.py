@@ -62,7 +62,7 @@ def main() -> None:
     encoder = Encoder(tok, ChatTemplate(tok), "assistant", end_of_turn_ids(tok))
     spent: Counter = Counter()
     encoder.template.examples = _timed(spent, "renders", encoder.template.examples)
-    encoder.ids = _timed(spent, "tokenizer", encoder.ids)
+    encoder.piece_ids = _timed(spent, "tokenizer", encoder.piece_ids)  # the joined pieces and any piece alone
     pipeline._conversations = _timed(spent, "records", pipeline._conversations)
     job, chunk = (encoder, cfg.data, 1.0, conversion), pipeline.CHUNK
     plain = [[{"role": m.role, "content": m.content} for m in c.messages] for c in convs]

@@ -201,6 +201,31 @@ def test_batched_tokenizing_falls_back_where_the_backend_disagrees(smol_tok):
     assert wrapped.backend is False
 
 
+def test_joined_pieces_give_each_pieces_own_ids_and_fall_back_where_they_would_not(smol_tok):
+    # An example's pieces go to the tokenizer as one sequence joined by a private added token and are cut there:
+    # the ids of each piece alone. A piece holding the mark's text goes alone; a tokenizer whose pre-tokenizer
+    # treats a sequence's first split apart (Metaspace, prepend_scheme "first") is refused by the probe.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sftlab.data.tokenize import _agreeing_joiner, _Joined
+
+    examples = [["<|im_start|>user\nHi THERE<|im_end|>\n<|im_start|>assistant\n", "Fine.<|im_end|>\n"],
+                ["\n", " lead", "trail ", "\t"], ["one piece"], [f"a{_Joined.MARK}b", "c"], ["", "x", ""]]
+    own = [smol_tok(t, add_special_tokens=False)["input_ids"] for ex in examples for t in ex]
+    encoder = Encoder(smol_tok, ChatTemplate(smol_tok), "assistant", set())
+    assert encoder.piece_ids(examples) == own and encoder.joined  # SmolLM2's tokenizer: joined
+    vocab = {w: i for i, w in enumerate(["[UNK]", "\u2581end", "end", "\u2581Hello", "Hello", "\u2581world", "world"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    first = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    assert _agreeing_joiner(first) is False
+    pieces = [["Hello world", "end"], ["end", "Hello"]]
+    encoder = Encoder(first, ChatTemplate(smol_tok), "assistant", set())
+    assert encoder.piece_ids(pieces) == [first(t, add_special_tokens=False)["input_ids"] for ex in pieces for t in ex]
+    assert encoder.piece_ids(pieces)[1] == [vocab["\u2581end"]]  # alone, the piece is its sequence's first split
+
+
 def test_render_is_apply_chat_template(smol_tok):
     from sftlab.data.chat_templates import BUILTIN
     from sftlab.data.templates import TEMPLATE_ERRORS, template_message

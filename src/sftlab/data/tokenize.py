@@ -6,6 +6,7 @@ Labels are built here and nowhere else: -100 marks a token that carries no loss.
 from __future__ import annotations
 
 import json
+import weakref
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
@@ -79,6 +80,85 @@ def _agreeing_backend(tok, probe: list[str]):
     return encode if [e.ids for e in encode(probe, add_special_tokens=False)] == own else False
 
 
+class _Joined:
+    """Each example's pieces as one sequence for the fast tokenizer, joined by a private added token and cut
+    there again: the text between two added tokens is normalized, pre-tokenized and tokenized on its own, so each
+    cut piece has the ids it gets alone, for one sequence an example instead of one a piece (benchmarks/RESULTS.md).
+    A probe checks this per tokenizer (`_agreeing_joiner`): a pre-tokenizer that treats a sequence's first split
+    apart (Metaspace's prepend_scheme 'first') breaks it."""
+
+    MARK = "\ue000sftlab:piece\ue001"
+
+    def __init__(self, backend):
+        from tokenizers import AddedToken, Tokenizer
+
+        tok = Tokenizer.from_str(backend.to_str())
+        tok.no_truncation()  # one sequence holds every piece: the pieces alone are never truncated
+        tok.no_padding()
+        tok.add_special_tokens([AddedToken(self.MARK, special=True, normalized=False, lstrip=False, rstrip=False,
+                                           single_word=False)])  # fmt: skip
+        self.mark = tok.token_to_id(self.MARK)
+        self.encode = getattr(tok, "encode_batch_fast", None) or tok.encode_batch
+
+    def __call__(self, examples: list[list[str]], separately) -> list[list[int]]:
+        """Every piece's ids in order; an example whose text holds the mark itself, or that does not cut back into
+        its pieces, goes piece by piece through `separately`."""
+        joined = [self.MARK.join(ex) for ex in examples]
+        whole = [i for i, (ex, text) in enumerate(zip(examples, joined)) if text.count(self.MARK) == len(ex) - 1]
+        out: list = [None] * len(examples)
+        for i, enc in zip(whole, self.encode([joined[i] for i in whole], add_special_tokens=False)):
+            ids = enc.ids
+            if ids.count(self.mark) == len(examples[i]) - 1:
+                out[i] = _cut(ids, self.mark)
+        rest = [i for i, cut in enumerate(out) if cut is None]
+        if rest:
+            alone = iter(separately([piece for i in rest for piece in examples[i]]))
+            for i in rest:
+                out[i] = [next(alone) for _ in examples[i]]
+        return [ids for cut in out for ids in cut]
+
+
+def _cut(ids: list[int], mark: int) -> list[list[int]]:
+    pieces, start = [], 0
+    for _ in range(ids.count(mark)):
+        end = ids.index(mark, start)
+        pieces.append(ids[start:end])
+        start = end + 1
+    return pieces + [ids[start:]]
+
+
+_JOINERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its size, _Joined or False)
+
+
+def _joiner_for(tok) -> _Joined | bool:
+    """`_agreeing_joiner(tok)`, probed once per tokenizer and again if tokens were added to it since."""
+    try:
+        size, joined = _JOINERS.get(tok, (None, None))
+    except TypeError:  # a tokenizer that is not weakly referenceable
+        return _agreeing_joiner(tok)
+    if size != len(tok):
+        size, joined = _JOINERS[tok] = len(tok), _agreeing_joiner(tok)
+    return joined
+
+
+def _agreeing_joiner(tok) -> _Joined | bool:
+    """`_Joined` where it gives `tok`'s own ids on a fixed probe (the same decision in every worker), else False."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return False
+    specials = [t for t in getattr(tok, "all_special_tokens", []) if t][:4]
+    texts = ["Hello world", " Hello", "\nHello\n", "  two  spaces ", "\u00fcn\u00efc\u00f6d\u00e9 123.", "end", "\t"]
+    texts += [f"{t}user\nhi" for t in specials] + [f"ok {t}\n" for t in specials]
+    probe = [[a, b] for a, b in zip(texts, texts[1:] + texts[:1])] + [texts, texts[::-1]]
+    own = lambda pieces: tok(pieces, add_special_tokens=False)["input_ids"]  # noqa: E731
+    try:
+        joined = _Joined(backend)
+        same = joined(probe, own) == own([piece for ex in probe for piece in ex])
+    except Exception:  # noqa: BLE001 -- a probe: whatever fails, the pieces go one by one
+        return False
+    return joined if same else False
+
+
 class Encoder:
     """Tokenizes conversations piece by piece so each reply has the tokens inference would give it.
 
@@ -92,6 +172,7 @@ class Encoder:
         self.eot_ids = eot_ids
         self.reasoning = reasoning  # data.reasoning: train | drop
         self.backend = None  # the backend's batch encoder once the probe agrees; False where it does not
+        self.joined = None  # a _Joined once its probe agrees; False where it does not
         self._tails: dict[tuple[int, ...], bool] = {}
         self.reset_counts()
 
@@ -110,13 +191,13 @@ class Encoder:
     def encode_many(self, convs: list[Conversation]) -> list[list[Encoded] | RecordProblem]:
         """Each conversation's examples, or the problem that keeps it out; the pieces tokenized in one batch."""
         plans: list = []
-        texts: list[str] = []
+        examples: list[list[str]] = []
         for conv in convs:
             try:
-                plans.append(self._plan(conv, texts))
+                plans.append(self._plan(conv, examples))
             except RecordProblem as e:
                 plans.append(e)
-        ids = iter(self.ids(texts))
+        ids = iter(self.piece_ids(examples))
         out = []
         for plan in plans:
             if isinstance(plan, RecordProblem):
@@ -127,14 +208,14 @@ class Encoder:
                 out.append(self._examples(*plan, ids))
         return out
 
-    def _plan(self, conv: Conversation, texts: list[str]):
-        """Render `conv` and queue its pieces' texts for the batch: (conversation, rendering); a text record
-        comes back encoded."""
+    def _plan(self, conv: Conversation, examples: list[list[str]]):
+        """Render `conv` and queue its examples' piece texts for the batch: (conversation, rendering); a text
+        record comes back encoded."""
         if conv.text is not None:  # with the tokenizer's own special tokens: its call, not the batch
             return self._whole_text(self.tok(conv.text, add_special_tokens=True)["input_ids"])
         conv = self._reasoning(conv)
         rendering = self.template.examples(conv, self.train_on)
-        texts += [seg.text for segments in rendering.examples for seg in segments]
+        examples += [[seg.text for seg in segments] for segments in rendering.examples]
         return conv, rendering
 
     def _examples(self, conv: Conversation, rendering, ids) -> list[Encoded] | RecordProblem:
@@ -150,6 +231,14 @@ class Encoder:
         if self.tok.eos_token_id is not None and ids[-1:] != [self.tok.eos_token_id]:
             ids = ids + [self.tok.eos_token_id]
         return Encoded(ids, list(ids))
+
+    def piece_ids(self, examples: list[list[str]]) -> list[list[int]]:
+        """Token ids of every piece of every example, in order: what `ids` gives them piece by piece."""
+        if self.joined is None and examples:
+            self.joined = _joiner_for(self.tok)
+        if self.joined:
+            return self.joined(examples, self.ids)
+        return self.ids([piece for ex in examples for piece in ex])
 
     def ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, no special tokens added: the same as `tokenizer(text)` gives."""
