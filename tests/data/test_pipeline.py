@@ -208,13 +208,19 @@ def test_joined_pieces_give_each_pieces_own_ids_and_fall_back_where_they_would_n
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from sftlab.data.tokenize import _agreeing_joiner, _Joined
+    from sftlab.data.tokenize import _agreeing_joiner, _Joined, _joiner_for
 
     examples = [["<|im_start|>user\nHi THERE<|im_end|>\n<|im_start|>assistant\n", "Fine.<|im_end|>\n"],
                 ["\n", " lead", "trail ", "\t"], ["one piece"], [f"a{_Joined.MARK}b", "c"], ["", "x", ""]]
     own = [smol_tok(t, add_special_tokens=False)["input_ids"] for ex in examples for t in ex]
     encoder = Encoder(smol_tok, ChatTemplate(smol_tok), "assistant", set())
     assert encoder.piece_ids(examples) == own and encoder.joined  # SmolLM2's tokenizer: joined
+    try:  # a change the backend's copy would not see: probed again, and refused
+        smol_tok.split_special_tokens = True
+        assert _joiner_for(smol_tok) is False
+    finally:
+        smol_tok.split_special_tokens = False
+    assert _joiner_for(smol_tok)
     vocab = {w: i for i, w in enumerate(["[UNK]", "\u2581end", "end", "\u2581Hello", "Hello", "\u2581world", "world"])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")

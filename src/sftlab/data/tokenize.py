@@ -127,25 +127,28 @@ def _cut(ids: list[int], mark: int) -> list[list[int]]:
     return pieces + [ids[start:]]
 
 
-_JOINERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its size, _Joined or False)
+_JOINERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its state, _Joined or False)
 
 
 def _joiner_for(tok) -> _Joined | bool:
-    """`_agreeing_joiner(tok)`, probed once per tokenizer and again if tokens were added to it since."""
+    """`_agreeing_joiner(tok)`, probed once per tokenizer and again where its added tokens or the splitting of
+    special tokens changed since (the copy in a _Joined would not see them)."""
     try:
-        size, joined = _JOINERS.get(tok, (None, None))
+        state = (len(tok), bool(getattr(tok, "split_special_tokens", False)),
+                 tuple(sorted((i, repr(t)) for i, t in getattr(tok, "added_tokens_decoder", {}).items())))  # fmt: skip
+        seen, joined = _JOINERS.get(tok, (None, None))
     except TypeError:  # a tokenizer that is not weakly referenceable
         return _agreeing_joiner(tok)
-    if size != len(tok):
-        size, joined = _JOINERS[tok] = len(tok), _agreeing_joiner(tok)
+    if seen != state:
+        seen, joined = _JOINERS[tok] = state, _agreeing_joiner(tok)
     return joined
 
 
 def _agreeing_joiner(tok) -> _Joined | bool:
     """`_Joined` where it gives `tok`'s own ids on a fixed probe (the same decision in every worker), else False."""
     backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None or not hasattr(backend, "to_str"):
-        return False
+    if backend is None or not hasattr(backend, "to_str") or getattr(backend.model, "dropout", None):
+        return False  # BPE dropout: the ids are drawn, so no probe decides alike in every worker
     specials = [t for t in getattr(tok, "all_special_tokens", []) if t][:4]
     texts = ["Hello world", " Hello", "\nHello\n", "  two  spaces ", "\u00fcn\u00efc\u00f6d\u00e9 123.", "end", "\t"]
     texts += [f"{t}user\nhi" for t in specials] + [f"ok {t}\n" for t in specials]
