@@ -143,12 +143,12 @@ def _load_dir(path: Path, kind: str, cfg: Config | None, task: str, full_precisi
     import torch
     from transformers import AutoTokenizer
 
-    from sftlab.model.load import OWN_KERNELS, load_4bit, load_model, trains_on_4bit
+    from sftlab.model.load import load_4bit, load_model, load_weights, trains_on_4bit
 
     auto_cls, extra = _auto_class(task, path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if kind == "full":
-        model = auto_cls.from_pretrained(path, dtype=dtype or torch.float32, **OWN_KERNELS, **extra)
+        model = load_weights(auto_cls, path, dtype=dtype or torch.float32, **extra)
         return model, tokenizer, cfg.model.name if cfg is not None else str(path)
     base_name = cfg.model.name if cfg is not None else base_of(path)
     base_cfg = cfg.model if cfg is not None else ModelConfig(name=base_name)

@@ -107,3 +107,13 @@ def test_the_forwards_sftlab_speed_sets_survive_an_eval_and_train_switch(tiny_mo
     norms = [m for m in lm.modules() if type(m).__name__.endswith("RMSNorm")]
     assert len(norms) == 5 and all("forward" in vars(m) for m in norms)
     assert not getattr(lm, "use_kernels", False)
+
+
+def test_every_path_sftlab_loads_weights_by_keeps_its_own_kernels(tiny_model_dir):
+    # A run directory, a merged export and the GGUF conversion are read by load_weights, not from_pretrained.
+    from transformers import AutoModelForCausalLM
+
+    from sftlab.model.load import load_weights
+
+    lm = load_weights(AutoModelForCausalLM, tiny_model_dir)
+    assert lm.use_kernels is False

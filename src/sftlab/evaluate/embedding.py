@@ -16,7 +16,7 @@ from sftlab.errors import ModelError
 from sftlab.metrics.library import INSTALL_WORDNET, WORDNET_ENV, BertScore, Meteor, wordnet_dir
 from sftlab.metrics.text import Scorers
 from sftlab.model.load import INSTALL_ENCODER as INSTALL
-from sftlab.model.load import OWN_KERNELS, encoder_dir
+from sftlab.model.load import encoder_dir, load_weights
 
 
 class SentenceEncoder:
@@ -29,7 +29,7 @@ class SentenceEncoder:
                 f"the semantic-similarity encoder is not installed: {INSTALL} (or set eval.semantic=false)"
             )
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path, **OWN_KERNELS).eval()
+        self.model = load_weights(AutoModel, path).eval()
         self.batch_size = batch_size
 
     @torch.no_grad()

