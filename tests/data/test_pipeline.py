@@ -201,6 +201,21 @@ def test_batched_tokenizing_falls_back_where_the_backend_disagrees(smol_tok):
     assert wrapped.backend is False
 
 
+def test_every_worker_chooses_the_batch_encoder_alike_whatever_it_reads_first(smol_tok):
+    # A wrapper that changes some texts only: a probe of each worker's first texts would choose per worker, and the
+    # dataset would depend on which worker encoded which chunk. The probe is fixed: one choice, the same ids.
+    class Shouting:
+        backend_tokenizer = smol_tok.backend_tokenizer
+
+        def __call__(self, text, **kw):
+            return smol_tok([t.upper() if "zz" in t else t for t in text], **kw)
+
+    texts = ["buzz off"] + [f"a plain line {i}" for i in range(20)]  # "buzz" in one worker's first texts only
+    first, second = (Encoder(Shouting(), ChatTemplate(smol_tok), "assistant", set()) for _ in range(2))
+    assert first.ids(texts) == second.ids(texts[::-1])[::-1]
+    assert first.backend and second.backend
+
+
 def test_joined_pieces_give_each_pieces_own_ids_and_fall_back_where_they_would_not(smol_tok):
     # An example's pieces go to the tokenizer as one sequence joined by a private added token and are cut there:
     # the ids of each piece alone. A piece holding the mark's text goes alone; a tokenizer whose pre-tokenizer

@@ -68,16 +68,30 @@ class DatasetReport:
         return cls(**{**d, "dropped": Counter(d["dropped"]), "notes": Counter(d.get("notes", {}))})
 
 
-def _agreeing_backend(tok, probe: list[str]):
-    """The fast tokenizer's Rust batch encoder where it gives the very ids `tok(text)` gives on `probe`, else
-    False (a slow tokenizer, or a wrapper that changes the text before the backend sees it). Its offset-free
+def _probe_texts(tok) -> list[str]:
+    """The texts on which a faster path must give `tok`'s own ids: fixed, so that every worker (whatever its
+    first chunk) decides alike and the dataset does not depend on which worker encoded what."""
+    specials = [t for t in getattr(tok, "all_special_tokens", []) if t][:4]
+    texts = ["Hello world", " Hello", "\nHello\n", "  two  spaces ", "\u00fcn\u00efc\u00f6d\u00e9 123.", "end", "\t",
+             "MiXeD CaSe", "x" * 40]  # fmt: skip
+    return texts + [f"{t}user\nhi" for t in specials] + [f"ok {t}\n" for t in specials]
+
+
+def _agreeing_backend(tok):
+    """The fast tokenizer's Rust batch encoder where it gives the very ids `tok(text)` gives on the fixed probe,
+    else False (a slow tokenizer, or a wrapper that changes the text before the backend sees it). Its offset-free
     variant where the tokenizers release has it: the offsets are never read here."""
     backend = getattr(tok, "backend_tokenizer", None)
     encode = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
     if encode is None:
         return False
-    own = tok(probe, add_special_tokens=False)["input_ids"]
-    return encode if [e.ids for e in encode(probe, add_special_tokens=False)] == own else False
+    probe = _probe_texts(tok)
+    try:
+        own = tok(probe, add_special_tokens=False)["input_ids"]
+        same = [e.ids for e in encode(probe, add_special_tokens=False)] == own
+    except Exception:  # noqa: BLE001 -- a probe: whatever fails, the texts go through the tokenizer's own call
+        return False
+    return encode if same else False
 
 
 class _Joined:
@@ -149,9 +163,7 @@ def _agreeing_joiner(tok) -> _Joined | bool:
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None or not hasattr(backend, "to_str") or getattr(backend.model, "dropout", None):
         return False  # BPE dropout: the ids are drawn, so no probe decides alike in every worker
-    specials = [t for t in getattr(tok, "all_special_tokens", []) if t][:4]
-    texts = ["Hello world", " Hello", "\nHello\n", "  two  spaces ", "\u00fcn\u00efc\u00f6d\u00e9 123.", "end", "\t"]
-    texts += [f"{t}user\nhi" for t in specials] + [f"ok {t}\n" for t in specials]
+    texts = _probe_texts(tok)
     probe = [[a, b] for a, b in zip(texts, texts[1:] + texts[:1])] + [texts, texts[::-1]]
     own = lambda pieces: tok(pieces, add_special_tokens=False)["input_ids"]  # noqa: E731
     try:
@@ -248,7 +260,7 @@ class Encoder:
         if not texts:
             return []
         if self.backend is None:
-            self.backend = _agreeing_backend(self.tok, texts[:16])
+            self.backend = _agreeing_backend(self.tok)
         if self.backend:
             return [e.ids for e in self.backend(texts, add_special_tokens=False)]
         return self.tok(texts, add_special_tokens=False)["input_ids"]
